@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
+from .noise import Generator, randn
 from .layers import Downsample, ResnetBlock, SpatialSelfAttention, Upsample
 
 EPS = 1e-6  # GroupNorm epsilon used throughout the VAE
@@ -53,9 +54,9 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, generator: Generator = None) -> Tensor:
         """Reparameterised draw mean + std * eps."""
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        noise = randn(self.mean.shape, generator, self.mean.device, self.mean.dtype)
         return self.mean + self.std * noise
 
     def mode(self) -> Tensor:
