@@ -1,0 +1,136 @@
+"""`builtin:shapes`: procedurally drawn, captioned coloured shapes, deterministic from a seed, at any resolution."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..errors import DataError
+
+# Palettes (RGB). Object colours are far apart from each other and from every background.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 200, 30),
+    "purple": (150, 50, 200),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+    "gray": (128, 128, 128),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Object area as a fraction of the image area, per size word.
+SIZES: dict[str, tuple[float, float]] = {"small": (0.05, 0.08), "large": (0.16, 0.24)}
+
+ATTRIBUTES: tuple[str, ...] = ("size", "colour", "shape", "background")
+COLOUR_JITTER = 10  # per-channel uniform jitter of the object colour
+BACKGROUND_JITTER = 6  # the background's greatest shift (the same on every channel) towards mid-gray
+MARGIN = 0.04  # minimum gap between the object and the image edge, as a fraction of the side
+_SIDES = {"circle": 0, "square": 4, "triangle": 3}
+
+
+def all_combinations() -> list[dict[str, str]]:
+    """Every (size, colour, shape, background) combination: the prompts the demo asks for."""
+    return [dict(zip(ATTRIBUTES, combo)) for combo in itertools.product(SIZES, COLOURS, SHAPES, BACKGROUNDS)]
+
+
+def caption_for(attrs: dict[str, Any]) -> str:
+    """The caption of an attribute dict, e.g. 'a small red triangle on a white background'."""
+    return f"a {attrs['size']} {attrs['colour']} {attrs['shape']} on a {attrs['background']} background"
+
+
+def sample_attributes(rng: np.random.Generator) -> dict[str, Any]:
+    """Draw attributes (uniform over each word) plus the layout jitter: area, angle, centre and exact colours."""
+    u = rng.random(13).tolist()  # one draw for everything: fast, and fixes the stream layout
+    attrs: dict[str, Any] = {
+        "size": _pick(list(SIZES), u[0]),
+        "colour": _pick(list(COLOURS), u[1]),
+        "shape": _pick(list(SHAPES), u[2]),
+        "background": _pick(list(BACKGROUNDS), u[3]),
+    }
+    lo, hi = SIZES[attrs["size"]]
+    attrs["area"] = lo + (hi - lo) * u[4]
+    n = _SIDES[attrs["shape"]]
+    attrs["angle"] = 360.0 / n * u[5] if n else 0.0
+    # The centre is uniform over the positions that keep the rotated object MARGIN away from every edge.
+    px, py = _outline(attrs["shape"], attrs["area"], attrs["angle"])
+    x0, x1 = MARGIN - min(px), 1.0 - MARGIN - max(px)
+    y0, y1 = MARGIN - min(py), 1.0 - MARGIN - max(py)
+    attrs["x"], attrs["y"] = x0 + (x1 - x0) * u[6], y0 + (y1 - y0) * u[7]
+    jitter = [round((2 * v - 1) * COLOUR_JITTER) for v in u[8:11]]
+    attrs["rgb"] = tuple(min(255, max(0, c + j)) for c, j in zip(COLOURS[attrs["colour"]], jitter))
+    # The background moves towards mid-gray: white darkens, black lightens, gray either way.
+    shift = round(u[11] * BACKGROUND_JITTER)
+    sign = {"white": -1, "black": 1}.get(attrs["background"], 1 if u[12] < 0.5 else -1)
+    attrs["bg_rgb"] = tuple(c + sign * shift for c in BACKGROUNDS[attrs["background"]])
+    return attrs
+
+
+def render(attrs: dict[str, Any], size: int) -> Image.Image:
+    """Draw `attrs` as a size x size RGB image; missing layout keys default to a centred, upright, mid-size object."""
+    if size < 8:
+        raise DataError(f"shapes: size must be >= 8 pixels, got {size}")
+    lo, hi = SIZES[attrs["size"]] if "size" in attrs else SIZES["large"]
+    area = attrs.get("area", (lo + hi) / 2)
+    cx, cy = attrs.get("x", 0.5), attrs.get("y", 0.5)
+    fill = tuple(attrs.get("rgb", COLOURS[attrs["colour"]]))
+    background = tuple(attrs.get("bg_rgb", BACKGROUNDS[attrs.get("background", "white")]))
+    ss = max(2, min(4, 256 // size))  # supersampling factor: antialiased edges after the box reduction
+    side = size * ss
+    canvas = Image.new("RGB", (side, side), background)
+    draw = ImageDraw.Draw(canvas)
+    if attrs["shape"] == "circle":
+        r = math.sqrt(area / math.pi) * side
+        draw.ellipse([cx * side - r, cy * side - r, cx * side + r, cy * side + r], fill=fill)
+    else:
+        px, py = _outline(attrs["shape"], area, attrs.get("angle", 0.0))
+        draw.polygon([((cx + x) * side, (cy + y) * side) for x, y in zip(px, py)], fill=fill)
+    return canvas.reduce(ss)
+
+
+class ShapesDataset:
+    """`length` captioned shapes; item i depends only on (seed, i). Items: (RGB image, caption, attributes)."""
+
+    def __init__(self, size: int = 32, length: int = 10000, seed: int = 0) -> None:
+        if size < 8:
+            raise DataError(f"ShapesDataset: size must be >= 8 pixels, got {size}")
+        if length < 1:
+            raise DataError(f"ShapesDataset: length must be >= 1, got {length}")
+        self.size, self.length, self.seed = size, length, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def attributes(self, index: int) -> dict[str, Any]:
+        """The attributes (words and layout) of item `index`, without drawing it."""
+        if not -self.length <= index < self.length:
+            raise IndexError(f"ShapesDataset index {index} out of range for length {self.length}")
+        return sample_attributes(np.random.default_rng([self.seed, index % self.length]))
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, str, dict[str, Any]]:
+        attrs = self.attributes(index)
+        return render(attrs, self.size), caption_for(attrs), attrs
+
+
+def _pick(options: list[str], u: float) -> str:
+    return options[min(int(u * len(options)), len(options) - 1)]
+
+
+def _outline(shape: str, area: float, angle: float) -> tuple[list[float], list[float]]:
+    """Vertex offsets from the centre (fractions of the side) of a regular polygon of this area; a circle's bbox."""
+    n = _SIDES[shape]
+    if n == 0:
+        r = math.sqrt(area / math.pi)
+        return [-r, r], [-r, r]
+    # A regular n-gon of circumradius R has area n/2 R^2 sin(2 pi / n); angle 0 puts a vertex (triangle) or
+    # an edge (square) at the top.
+    radius = math.sqrt(2 * area / (n * math.sin(2 * math.pi / n)))
+    start = -math.pi / 2 if n == 3 else -math.pi / 4
+    theta = [start + math.radians(angle) + k * 2 * math.pi / n for k in range(n)]
+    return [radius * math.cos(t) for t in theta], [radius * math.sin(t) for t in theta]
