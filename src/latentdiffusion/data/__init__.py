@@ -1,0 +1,18 @@
+"""Training data: user data sets through `datasets`, the built-in shapes, and image preprocessing."""
+
+from .datasets import DataConfig, ImageCaptionDataset, dataset_from_config, load_image_captions
+from .shapes import ShapesDataset, all_combinations, caption_for, render, sample_attributes
+from .transforms import ImageTransform
+
+__all__ = [
+    "DataConfig",
+    "ImageCaptionDataset",
+    "ImageTransform",
+    "ShapesDataset",
+    "all_combinations",
+    "caption_for",
+    "dataset_from_config",
+    "load_image_captions",
+    "render",
+    "sample_attributes",
+]

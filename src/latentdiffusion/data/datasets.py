@@ -1,0 +1,132 @@
+"""The training data set: DATA resolved, images validated, items {"pixel_values", "text"} reproducible per epoch."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError, DataError
+from .sources import Source, open_source
+from .transforms import IMAGE_ERRORS, ImageTransform, load_rgb
+
+_MAX_NAMED = 10  # skipped files named in one warning
+
+
+@dataclass
+class DataConfig:
+    """Which data to train on and how to preprocess it."""
+
+    source: str = "builtin:shapes"  # DATA: builtin:shapes, a folder, a save_to_disk folder or a dataset name
+    resolution: int = 32
+    image_column: str = "image"  # "file_name" is accepted as its imagefolder twin
+    caption_column: str = "text"
+    split: str = "train"
+    center_crop: bool = True
+    random_flip: bool = False  # off by default: flips break captions such as "on the left"
+    num_workers: int = 0
+    seed: int = 0
+    verify_images: bool = True  # decode every image once before training and skip unreadable ones
+    cache_dir: str | None = None  # datasets' cache for load_dataset
+
+    def __post_init__(self) -> None:
+        if not self.source.strip():
+            raise ConfigError("data config key 'source' is empty")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError(f"data config key 'resolution' must be a positive multiple of 8, got {self.resolution}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data config key 'num_workers' must be >= 0, got {self.num_workers}")
+        for key in ("image_column", "caption_column", "split"):
+            if not getattr(self, key):
+                raise ConfigError(f"data config key '{key}' is empty")
+
+
+class ImageCaptionDataset(Dataset):
+    """Captioned images as {"pixel_values": (3, res, res) float in [-1, 1], "text": str}.
+
+    Crop, flip and the choice among several captions depend only on (seed, epoch, index): call `set_epoch` before
+    each epoch (and re-create DataLoader workers, or leave persistent_workers off) for exactly resumable training.
+    """
+
+    def __init__(
+        self, source: Source, transform: ImageTransform, seed: int = 0, skipped: dict[str, str] | None = None,
+        verify_images: bool = True, where: str = "DATA",
+    ) -> None:
+        self.source, self.transform, self.seed, self.epoch = source, transform, seed, 0
+        self.skipped: dict[str, str] = dict(skipped or {})  # name -> why it was left out
+        self.indices = list(range(len(source)))
+        if verify_images:
+            self.indices = [i for i in self.indices if self._readable(i)]
+        if self.skipped:
+            names = list(self.skipped)
+            listed = "; ".join(f"{n}: {self.skipped[n]}" for n in names[:_MAX_NAMED])
+            more = f"; and {len(names) - _MAX_NAMED} more" if len(names) > _MAX_NAMED else ""
+            warnings.warn(f"{where}: skipped {len(names)} image(s): {listed}{more}", stacklevel=3)
+        if not self.indices:
+            raise DataError(f"{where} holds no readable captioned images")
+
+    @property
+    def num_skipped(self) -> int:
+        """How many images were left out (unreadable, or without a caption)."""
+        return len(self.skipped)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose crops and flips `__getitem__` produces."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        item = self.indices[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        try:
+            image = load_rgb(self.source.image(item), self.transform.resolution)
+        except IMAGE_ERRORS as e:
+            raise DataError(f"cannot read image {self.source.name(item)}: {e}") from None
+        pixel_values = self.transform(image, rng)
+        text = self.source.caption(item)
+        if isinstance(text, list):  # several captions: pick one
+            text = str(text[int(rng.integers(len(text)))]) if text else ""
+        return {"pixel_values": pixel_values, "text": text}
+
+    def _readable(self, item: int) -> bool:
+        try:
+            load_rgb(self.source.image(item), self.transform.resolution)
+        except IMAGE_ERRORS as e:
+            self.skipped[self.source.name(item)] = f"{type(e).__name__}: {e}"
+            return False
+        return True
+
+
+def load_image_captions(
+    data: str,
+    resolution: int,
+    image_column: str = "image",
+    caption_column: str = "text",
+    center_crop: bool = True,
+    random_flip: bool = False,
+    seed: int = 0,
+    split: str = "train",
+    verify_images: bool = True,
+    cache_dir: str | None = None,
+) -> ImageCaptionDataset:
+    """Open DATA (see `latentdiffusion.data.sources`) as a training data set of tensors and captions."""
+    if resolution < 8:
+        raise DataError(f"resolution must be >= 8 pixels, got {resolution}")
+    source, skipped = open_source(data, resolution, image_column, caption_column, split, seed, cache_dir)
+    transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip)
+    # Built-in data is drawn, never unreadable: nothing to verify.
+    verify = verify_images and not data.startswith("builtin:")
+    return ImageCaptionDataset(source, transform, seed, skipped, verify, where=f"DATA '{data}'")
+
+
+def dataset_from_config(config: DataConfig) -> ImageCaptionDataset:
+    """`load_image_captions` with a DataConfig's fields."""
+    return load_image_captions(
+        config.source, config.resolution, config.image_column, config.caption_column, config.center_crop,
+        config.random_flip, config.seed, config.split, config.verify_images, config.cache_dir,
+    )

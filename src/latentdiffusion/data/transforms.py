@@ -1,0 +1,58 @@
+"""Image preprocessing for training: decode to RGB, resize the shorter side, crop, flip, to a tensor in [-1, 1]."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+# What PIL raises for a file that is not a readable image (truncated, garbage, unsupported, too large).
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def load_rgb(image: Image.Image, min_side: int | None = None) -> Image.Image:
+    """Decode an opened image as upright RGB; transparency goes onto white. `min_side` lets JPEG decode smaller."""
+    if min_side is not None and image.format == "JPEG":
+        image.draft("RGB", (min_side, min_side))  # DCT scaling: keeps both sides >= min_side
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a float tensor (3, H, W) in [-1, 1]."""
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3)
+    return pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class ImageTransform:
+    """Resize the shorter side to `resolution`, crop a square (centre or random), maybe flip, to a tensor."""
+
+    def __init__(self, resolution: int, center_crop: bool = True, random_flip: bool = False) -> None:
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        """Transform one RGB image; the crop offset and the flip come from `rng` (always two draws)."""
+        res = self.resolution
+        u_crop, u_flip = rng.random(2).tolist()
+        w, h = image.size
+        if min(w, h) != res:
+            scale = res / min(w, h)
+            size = (max(res, round(w * scale)), max(res, round(h * scale)))
+            image = image.resize(size, Image.LANCZOS if scale < 1 else Image.BICUBIC)
+        w, h = image.size
+        if self.center_crop:
+            left, top = (w - res) // 2, (h - res) // 2
+        else:  # only the longer side has room to move
+            left, top = int(u_crop * (w - res + 1)), int(u_crop * (h - res + 1))
+        if (w, h) != (res, res):
+            image = image.crop((left, top, left + res, top + res))
+        if self.random_flip and u_flip < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_tensor(image)
