@@ -1,0 +1,201 @@
+"""The diffusers folder layout (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
+
+Our modules carry the same parameter names as diffusers' UNet2DConditionModel and AutoencoderKL and
+transformers' CLIPTextModel, so the weights map one to one (with shape checks when they are loaded); what needs
+translating is the configs, done here in both directions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from transformers import CLIPTextConfig
+
+from ..errors import WeightsError
+from ..schedulers import SchedulerConfig
+from ..text_encoder import TOKENIZER_DIR, TextEncoderConfig
+from ..unet import UNetConfig
+from ..vae import VAEConfig
+from .components import Components
+from .weights import atomic_write, read_weights, write_safetensors
+
+MODEL_INDEX = "model_index.json"
+_WEIGHT_FILES = {
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+             "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+            "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
+}
+_CLASS_NAMES = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "CLIPTextModel": "text_encoder"}
+# diffusers UNet options we do not implement: a folder that sets them to anything but these values is refused.
+_UNET_FIXED = {"act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "center_input_sample": False,
+               "class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None,
+               "time_cond_proj_dim": None, "mid_block_type": "UNetMidBlock2DCrossAttn", "dual_cross_attention": False,
+               "num_class_embeds": None, "resnet_time_scale_shift": "default", "downsample_padding": 1,
+               "only_cross_attention": False, "upcast_attention": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
+               "time_embedding_type": "positional", "norm_eps": 1e-5, "mid_block_scale_factor": 1}
+
+
+def is_diffusers(path: Path) -> bool:
+    return (path / MODEL_INDEX).is_file() or _class_name(path) in _CLASS_NAMES
+
+
+def _class_name(folder: Path) -> str | None:
+    try:
+        return _read_json(folder / "config.json").get("_class_name") or \
+            (_read_json(folder / "config.json").get("architectures") or [None])[0]
+    except WeightsError:
+        return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path} does not hold a JSON object")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+def load_components(path: Path) -> Components:
+    """A whole SD folder, or a single component's folder (e.g. a diffusers `vae/`)."""
+    components = Components(source=str(path))
+    if not (path / MODEL_INDEX).is_file():
+        _load_component(components, _CLASS_NAMES[_class_name(path)], path)
+        return components
+    for name in ("vae", "unet", "text_encoder"):
+        if (path / name).is_dir():
+            _load_component(components, name, path / name)
+    if (path / "scheduler" / "scheduler_config.json").is_file():
+        components.configs["scheduler"] = scheduler_config_from_diffusers(
+            _read_json(path / "scheduler" / "scheduler_config.json"))
+    if (path / "tokenizer").is_dir():
+        components.tokenizer_dir = path / "tokenizer"
+    return components
+
+
+def _load_component(components: Components, name: str, folder: Path) -> None:
+    config = _read_json(folder / "config.json")
+    read = {"unet": unet_config_from_diffusers, "vae": vae_config_from_diffusers,
+            "text_encoder": text_config_from_transformers}[name]
+    try:
+        components.configs[name] = read(config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightsError(f"{folder / 'config.json'}: unsupported or invalid config ({e})") from None
+    weights_file = next((folder / f for f in _WEIGHT_FILES[name] if (folder / f).is_file()), None)
+    if weights_file is None:
+        raise WeightsError(f"{folder}: no weights file (looked for {', '.join(_WEIGHT_FILES[name])})")
+    state_dict = read_weights(weights_file)
+    components.weights[name] = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def unet_config_from_diffusers(c: dict[str, Any]) -> UNetConfig:
+    for key, value in _UNET_FIXED.items():
+        if key in c and c[key] != value:
+            raise ValueError(f"{key}={c[key]!r} is not supported (only {value!r})")
+    channels = tuple(c["block_out_channels"])
+    heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)  # diffusers' SD 1.x naming quirk
+    heads = [heads] * len(channels) if isinstance(heads, int) else list(heads)
+    per_head = {ch // h for ch, h in zip(channels, heads)}
+    layers = c.get("transformer_layers_per_block", 1)
+    if not isinstance(layers, int):
+        raise ValueError(f"transformer_layers_per_block={layers!r}: only one depth for every level is supported")
+    return UNetConfig(
+        in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4), block_channels=channels,
+        layers_per_block=c.get("layers_per_block", 2),
+        cross_attention=tuple("CrossAttn" in t for t in c["down_block_types"]),
+        transformer_depth=layers,
+        num_heads=heads[0] if len(set(heads)) == 1 else None,
+        head_dim=per_head.pop() if len(set(heads)) > 1 and len(per_head) == 1 else None,
+        context_dim=c.get("cross_attention_dim", 768), norm_groups=c.get("norm_num_groups", 32),
+        linear_projection=c.get("use_linear_projection", False), sample_size=c.get("sample_size", 64),
+    )
+
+
+def vae_config_from_diffusers(c: dict[str, Any]) -> VAEConfig:
+    if c.get("act_fn", "silu") != "silu" or c.get("mid_block_add_attention", True) is not True:
+        raise ValueError("only the SD AutoencoderKL (silu, mid-block attention) is supported")
+    return VAEConfig(
+        in_channels=c.get("in_channels", 3), out_channels=c.get("out_channels", 3),
+        latent_channels=c.get("latent_channels", 4), block_channels=tuple(c["block_out_channels"]),
+        layers_per_block=c.get("layers_per_block", 2), norm_groups=c.get("norm_num_groups", 32),
+        scaling_factor=c.get("scaling_factor", 0.18215), sample_size=c.get("sample_size", 512),
+    )
+
+
+def text_config_from_transformers(c: dict[str, Any]) -> TextEncoderConfig:
+    return TextEncoderConfig.from_clip_config(CLIPTextConfig(**{k: v for k, v in c.items() if not k.startswith("_")}))
+
+
+def scheduler_config_from_diffusers(c: dict[str, Any]) -> SchedulerConfig:
+    """The schedule a diffusers scheduler config describes (its class only picks a default sampler there)."""
+    if c.get("trained_betas") is not None:
+        raise WeightsError("scheduler config with trained_betas is not supported")
+    known = {f.name for f in dataclasses.fields(SchedulerConfig)}
+    values = {k: v for k, v in c.items() if k in known}
+    if values.get("variance_type") not in (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"):
+        values.pop("variance_type")
+    return SchedulerConfig(**values)
+
+
+# ----------------------------------------------------------------------------------------------------- writing
+def save_components(path: str | Path, components: Components) -> None:
+    """Write a whole SD folder in the diffusers layout that diffusers' StableDiffusionPipeline loads."""
+    path = Path(path)
+    components.require("vae", "unet", "text_encoder")
+    configs = components.configs
+    _write_json(path / "unet" / "config.json", unet_config_to_diffusers(configs["unet"]))
+    write_safetensors(components.weights["unet"], path / "unet" / "diffusion_pytorch_model.safetensors")
+    _write_json(path / "vae" / "config.json", vae_config_to_diffusers(configs["vae"]))
+    write_safetensors(components.weights["vae"], path / "vae" / "diffusion_pytorch_model.safetensors")
+    clip = configs["text_encoder"].to_clip_config().to_dict()
+    _write_json(path / "text_encoder" / "config.json", {**clip, "architectures": ["CLIPTextModel"]})
+    text_weights = {f"text_model.{k.removeprefix('text_model.')}": v for k, v in components.weights["text_encoder"].items()}
+    write_safetensors(text_weights, path / "text_encoder" / "model.safetensors")  # the canonical transformers keys
+    scheduler = dataclasses.asdict(configs.get("scheduler", SchedulerConfig()))
+    scheduler.pop("variance_type")
+    _write_json(path / "scheduler" / "scheduler_config.json", {"_class_name": "DDIMScheduler", **scheduler})
+    shutil.copytree(components.tokenizer_dir or TOKENIZER_DIR, path / "tokenizer", dirs_exist_ok=True)
+    _write_json(path / MODEL_INDEX, {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    })
+
+
+def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
+    heads = [cfg.num_heads] * len(cfg.block_channels) if cfg.num_heads else [ch // cfg.head_dim for ch in cfg.block_channels]
+    return {
+        "_class_name": "UNet2DConditionModel", "sample_size": cfg.sample_size,
+        "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.cross_attention],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.cross_attention)],
+        "block_out_channels": list(cfg.block_channels), "layers_per_block": cfg.layers_per_block,
+        "cross_attention_dim": cfg.context_dim, "attention_head_dim": heads[0] if cfg.num_heads else heads,
+        "transformer_layers_per_block": cfg.transformer_depth, "use_linear_projection": cfg.linear_projection,
+        "norm_num_groups": cfg.norm_groups, **{k: v for k, v in _UNET_FIXED.items() if v is not None},
+    }
+
+
+def vae_config_to_diffusers(cfg: VAEConfig) -> dict[str, Any]:
+    n = len(cfg.block_channels)
+    return {
+        "_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": list(cfg.block_channels), "layers_per_block": cfg.layers_per_block,
+        "latent_channels": cfg.latent_channels, "norm_num_groups": cfg.norm_groups, "act_fn": "silu",
+        "sample_size": cfg.sample_size, "scaling_factor": cfg.scaling_factor,
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))

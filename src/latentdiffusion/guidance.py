@@ -1,0 +1,42 @@
+"""Classifier-free guidance (Ho & Salimans, 2022) as one wrapper around a conditional model."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+# A conditional model: (x (B,C,h,w), t, context (B,T,D)) -> output (B,C,h,w).
+ConditionalModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ClassifierFreeGuidance:
+    """Turns model(x, t, context) into a denoiser(x, t) guided towards `cond` and away from `uncond`.
+
+    Both halves run in one batched call; scale 1.0 (or no `uncond`) is one plain conditional call.
+    `rescale` (Lin et al., 2023, eq. 15-16) pulls the guided output's std back towards the conditional one's.
+    """
+
+    def __init__(self, model: ConditionalModel, cond: torch.Tensor, uncond: torch.Tensor | None,
+                 scale: float, rescale: float = 0.0):
+        if not math.isfinite(scale):
+            raise ValueError(f"guidance_scale must be finite, got {scale}")
+        if not (math.isfinite(rescale) and 0.0 <= rescale <= 1.0):
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {rescale}")
+        if uncond is not None and uncond.shape != cond.shape:
+            raise ValueError(f"unconditional context {tuple(uncond.shape)} does not match conditional {tuple(cond.shape)}")
+        self.model, self.scale, self.rescale = model, scale, rescale
+        self.guided = uncond is not None and scale != 1.0
+        self.context = torch.cat([uncond, cond]) if self.guided else cond
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not self.guided:
+            return self.model(x, t, self.context)
+        out_uncond, out_cond = self.model(torch.cat([x, x]), t, self.context).chunk(2)
+        out = out_uncond + self.scale * (out_cond - out_uncond)
+        if self.rescale > 0:
+            dims = tuple(range(1, out.ndim))
+            rescaled = out * (out_cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+            out = self.rescale * rescaled + (1.0 - self.rescale) * out
+        return out
