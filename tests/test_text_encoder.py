@@ -1,5 +1,6 @@
 """CLIP text conditioner: tokenizer ids, parity with transformers' CLIPTextModel, clip skip, freezing, loading."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from latentdiffusion.config import from_dict, to_dict
 from latentdiffusion.errors import ConfigError, WeightsError
+from latentdiffusion.formats import diffusers_layout
 from latentdiffusion.text_encoder import TOKENIZER_DIR, TextEncoder, TextEncoderConfig
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "clip-tokenizer"
@@ -193,20 +195,29 @@ def saved(tmp_path) -> tuple[Path, Path, CLIPTextModel]:
     return tmp_path / "text_encoder", tmp_path / "tokenizer", ref
 
 
-def test_from_pretrained_dirs_round_trip(saved):
+def load_folder(te_dir: Path, tok_dir: Path, **overrides) -> TextEncoder:
+    """A transformers/diffusers-layout text_encoder folder through the library's loader."""
+    components = diffusers_layout.load_components(te_dir)
+    components.tokenizer_dir = tok_dir
+    config = components.configs["text_encoder"]
+    components.configs["text_encoder"] = dataclasses.replace(config, **overrides)
+    return components.text_encoder()
+
+
+def test_folder_round_trip(saved):
     te_dir, tok_dir, ref = saved
-    loaded = TextEncoder.from_pretrained_dirs(te_dir, tok_dir)
+    loaded = load_folder(te_dir, tok_dir)
     direct = ours_from(ref)
     assert loaded.tokenizer_dir == tok_dir and direct.tokenizer_dir is None
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert torch.equal(loaded.tokenize(PROMPTS), direct.tokenize(PROMPTS))
     assert torch.equal(loaded(PROMPTS), direct(PROMPTS))
     torch.testing.assert_close(loaded(PROMPTS), by_hand(ref, loaded.tokenize(PROMPTS), "last"), atol=1e-5, rtol=0)
-    skip = TextEncoder.from_pretrained_dirs(te_dir, tok_dir, layer="penultimate", trainable=True)
+    skip = load_folder(te_dir, tok_dir, layer="penultimate", trainable=True)
     assert skip.config == TextEncoderConfig(**TINY, layer="penultimate", trainable=True)
 
 
-def test_from_pretrained_dirs_reads_diffusers_sd1_layout(saved, tmp_path):
+def test_folder_in_the_diffusers_sd1_layout(saved, tmp_path):
     """SD 1.x text_encoder folders: legacy config keys, 'text_model.' prefixed .bin weights with position_ids."""
     _, tok_dir, ref = saved
     folder = tmp_path / "sd1_text_encoder"
@@ -217,41 +228,39 @@ def test_from_pretrained_dirs_reads_diffusers_sd1_layout(saved, tmp_path):
     state = {f"text_model.{k}": v for k, v in ref.state_dict().items()}
     state["text_model.embeddings.position_ids"] = torch.arange(77)[None]
     torch.save(state, folder / "pytorch_model.bin")
-    loaded = TextEncoder.from_pretrained_dirs(folder, tok_dir, layer="penultimate")
+    loaded = load_folder(folder, tok_dir, layer="penultimate")
     ids = loaded.tokenize(PROMPTS)
     torch.testing.assert_close(loaded.encode(ids), by_hand(ref, ids, "penultimate"), atol=1e-5, rtol=0)
 
 
 def test_missing_or_bad_files_name_the_path(saved, tmp_path):
     te_dir, tok_dir, ref = saved
-    with pytest.raises(WeightsError, match="nowhere"):
-        TextEncoder.from_pretrained_dirs(tmp_path / "nowhere", tok_dir)
     with pytest.raises(WeightsError, match="missing_tok"):
-        TextEncoder.from_pretrained_dirs(te_dir, tmp_path / "missing_tok")
+        load_folder(te_dir, tmp_path / "missing_tok")
     (tmp_path / "tok_without_vocab").mkdir()
     with pytest.raises(WeightsError, match="vocab.json"):
         TextEncoder(TextEncoderConfig(**TINY), tokenizer_dir=tmp_path / "tok_without_vocab")
 
     (te_dir / "model.safetensors").rename(tmp_path / "moved.safetensors")
     with pytest.raises(WeightsError, match=str(te_dir)):
-        TextEncoder.from_pretrained_dirs(te_dir, tok_dir)
+        load_folder(te_dir, tok_dir)
 
     (te_dir / "pytorch_model.bin").write_bytes(b"not a pickle")
     with pytest.raises(WeightsError, match="pytorch_model.bin"):
-        TextEncoder.from_pretrained_dirs(te_dir, tok_dir)
+        load_folder(te_dir, tok_dir)
     (te_dir / "pytorch_model.bin").unlink()
     (te_dir / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(WeightsError, match="model.safetensors"):
-        TextEncoder.from_pretrained_dirs(te_dir, tok_dir)
+        load_folder(te_dir, tok_dir)
 
     state = ref.state_dict()
     save_file({k: v for k, v in state.items() if k != "final_layer_norm.bias"}, te_dir / "model.safetensors")
     with pytest.raises(WeightsError, match="final_layer_norm.bias"):
-        TextEncoder.from_pretrained_dirs(te_dir, tok_dir)
+        load_folder(te_dir, tok_dir)
     save_file(state | {"final_layer_norm.bias": torch.zeros(33)}, te_dir / "model.safetensors")
-    with pytest.raises(WeightsError, match=r"model\.safetensors.*final_layer_norm.bias"):
-        TextEncoder.from_pretrained_dirs(te_dir, tok_dir)
+    with pytest.raises(WeightsError, match=r"final_layer_norm.bias.*\(33,\)"):
+        load_folder(te_dir, tok_dir)
 
-    (te_dir / "config.json").write_text('{"model_type": "clip", "text_config": {}}')
+    (te_dir / "config.json").write_text('{"model_type": "clip", "architectures": ["CLIPTextModel"], "text_config": {}}')
     with pytest.raises(WeightsError, match="config.json"):
-        TextEncoder.from_pretrained_dirs(te_dir, tok_dir)
+        load_folder(te_dir, tok_dir)

@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.activations import ACT2FN
-from transformers.initialization import no_init_weights
 
 from .config import from_dict
 from .errors import ConfigError, WeightsError
 
 TOKENIZER_DIR = Path(__file__).with_name("tokenizer")  # the real 49,408-token CLIP BPE tokenizer
 LAYERS = ("last", "penultimate")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # looked for in this order
 _OVERRIDABLE = ("layer", "trainable")  # the fields a CLIPTextConfig does not fix
 
 
@@ -119,37 +112,6 @@ class TextEncoder(nn.Module):
             model.encoder.layers[-1].requires_grad_(False)
         self.train()
 
-    @classmethod
-    def from_pretrained_dirs(
-        cls,
-        text_encoder_dir: str | Path,
-        tokenizer_dir: str | Path,
-        *,
-        layer: str = "last",
-        trainable: bool = False,
-    ) -> TextEncoder:
-        """Load a transformers/diffusers-layout text_encoder folder (config.json + weights) and a tokenizer folder."""
-        folder = Path(text_encoder_dir)
-        config_path = folder / "config.json"
-        if not config_path.is_file():
-            raise WeightsError(f"text encoder config not found: {config_path}")
-        try:
-            data = json.loads(config_path.read_text())
-            if not isinstance(data, dict) or data.get("model_type") != "clip_text_model":
-                raise ValueError("expected a CLIPTextModel config (model_type 'clip_text_model')")
-            clip_config = CLIPTextConfig.from_dict(data)
-            config = TextEncoderConfig.from_clip_config(clip_config, layer=layer, trainable=trainable)
-        except (OSError, ValueError, TypeError, StrictDataclassError) as e:  # ConfigError, JSONDecodeError: ValueErrors
-            raise WeightsError(f"cannot use text encoder config {config_path}: {e}") from None
-        weights_path = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
-        if weights_path is None:
-            raise WeightsError(f"no text encoder weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
-        with no_init_weights():  # skip the random init (seconds at full size): every weight is loaded below
-            model = CLIPTextModel(clip_config)
-        encoder = cls(config, tokenizer_dir, model=model)
-        encoder.load_clip_state_dict(_read_weights(weights_path), str(weights_path))
-        return encoder
-
     def load_clip_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
         """Load CLIPTextModel weights, keys with or without 'text_model.'; WeightsError naming `source` on a misfit."""
         weights = {}
@@ -224,16 +186,3 @@ def _load_tokenizer(folder: Path) -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         raise WeightsError(f"cannot read the CLIP tokenizer in {folder}: {e}") from None
-
-
-def _read_weights(path: Path) -> Mapping[str, torch.Tensor]:
-    """A state dict from a .safetensors file or a .bin file (torch.load with weights_only=True), on CPU."""
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
-        raise WeightsError(f"cannot read weights file {path}: {e}") from None
-    if not isinstance(state, Mapping):
-        raise WeightsError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
-    return state

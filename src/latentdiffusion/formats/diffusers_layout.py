@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import CLIPTextConfig
 
 from ..errors import WeightsError
@@ -87,7 +88,7 @@ def _load_component(components: Components, name: str, folder: Path) -> None:
             "text_encoder": text_config_from_transformers}[name]
     try:
         components.configs[name] = read(config)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, StrictDataclassError) as e:
         raise WeightsError(f"{folder / 'config.json'}: unsupported or invalid config ({e})") from None
     weights_file = next((folder / f for f in _WEIGHT_FILES[name] if (folder / f).is_file()), None)
     if weights_file is None:
@@ -131,6 +132,8 @@ def vae_config_from_diffusers(c: dict[str, Any]) -> VAEConfig:
 
 
 def text_config_from_transformers(c: dict[str, Any]) -> TextEncoderConfig:
+    if c.get("model_type", "clip_text_model") != "clip_text_model":
+        raise ValueError(f"model_type {c['model_type']!r}: expected a CLIPTextModel config ('clip_text_model')")
     return TextEncoderConfig.from_clip_config(CLIPTextConfig(**{k: v for k, v in c.items() if not k.startswith("_")}))
 
 
