@@ -1,0 +1,204 @@
+"""The `ldm` command (also `python -m latentdiffusion`): parses, calls the library, prints.
+
+Each subcommand is a pair: `add_<name>(subparsers)` declares it and sets `run` to the function that executes it.
+Bad input ends as one line, `ldm: error: ...`, exit code 2; a run that fails on its own (a diverged loss) exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from .errors import LatentDiffusionError
+
+SubParsers = argparse._SubParsersAction  # what add_subparsers returns
+
+
+# --------------------------------------------------------------------------------------------------------- training
+def _training_options(parser: argparse.ArgumentParser) -> None:
+    """The options `train-vae` and `train` share; each dedicated flag is a shorthand for one `--set`."""
+    parser.add_argument("--config", metavar="CFG", help="YAML config: a path, or a preset name from configs/ "
+                        "(vae-tiny, ldm-tiny, sd15, sd15-finetune)")
+    parser.add_argument("--data", metavar="DATA", help="builtin:shapes, a folder of images with metadata.jsonl or "
+                        ".txt captions, a save_to_disk folder or a Hugging Face dataset name (sets data.source)")
+    parser.add_argument("--output", metavar="DIR", required=True, help="run folder: checkpoints, metrics, samples")
+    parser.add_argument("--resolution", type=int, metavar="R", help="training resolution in pixels (data.resolution)")
+    parser.add_argument("--batch-size", type=int, metavar="B", help="images per process per micro-batch "
+                        "(train.batch_size); the global batch is B x processes x train.gradient_accumulation")
+    parser.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps in all (train.max_steps)")
+    parser.add_argument("--checkpoint-every", type=int, metavar="N", help="train.checkpoint_every")
+    parser.add_argument("--seed", type=int, metavar="S", help="train.seed: initialisation, data order, noise")
+    parser.add_argument("--image-column", metavar="NAME", help="image column of a data set (data.image_column)")
+    parser.add_argument("--caption-column", metavar="NAME", help="caption column of a data set (data.caption_column)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output "
+                        "(bit-identical on CPU to an unbroken run); with none there yet, start from the beginning")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any config value, e.g. --set train.learning_rate=1e-4 (repeatable)")
+
+
+_FLAG_KEYS = {"data": "data.source", "resolution": "data.resolution", "batch_size": "train.batch_size",
+              "max_steps": "train.max_steps", "checkpoint_every": "train.checkpoint_every", "seed": "train.seed",
+              "image_column": "data.image_column", "caption_column": "data.caption_column"}
+
+
+def _flag_values(args: argparse.Namespace) -> dict[str, object]:
+    """The dedicated flags that were given, as {config key: value}; they win over --set."""
+    return {key: getattr(args, name) for name, key in _FLAG_KEYS.items() if getattr(args, name) is not None}
+
+
+def add_train_vae(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser("train-vae", help="train the autoencoder (VAE) on your data",
+                              description="Train an AutoencoderKL: L1 + edge loss + KL, then a patch discriminator. "
+                              "The run folder works as --vae for `ldm train`.")
+    _training_options(p)
+    p.add_argument("--init", metavar="MODEL", help="fine-tune the VAE of MODEL (anything from_pretrained accepts)")
+    p.set_defaults(run=run_train_vae)
+
+
+def run_train_vae(args: argparse.Namespace) -> int:
+    from .training import VAERunConfig, load_run_config, train_vae
+
+    config, raw = load_run_config(VAERunConfig, args.config, args.set, _flag_values(args))
+    train_vae(config, args.output, init=args.init, resume=args.resume, raw=raw)
+    return 0
+
+
+def add_train(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser("train", help="train the latent diffusion model (UNet, and a text encoder if configured)",
+                              description="Train a text-to-image latent diffusion model on a frozen VAE. "
+                              "Under `torchrun --nproc_per_node=N` every process trains on its share of each batch.")
+    _training_options(p)
+    p.add_argument("--vae", metavar="VAE", help="the frozen VAE: a train-vae run or any model from_pretrained accepts "
+                   "(may be left out with --init, whose VAE is then used)")
+    p.add_argument("--init", metavar="MODEL", help="start from MODEL's UNet, text encoder and schedule (fine-tuning)")
+    p.add_argument("--text-encoder", metavar="MODEL", help="use MODEL's pretrained text encoder and tokenizer")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .training import LDMRunConfig, load_run_config, train_ldm
+
+    config, raw = load_run_config(LDMRunConfig, args.config, args.set, _flag_values(args))
+    train_ldm(config, args.output, vae=args.vae, init=args.init, text_encoder=args.text_encoder, resume=args.resume,
+              raw=raw)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------- models
+def add_sample(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser("sample", help="generate images from a prompt",
+                              description="Generate images with any model from_pretrained accepts (a training run "
+                              "folder means its newest checkpoint, EMA weights first).")
+    p.add_argument("--model", metavar="MODEL", required=True)
+    p.add_argument("--prompt", metavar="TEXT", required=True)
+    p.add_argument("--negative-prompt", metavar="TEXT", default=None)
+    p.add_argument("--steps", type=int, default=50, metavar="N", help="denoising steps (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, metavar="G", help="classifier-free guidance scale; "
+                   "1 turns it off (default 7.5)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="image i uses seed S + i (default 0)")
+    p.add_argument("--num-images", type=int, default=1, metavar="N")
+    p.add_argument("--scheduler", default="ddim", metavar="NAME", help="ddim or ddpm (default ddim)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (default 0)")
+    p.add_argument("--height", type=int, default=None, help="default: the model's training resolution")
+    p.add_argument("--width", type=int, default=None, help="default: the model's training resolution")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--no-ema", action="store_true", help="use a checkpoint's raw weights, not its EMA weights")
+    p.add_argument("--out", metavar="FILE.png", default="sample.png", help="output image; several images are saved "
+                   "as one grid (default sample.png)")
+    p.set_defaults(run=run_sample)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipeline import LatentDiffusion, to_pil
+    from .training.plots import image_grid
+
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None)
+    pipe = pipe.to(device, getattr(torch, args.dtype))
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
+    images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, height=args.height, width=args.width,
+                  num_images_per_prompt=args.num_images, generator=generators, scheduler=args.scheduler, eta=args.eta,
+                  output_type="pt", progress=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    picture = image_grid(images, min(len(images), 4)) if len(images) > 1 else to_pil(images)[0]
+    picture.save(out)
+    print(f"wrote {out} ({len(images)} image{'s' if len(images) > 1 else ''}, "
+          f"{images.shape[-1]}x{images.shape[-2]})")
+    return 0
+
+
+FORMATS = ("native", "diffusers", "single-file")
+
+
+def add_convert(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser("convert", help="convert a model to our folder format (or the diffusers layout, or an "
+                              "SD single file)",
+                              description="Read any model from_pretrained accepts and write it out again.")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST", help="a new folder (or, --to single-file, a .safetensors/.ckpt file)")
+    p.add_argument("--to", choices=FORMATS, default="native", help="native: a save_pretrained folder (default); "
+                   "diffusers: the diffusers folder layout; single-file: an original SD 1.x checkpoint file")
+    p.add_argument("--no-ema", action="store_true", help="take a checkpoint's raw weights, not its EMA weights")
+    p.set_defaults(run=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from .formats import diffusers_layout, load_components, native
+
+    dst = Path(args.dst)
+    if dst.exists() and (dst.is_file() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} already exists: choose a new destination")
+    components = load_components(args.src, use_ema=False if args.no_ema else None)
+    if args.to == "native":
+        native.save_components(dst, components)
+    elif args.to == "diffusers":
+        diffusers_layout.save_components(dst, components)
+    else:
+        from .formats.single_file import save_single_file
+
+        components.require("unet", "vae", "text_encoder")
+        save_single_file(dst, *[(components.configs[n], components.weights[n]) for n in ("unet", "vae", "text_encoder")])
+    print(f"wrote {dst} ({args.to}; {', '.join(n for n in components.configs)})")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------- main
+COMMANDS: list[Callable[[SubParsers], None]] = [add_train_vae, add_train, add_sample, add_convert]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldm", description="Latent diffusion: train on your data, sample, convert.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `ldm` with `argv` (default: the process's arguments); returns the exit code."""
+    args = build_parser().parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    prefix = "ldm" if rank == "0" else f"ldm (rank {rank})"
+    warnings.showwarning = lambda message, *rest, **kw: print(f"{prefix}: warning: {message}", file=sys.stderr)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # ConfigError, DataError, WeightsError included
+        print(f"{prefix}: error: {e}", file=sys.stderr)
+        return 2
+    except LatentDiffusionError as e:  # the run itself failed, e.g. a loss that became NaN
+        print(f"{prefix}: error: {e}", file=sys.stderr)
+        return 1

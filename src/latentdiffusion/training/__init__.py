@@ -1,0 +1,21 @@
+"""Training: the VAE (`train_vae`) and the latent diffusion model (`train_ldm`) on your data, with exact resume,
+EMA, mixed precision and multi-GPU through torchrun."""
+
+from .config import (LDMRunConfig, LDMTrainConfig, TrainConfig, VAERunConfig, VAETrainConfig, load_run_config,
+                     resolve_config_path)
+from .loop import NonFiniteLossError
+from .train_ldm import train_ldm
+from .train_vae import train_vae
+
+__all__ = [
+    "LDMRunConfig",
+    "LDMTrainConfig",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "VAERunConfig",
+    "VAETrainConfig",
+    "load_run_config",
+    "resolve_config_path",
+    "train_ldm",
+    "train_vae",
+]

@@ -1,0 +1,72 @@
+"""Which images each rank sees at each step, and each image's own random stream: both functions of the step alone,
+so a resumed run picks up the exact data order, and any split of a global batch over ranks and accumulation
+micro-batches gives the same update."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from ..errors import DataError
+
+
+class BatchOrder(Sampler[list[tuple[int, int]]]):
+    """This rank's micro-batches of (epoch, data set index), step after step from `start_step`, forever.
+
+    Optimizer step s takes global batch s of the epoch's permutation (seeded by (seed, epoch); a last partial
+    batch is dropped). A global batch is cut into batch_size slots; micro-batch a of rank r is slot
+    a * world_size + r, so images keep their place in the global batch however the work is split.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, world_size: int = 1, rank: int = 0, accumulation: int = 1,
+                 seed: int = 0, start_step: int = 0):
+        self.num_items, self.batch_size, self.world_size, self.rank = num_items, batch_size, world_size, rank
+        self.accumulation, self.seed, self.start_step = accumulation, seed, start_step
+        if self.steps_per_epoch < 1:
+            raise DataError(f"the data set has {num_items} images, fewer than one global batch of {self.global_batch} "
+                            f"({batch_size} per process x {world_size} processes x {accumulation} accumulation steps)")
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step over all ranks and accumulation micro-batches."""
+        return self.batch_size * self.world_size * self.accumulation
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_items // self.global_batch
+
+    def first_position(self, micro: int) -> int:
+        """Where this rank's micro-batch `micro` starts within the step's global batch."""
+        return (micro * self.world_size + self.rank) * self.batch_size
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        """The data set indices of this rank's micro-batch `micro` of optimizer step `step`."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._epoch, self._perm = epoch, rng.permutation(self.num_items)
+        start = position * self.global_batch + self.first_position(micro)
+        return self._perm[start:start + self.batch_size].tolist()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in itertools.count(self.start_step):
+            epoch = step // self.steps_per_epoch
+            for micro in range(self.accumulation):
+                yield [(epoch, i) for i in self.indices(step, micro)]
+
+
+def sample_generators(seed: int, step: int, first: int, count: int) -> list[torch.Generator]:
+    """One CPU generator per image: image k of step s's global batch draws from (seed, s, k), wherever it runs."""
+    seeds = [int(np.random.SeedSequence([seed, step, k]).generate_state(1, np.uint64)[0]) for k in
+             range(first, first + count)]
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def bernoulli(generators: list[torch.Generator], p: float) -> torch.Tensor:
+    """One Bernoulli(p) draw per generator: a (B,) bool tensor."""
+    return torch.cat([torch.rand(1, generator=g) for g in generators]) < p

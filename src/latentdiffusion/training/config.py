@@ -1,0 +1,193 @@
+"""Training configs: a YAML file with `model`, `train` and `data` sections fills these dataclasses.
+
+    model:  LatentDiffusionConfig sections (vae, unet, text_encoder, scheduler): the architecture to train
+    train:  VAETrainConfig or LDMTrainConfig: optimisation, losses, checkpoints, logging
+    data:   latentdiffusion.data.DataConfig: where the images come from and how they are prepared
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..config import apply_overrides, from_dict, load_yaml, save_yaml, to_dict
+from ..data import DataConfig
+from ..errors import ConfigError
+from ..pipeline import LatentDiffusionConfig
+from .optim import LR_SCHEDULES
+from .precision import PRECISIONS
+
+NONFINITE_POLICIES = ("stop", "skip")
+T = TypeVar("T")
+
+
+@dataclass
+class TrainConfig:
+    """What every training run sets: steps, batch, optimiser, precision, checkpoints and logging."""
+
+    max_steps: int = 1000
+    batch_size: int = 4  # per process; the global batch is batch_size x processes x gradient_accumulation
+    gradient_accumulation: int = 1
+    learning_rate: float = 1e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (after the warm-up)
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    ema_decay: float = 0.0  # 0 turns the EMA off
+    mixed_precision: str = "no"  # no | bf16 | fp16 (CUDA only; float32 on CPU)
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3  # the newest K stay; 0 keeps all
+    log_every: int = 10
+    sample_every: int = 500  # sample grids (LDM) or reconstruction grids (VAE); 0 turns them off
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)
+        for key in ("max_steps", "batch_size", "gradient_accumulation", "checkpoint_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("warmup_steps", "keep_checkpoints", "sample_every", "grad_clip", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        for key, choices in (("lr_schedule", LR_SCHEDULES), ("mixed_precision", PRECISIONS),
+                             ("on_nonfinite", NONFINITE_POLICIES)):
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"train.{key} must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
+
+
+@dataclass
+class VAETrainConfig(TrainConfig):
+    """The autoencoder recipe of Rombach et al. (2022): L1 + edge loss (our LPIPS stand-in) + KL + patch GAN."""
+
+    learning_rate: float = 4.5e-6
+    adam_betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    kl_weight: float = 1e-6  # on the KL summed over latent elements, against the L1 summed over pixels
+    edge_weight: float = 1.0  # multi-scale image-gradient L1, standing in for LPIPS; 0 turns it off
+    disc_start: int = 50001  # the discriminator and its loss join at this step
+    disc_weight: float = 0.5  # times the adaptive (gradient-norm ratio) weight
+    disc_channels: int = 64
+    disc_layers: int = 3
+    scale_batches: int = 4  # batches encoded to measure the latent std for scaling_factor at each checkpoint
+    sample_images: int = 8  # images in each reconstruction grid
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("kl_weight", "edge_weight", "disc_start", "disc_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("disc_channels", "disc_layers", "scale_batches", "sample_images"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.disc_channels % 8:
+            raise ConfigError(f"train.disc_channels must be a multiple of 8 (GroupNorm groups), got {self.disc_channels}")
+
+
+@dataclass
+class LDMTrainConfig(TrainConfig):
+    """Latent diffusion: the denoising loss with caption dropout, min-SNR weighting, offset noise, EMA."""
+
+    ema_decay: float = 0.9999
+    caption_dropout: float = 0.1  # share of captions replaced by "" (learns the unconditional model for CFG)
+    snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5.0 is the paper's choice); None: off
+    noise_offset: float = 0.0
+    gradient_checkpointing: bool = False
+    cache_latents: bool = False  # encode every image once before training (needs deterministic preprocessing)
+    validation_prompts: list[str] = field(default_factory=list)
+    sample_steps: int = 25
+    sample_guidance: float = 5.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ConfigError(f"train.caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ConfigError(f"train.snr_gamma must be > 0 (or null), got {self.snr_gamma}")
+        if self.noise_offset < 0:
+            raise ConfigError(f"train.noise_offset must be >= 0, got {self.noise_offset}")
+        if self.sample_steps < 1:
+            raise ConfigError(f"train.sample_steps must be >= 1, got {self.sample_steps}")
+
+
+@dataclass
+class VAERunConfig:
+    """`ldm train-vae`: model.vae is the architecture."""
+
+    model: LatentDiffusionConfig = field(default_factory=LatentDiffusionConfig)
+    train: VAETrainConfig = field(default_factory=VAETrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
+class LDMRunConfig:
+    """`ldm train`: model.unet / text_encoder / scheduler; the VAE comes from --vae (or --init)."""
+
+    model: LatentDiffusionConfig = field(default_factory=LatentDiffusionConfig)
+    train: LDMTrainConfig = field(default_factory=LDMTrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+PRESETS_DIR = Path(__file__).resolve().parents[3] / "configs"  # the repository's presets (a source checkout)
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A config file path, or the name of a preset in configs/ ("ldm-tiny" or "ldm-tiny.yaml")."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    preset = PRESETS_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if path.parent == Path(".") and preset.is_file():
+        return preset
+    presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")) if PRESETS_DIR.is_dir() else []
+    raise ConfigError(f"config file not found: {name}" + (f" (presets: {', '.join(presets)})" if presets else ""))
+
+
+_MODEL_SECTIONS = {VAERunConfig: ("vae",), LDMRunConfig: ("unet", "text_encoder", "scheduler")}
+
+
+def load_run_config(cls: type[T], path: str | Path | None, overrides: list[str] = (),
+                    values: dict[str, Any] | None = None) -> tuple[T, dict[str, Any]]:
+    """A run config from a YAML file (or the defaults) with `a.b=value` overrides (values parsed as YAML), then
+    `values` ({"a.b": value}, taken as they are) applied, and the raw mapping it was built from (what was set
+    explicitly). Unknown keys, and model sections this kind of run does not use, are ConfigErrors naming them."""
+    raw = load_yaml(resolve_config_path(path)) if path is not None else {}
+    apply_overrides(raw, list(overrides))
+    for key, value in (values or {}).items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    used = _MODEL_SECTIONS[cls]
+    model = raw.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"config section 'model' must be a mapping, got {model!r}")
+    unused = [k for k in model if k not in used and k in LatentDiffusionConfig.__dataclass_fields__]
+    if unused:
+        why = "it comes from --vae or --init" if cls is LDMRunConfig else "only the VAE is trained here"
+        raise ConfigError(f"config section 'model.{unused[0]}' is not used by this command ({why}); "
+                          f"this command reads model.{', model.'.join(used)}")
+    return from_dict(cls, raw, ""), raw
+
+
+def explicit(raw: dict[str, Any], section: str) -> dict[str, Any]:
+    """The keys set explicitly under a dotted `section` of a raw config mapping (e.g. "model.scheduler")."""
+    node: Any = raw
+    for part in section.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return dict(node) if isinstance(node, dict) else {}
+
+
+def save_run_config(config: Any, path: Path) -> None:
+    """The resolved config of a run, every default spelled out, beside its checkpoints."""
+    save_yaml(to_dict(config), path)

@@ -1,0 +1,44 @@
+"""AdamW with a learning rate that is a pure function of the step (linear warm-up, then constant or cosine)."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def make_optimizer(params: Iterable[nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float,
+                   eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over the parameters that require gradients."""
+    trainable = [p for p in params if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """The learning rate of optimizer step `step` (0-based): warm-up ramps linearly to base_lr, then the schedule.
+    Being a function of the step alone, it needs no state of its own to resume exactly."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return base_lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip to `max_norm` (0: no clipping) and return the total norm before clipping, as a tensor (no sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm(grads)

@@ -1,0 +1,80 @@
+"""A training run's output folder: what is in it, whether to resume, and where each artefact goes.
+
+    RUN/config.yaml                      the resolved config (every default spelled out)
+    RUN/metrics.jsonl, RUN/loss.png      logged metrics and the loss curve
+    RUN/samples/step-XXXXXXXX.png        sample grids (LDM) or reconstruction grids (VAE)
+    RUN/checkpoints/step-XXXXXXXX/       model folders + training state (see checkpoint.py)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import ConfigError
+from ..formats.native import CHECKPOINTS_DIR, checkpoint_dir_name, list_checkpoints
+from . import checkpoint
+from .config import save_run_config
+from .distributed import Runtime, barrier, gather_objects
+from .metrics import MetricsLog
+
+CONFIG_FILE = "config.yaml"
+SAMPLES_DIR = "samples"
+
+
+class RunFolder:
+    """Prepares RUN for this process: rank 0 removes a killed run's leftovers; every rank finds the checkpoint to
+    resume from. A fresh run refuses a folder that already holds checkpoints (they would be mixed up)."""
+
+    def __init__(self, output: str | Path, runtime: Runtime, resume: bool, say: Callable[[str], None]):
+        self.path, self.runtime, self.say = Path(output), runtime, say
+        if runtime.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            removed = checkpoint.clean_leftovers(self.path)
+            if removed:
+                say(f"removed unfinished checkpoint leftovers in {self.path / CHECKPOINTS_DIR}: {', '.join(removed)}")
+        barrier(runtime)
+        self.checkpoint = checkpoint.latest_checkpoint(self.path) if resume else None
+        if resume and self.checkpoint is None:
+            say(f"--resume: {self.path} holds no whole checkpoint yet; starting from the beginning")
+        if not resume and list_checkpoints(self.path):
+            raise ConfigError(f"--output {self.path} already holds checkpoints of a run: pass --resume to continue it, "
+                              "or choose another --output folder")
+        if self.checkpoint is not None:
+            say(f"resuming from {self.checkpoint}")
+        self.state: dict[str, Any] = checkpoint.load_state(self.checkpoint) if self.checkpoint else {}
+        self.start_step: int = self.state.get("step", 0)
+        self.metrics = MetricsLog(self.path, self.start_step if self.checkpoint else None, runtime.is_main)
+
+    def save_config(self, config: Any) -> None:
+        if self.runtime.is_main:
+            save_run_config(config, self.path / CONFIG_FILE)
+
+    def sample_path(self, step: int) -> Path:
+        folder = self.path / SAMPLES_DIR
+        folder.mkdir(exist_ok=True)
+        return folder / f"{checkpoint_dir_name(step)}.png"
+
+    def save_checkpoint(self, step: int, write_models: Callable[[Path], None], state: dict[str, Any], keep: int) -> None:
+        """Every rank calls this (the RNG states of all ranks are gathered); rank 0 writes the checkpoint of the
+        `step` steps done: models via write_models(folder), then the training state."""
+        state = {**state, "step": step, "world_size": self.runtime.world_size,
+                 "rng": gather_objects(checkpoint.rng_state(), self.runtime)}
+        if self.runtime.is_main:
+
+            def write(folder: Path) -> None:
+                write_models(folder)
+                checkpoint.save_state(folder, state)
+
+            checkpoint.write_checkpoint(self.path, step, write, keep)
+        barrier(self.runtime)
+
+    def restore_rng(self) -> None:
+        """This rank's global RNG states as they were when the checkpoint was written."""
+        if not self.state:
+            return
+        states = self.state["rng"]
+        if len(states) != self.runtime.world_size:
+            self.say(f"the checkpoint was written by {len(states)} processes, this run has "
+                     f"{self.runtime.world_size}: the data order and random streams will differ from an unbroken run")
+        checkpoint.set_rng_state(states[min(self.runtime.rank, len(states) - 1)])
