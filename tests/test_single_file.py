@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from latentdiffusion.errors import WeightsError
-from latentdiffusion.formats.single_file import load_single_file, read_checkpoint, save_single_file
+from latentdiffusion.formats.single_file import load_single_file, save_single_file
+from latentdiffusion.formats.weights import read_checkpoint
 from latentdiffusion.formats.single_file_keys import text_encoder_key_map, unet_key_map, vae_key_map
 from latentdiffusion.schedulers import SchedulerConfig
 from latentdiffusion.text_encoder import TOKENIZER_DIR, TextEncoder, TextEncoderConfig

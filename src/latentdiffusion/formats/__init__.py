@@ -7,21 +7,16 @@ from pathlib import Path
 from ..errors import WeightsError
 from ..pipeline import LatentDiffusion
 from ..vae import AutoencoderKL
-from . import diffusers_layout, native
+from . import diffusers_layout, native, single_file
 from .components import Components
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
 
 def load_components(path: str | Path, use_ema: bool | None = None) -> Components:
     """Read any supported model location into components."""
     path = Path(path)
     if path.is_file():
-        if path.suffix not in SINGLE_FILE_SUFFIXES:
-            raise WeightsError(f"{path}: not a model file (expected {', '.join(SINGLE_FILE_SUFFIXES)}) or folder")
-        from .single_file import load_single_file
-
-        components = load_single_file(path, use_ema=bool(use_ema))
+        components = single_file.load_components(path, use_ema=bool(use_ema))
     elif not path.exists():
         raise WeightsError(f"model not found: {path}")
     elif native.is_native(path) or (path / native.CHECKPOINTS_DIR).is_dir():

@@ -14,7 +14,7 @@ import yaml
 from ..config import from_dict, to_dict
 from ..errors import WeightsError
 from .components import COMPONENT_CONFIGS, Components
-from .weights import atomic_write, read_safetensors, write_safetensors
+from .weights import atomic_write, read_checkpoint, write_safetensors
 
 CONFIG_FILE = "latentdiffusion.yaml"
 FORMAT_VERSION = 1
@@ -93,7 +93,7 @@ def load_components(path: str | Path) -> Components:
             continue
         components.configs[name] = from_dict(cls, meta[name], name)
         if name != "scheduler":
-            components.weights[name] = read_safetensors(path / f"{name}.safetensors")
+            components.weights[name] = read_checkpoint(path / f"{name}.safetensors")
     if (path / "tokenizer").is_dir():
         components.tokenizer_dir = path / "tokenizer"
     return components

@@ -4,13 +4,11 @@ architecture is read from the tensor shapes, every tensor is shape-checked, pick
 from __future__ import annotations
 
 import dataclasses
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -36,104 +34,10 @@ from .single_file_keys import (
     unet_key_map,
     vae_key_map,
 )
-from .weights import atomic_write
+from .components import Components
+from .weights import SUFFIXES, WeightsFile, atomic_write
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 NOT_STORED = {"sample_size", "dropout", "layer", "trainable"}  # config fields a single file does not hold
-
-
-class _Inert:
-    """Stands in for training metadata pickled in some SD .ckpt files (Lightning callbacks, numpy scalars)."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
-        return super().__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-
-# Globals that released SD 1.x .ckpt files (e.g. sd-v1-4.ckpt) pickle next to the weights: they are mapped to
-# _Inert, so no code of theirs is imported or run, and the weights can still be read.
-_METADATA_GLOBALS = [(_Inert, name) for name in (
-    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
-    "numpy.core.multiarray.scalar",
-    "numpy._core.multiarray.scalar",
-    "numpy.dtype",
-)]
-
-
-class _Checkpoint:
-    """An open weights file: every tensor's shape up front, a tensor's data only when asked for."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise WeightsError(f"weights file not found: {self.path}")
-        suffix = self.path.suffix.lower()
-        if suffix not in SUFFIXES:
-            raise WeightsError(f"{self.path}: unknown weights file type '{suffix}' (expected {', '.join(SUFFIXES)})")
-        self._file: Any = None
-        self._tensors: dict[str, Tensor] = {}
-        if suffix == ".safetensors":
-            try:
-                self._file = safe_open(str(self.path), framework="pt", device="cpu")
-                self.shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in self._file.keys()}
-            except (SafetensorError, OSError, ValueError) as e:
-                raise WeightsError(
-                    f"{self.path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
-        else:
-            self._tensors = _load_pickle(self.path)
-            self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
-
-    def tensor(self, key: str) -> Tensor:
-        """The tensor under `key`: memory-mapped copy-on-write, paged in when used (legacy pickles: read whole)."""
-        if self._file is None:
-            return self._tensors[key]
-        try:
-            return self._file.get_tensor(key)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{self.path}: cannot read tensor '{key}' (truncated or corrupt?): {e}") from None
-
-    def close(self) -> None:
-        self._file, self._tensors = None, {}
-
-    def __enter__(self) -> _Checkpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _load_pickle(path: Path) -> dict[str, Tensor]:
-    """torch.load with weights_only=True (memory-mapped for the zip format); the tensors of its state dict."""
-    try:
-        with torch.serialization.safe_globals(_METADATA_GLOBALS):
-            try:
-                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap can only be used with files saved with" not in str(e):
-                    raise
-                data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
-    except pickle.UnpicklingError as e:
-        raise WeightsError(f"{path} was refused and not executed: its pickle holds more than tensors and "
-                           f"containers, which could run code on load ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise WeightsError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {e}") from None
-    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
-        data = data["state_dict"]
-    if not isinstance(data, Mapping):
-        raise WeightsError(f"{path} holds a {type(data).__name__}, not a state dict")
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, Tensor)}
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """Every tensor of a .safetensors or pickled (.ckpt/.pt/.pth/.bin, top-level "state_dict" unwrapped) file."""
-    with _Checkpoint(path) as ckpt:
-        return {k: ckpt.tensor(k) for k in ckpt.shapes}
 
 
 @dataclass
@@ -151,7 +55,7 @@ def ema_key(key: str) -> str:
     return EMA_PREFIX + key.removeprefix("model.").replace(".", "")
 
 
-def _read(ckpt: _Checkpoint, pairs: list[KeyPair], file_key: Callable[[str], str], prefix: str, what: str,
+def _read(ckpt: WeightsFile, pairs: list[KeyPair], file_key: Callable[[str], str], prefix: str, what: str,
           ignore: frozenset[str] = frozenset()) -> dict[str, Tensor]:
     """Our state dict for one component: every mapped tensor present with its shape, no other tensor under `prefix`."""
     state: dict[str, Tensor] = {}
@@ -187,7 +91,7 @@ def _infer(
 def load_single_file(path: str | Path, use_ema: bool = False) -> SingleFile:
     """Read an original-layout SD 1.x checkpoint. use_ema=False takes model.diffusion_model.* (already the EMA weights
     in released SD files); use_ema=True takes the model_ema.* copy that training checkpoints also hold."""
-    with _Checkpoint(path) as ckpt:
+    with WeightsFile(path) as ckpt:
         legacy = f"{TEXT_PREFIX}embeddings.token_embedding.weight" in ckpt.shapes  # transformers < 4.21: no text_model.
         text_prefix = TEXT_PREFIX if legacy else f"{TEXT_PREFIX}text_model."
 
@@ -264,3 +168,17 @@ def save_single_file(
         atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     else:
         atomic_write(path, lambda tmp: torch.save({"state_dict": state}, tmp))
+
+
+def load_components(path: str | Path, use_ema: bool = False) -> Components:
+    """A single file as the components every format reads into."""
+    single = load_single_file(path, use_ema)
+    parts = {"unet": single.unet, "vae": single.vae, "text_encoder": single.text_encoder}
+    return Components(configs={**{k: v[0] for k, v in parts.items()}, "scheduler": single.scheduler},
+                      weights={k: v[1] for k, v in parts.items()}, source=str(path))
+
+
+def save_components(path: str | Path, components: Components) -> None:
+    """Components (a whole model) as one SD 1.x single file."""
+    components.require("unet", "vae", "text_encoder")
+    save_single_file(path, **{k: (components.configs[k], components.weights[k]) for k in ("unet", "vae", "text_encoder")})

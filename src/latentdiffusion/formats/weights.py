@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from torch import Tensor
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import WeightsError
@@ -17,52 +19,104 @@ from ..errors import WeightsError
 M = TypeVar("M", bound=nn.Module)
 
 
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors file, with errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path} is not a readable safetensors file (truncated or foreign?): {e}") from None
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
-def read_torch_pickle(path: str | Path) -> dict[str, torch.Tensor]:
-    """A pickled state dict (.bin/.ckpt/.pt) read with weights_only=True: a file can never run code."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
+class _Inert:
+    """Stands in for training metadata pickled in some SD .ckpt files (Lightning callbacks, numpy scalars)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+# Globals that released SD 1.x .ckpt files (e.g. sd-v1-4.ckpt) pickle next to the weights: they are mapped to
+# _Inert, so no code of theirs is imported or run, and the weights can still be read.
+_METADATA_GLOBALS = [(_Inert, name) for name in (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.dtype",
+)]
+
+
+class WeightsFile:
+    """An open weights file: every tensor's shape up front, a tensor's data only when asked for."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise WeightsError(f"weights file not found: {self.path}")
+        suffix = self.path.suffix.lower()
+        if suffix not in SUFFIXES:
+            raise WeightsError(f"{self.path}: unknown weights file type '{suffix}' (expected {', '.join(SUFFIXES)})")
+        self._file: Any = None
+        self._tensors: dict[str, Tensor] = {}
+        if suffix == ".safetensors":
+            try:
+                self._file = safe_open(str(self.path), framework="pt", device="cpu")
+                self.shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in self._file.keys()}
+            except (SafetensorError, OSError, ValueError) as e:
+                raise WeightsError(
+                    f"{self.path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        else:
+            self._tensors = _load_pickle(self.path)
+            self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
+
+    def tensor(self, key: str) -> Tensor:
+        """The tensor under `key`: memory-mapped copy-on-write, paged in when used (legacy pickles: read whole)."""
+        if self._file is None:
+            return self._tensors[key]
+        try:
+            return self._file.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsError(f"{self.path}: cannot read tensor '{key}' (truncated or corrupt?): {e}") from None
+
+    def close(self) -> None:
+        self._file, self._tensors = None, {}
+
+    def __enter__(self) -> WeightsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _load_pickle(path: Path) -> dict[str, Tensor]:
+    """torch.load with weights_only=True (memory-mapped for the zip format); the tensors of its state dict."""
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise WeightsError(f"{path} could not be read: {e}") from None
-        data = _load_legacy_pickle(path)
-    except Exception as e:  # UnpicklingError for anything that is not plain tensors: it was refused, not run
-        raise WeightsError(f"{path} was refused and not executed: it is not a plain weights file ({e})") from None
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        with torch.serialization.safe_globals(_METADATA_GLOBALS):
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap can only be used with files saved with" not in str(e):
+                    raise
+                data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+    except pickle.UnpicklingError as e:
+        raise WeightsError(f"{path} was refused and not executed: its pickle holds more than tensors and "
+                           f"containers, which could run code on load ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise WeightsError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {e}") from None
+    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
         data = data["state_dict"]
-    if not isinstance(data, dict):
-        raise WeightsError(f"{path} does not hold a state dict")
-    return data
+    if not isinstance(data, Mapping):
+        raise WeightsError(f"{path} holds a {type(data).__name__}, not a state dict")
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, Tensor)}
 
 
-def _load_legacy_pickle(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path} was refused and not executed: it is not a plain weights file ({e})") from None
+def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
+    """Every tensor of a .safetensors or pickled (.ckpt/.pt/.pth/.bin, top-level "state_dict" unwrapped) file."""
+    with WeightsFile(path) as ckpt:
+        return {k: ckpt.tensor(k) for k in ckpt.shapes}
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors (preferred) or a pickled .bin/.ckpt/.pt/.pth."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    if path.suffix in (".bin", ".ckpt", ".pt", ".pth"):
-        return read_torch_pickle(path)
-    raise WeightsError(f"{path}: unknown weights format '{path.suffix}' (expected .safetensors, .ckpt, .bin, .pt)")
+read_weights = read_checkpoint
 
 
 def write_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
