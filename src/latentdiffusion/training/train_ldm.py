@@ -3,6 +3,7 @@ frozen-pretrained or trained, the denoising loss with caption dropout, EMA, chec
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,9 +19,8 @@ from ..data import dataset_from_config
 from ..errors import ConfigError
 from ..formats import load_components
 from ..formats.components import Components
-from ..formats.native import EMA_DIR, load_components as load_native
+from ..formats.native import EMA_DIR, is_native, load_components as load_native
 from ..formats.native import save_pipeline
-from ..formats.weights import read_safetensors
 from ..pipeline import LatentDiffusion
 from ..schedulers import SchedulerConfig
 from ..text_encoder import TextEncoder
@@ -70,7 +70,7 @@ def _train(config: LDMRunConfig, output: Path, vae_source: Any, init: Any, text_
     if cfg.cache_latents and (not config.data.center_crop or config.data.random_flip):
         raise ConfigError("train.cache_latents needs the same image every epoch: set data.center_crop: true and "
                           "data.random_flip: false")
-    say = (lambda msg: tqdm.write(msg)) if runtime.is_main else (lambda msg: None)
+    say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if runtime.is_main else (lambda msg: None)
     run = RunFolder(output, runtime, resume, say)
 
     # ---- data
@@ -266,12 +266,13 @@ def load_ema(ema: list[EMA], folder: Path, say) -> None:
     """EMA weights from a checkpoint's ema/ folder (UNet, then a trained text encoder)."""
     if not ema:
         return
-    if not (folder / "unet.safetensors").is_file():
+    if not is_native(folder):
         say(f"{folder.parent} holds no EMA weights: the EMA starts from the current weights")
         return
-    ema[0].model.load_state_dict(read_safetensors(folder / "unet.safetensors"))
+    saved = load_native(folder).weights
+    ema[0].model.load_state_dict(saved["unet"])
     if len(ema) > 1:
-        ema[1].model.model.load_state_dict(read_safetensors(folder / "text_encoder.safetensors"))
+        ema[1].model.model.load_state_dict(saved["text_encoder"])
 
 
 def save_samples(pipe: LatentDiffusion, cfg: Any, path: Path) -> None:

@@ -3,6 +3,7 @@ weighted adaptively; the latent scaling factor is measured from data at every ch
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import defaultdict
 from dataclasses import replace
@@ -18,9 +19,8 @@ from ..data import dataset_from_config
 from ..errors import ConfigError
 from ..formats import load_vae
 from ..formats.components import Components
-from ..formats.native import EMA_DIR, load_components as load_native
+from ..formats.native import EMA_DIR, is_native, load_components as load_native
 from ..formats.native import save_components
-from ..formats.weights import read_safetensors
 from ..vae import AutoencoderKL, DiagonalGaussian
 from . import distributed
 from .batches import BatchOrder, sample_generators
@@ -61,7 +61,7 @@ def train_vae(config: VAERunConfig, output: str | Path, init: str | Path | None 
 def _train(config: VAERunConfig, output: Path, init: Any, resume: bool, raw: dict[str, Any],
            runtime: distributed.Runtime, progress: bool) -> Path:
     cfg = config.train
-    say = (lambda msg: tqdm.write(msg)) if runtime.is_main else (lambda msg: None)
+    say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if runtime.is_main else (lambda msg: None)
     run = RunFolder(output, runtime, resume, say)
 
     # ---- data
@@ -103,8 +103,8 @@ def _train(config: VAERunConfig, output: Path, init: Any, resume: bool, raw: dic
         disc.load_state_dict(run.state["discriminator"])
         precision.scaler.load_state_dict(run.state["scaler"])
         disc_precision.scaler.load_state_dict(run.state["disc_scaler"])
-        if ema is not None and (run.checkpoint / EMA_DIR / "vae.safetensors").is_file():
-            ema.model.load_state_dict(read_safetensors(run.checkpoint / EMA_DIR / "vae.safetensors"))
+        if ema is not None and is_native(run.checkpoint / EMA_DIR):
+            ema.model.load_state_dict(load_native(run.checkpoint / EMA_DIR).weights["vae"])
         run.restore_rng()
     pixels = vae.config.in_channels * config.data.resolution ** 2
     say(f"training a {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M-parameter VAE on {runtime.device}, "

@@ -1,0 +1,272 @@
+"""Training: the loss falls, a SIGKILLed run resumes bit-identically, two gloo processes make the same update as one,
+checkpoints are atomic and load directly, non-finite losses never reach a file. Tiny models at 16x16."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from latentdiffusion import LatentDiffusion
+from latentdiffusion.errors import ConfigError
+from latentdiffusion.formats import load_vae
+from latentdiffusion.formats.components import Components
+from latentdiffusion.formats.native import list_checkpoints, save_components
+from latentdiffusion.pipeline import LatentDiffusion as Pipeline
+from latentdiffusion.training import (LDMRunConfig, NonFiniteLossError, VAERunConfig, load_run_config, train_ldm,
+                                      train_vae)
+from latentdiffusion.training.batches import BatchOrder
+from latentdiffusion.training.checkpoint import STATE_FILE, clean_leftovers, load_state, write_checkpoint
+from latentdiffusion.vae import AutoencoderKL, VAEConfig
+
+TINY_VAE = VAEConfig(block_channels=(16, 32), layers_per_block=1, norm_groups=8, sample_size=16)
+TINY_LDM = {
+    "model": {
+        "unet": {"block_channels": [32, 64], "layers_per_block": 1, "cross_attention": [True, False],
+                 "num_heads": 2, "context_dim": 32, "norm_groups": 8},
+        "text_encoder": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
+                         "max_length": 8, "trainable": True},
+    },
+    "train": {"max_steps": 6, "batch_size": 2, "learning_rate": 1e-3, "ema_decay": 0.9, "checkpoint_every": 2,
+              "keep_checkpoints": 2, "log_every": 1, "sample_every": 0, "caption_dropout": 0.5, "device": "cpu"},
+    "data": {"source": "builtin:shapes", "resolution": 16},
+}
+TINY_VAE_RUN = {
+    "model": {"vae": {"block_channels": [16, 32], "layers_per_block": 1, "norm_groups": 8}},
+    "train": {"max_steps": 4, "batch_size": 2, "learning_rate": 1e-3, "disc_start": 2, "disc_channels": 8,
+              "disc_layers": 2, "checkpoint_every": 2, "log_every": 1, "sample_every": 2, "scale_batches": 1,
+              "sample_images": 2, "device": "cpu"},
+    "data": {"source": "builtin:shapes", "resolution": 16},
+}
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread, in-process as in the subprocesses: steady timings on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    """A tiny random VAE (factor 2: 16x16 images <-> 8x8x4 latents) as a model folder."""
+    folder = tmp_path_factory.mktemp("vae")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(TINY_VAE)
+    save_components(folder, Components(configs={"vae": TINY_VAE}, weights={"vae": vae.state_dict()}))
+    return folder
+
+
+def write_config(path: Path, base: dict, **train) -> Path:
+    """A YAML config: `base` with some train values replaced."""
+    data = {**base, "train": {**base["train"], **train}}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def ldm_config(tmp_path: Path, **train) -> tuple[LDMRunConfig, dict]:
+    return load_run_config(LDMRunConfig, write_config(tmp_path / "ldm.yaml", TINY_LDM, **train))
+
+
+def weights(checkpoint: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint / f"{name}.safetensors")
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def metrics(run: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------- learning
+def test_ldm_loss_falls_and_run_folder_samples_directly(tmp_path, vae_dir):
+    config, raw = ldm_config(tmp_path, max_steps=40, batch_size=8, learning_rate=2e-3, checkpoint_every=20,
+                             caption_dropout=0.1, sample_every=40, sample_steps=2,
+                             validation_prompts=["a red circle", "a blue square"])
+    run = train_ldm(config, tmp_path / "run", vae=vae_dir, raw=raw, progress=False)
+    losses = [r["loss"] for r in metrics(run)]
+    assert len(losses) == 40
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.7 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert (run / "loss.png").is_file() and (run / "samples" / "step-00000040.png").is_file()
+
+    # A run folder is a model: its newest checkpoint, EMA weights first (raw weights on request).
+    newest = list_checkpoints(run)[-1][1]
+    assert newest.name == "step-00000040"
+    pipe = LatentDiffusion.from_pretrained(run)
+    assert_identical(pipe.unet.state_dict(), weights(newest / "ema", "unet"))
+    raw_pipe = LatentDiffusion.from_pretrained(newest, use_ema=False)
+    assert_identical(raw_pipe.unet.state_dict(), weights(newest, "unet"))
+    assert not torch.equal(raw_pipe.unet.conv_out.weight, pipe.unet.conv_out.weight)
+    images = pipe("a red circle", num_inference_steps=2, output_type="pt")
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_vae_loss_falls_with_discriminator_and_resumes_exactly(tmp_path):
+    config, raw = load_run_config(VAERunConfig, write_config(tmp_path / "vae.yaml", TINY_VAE_RUN))
+    full = train_vae(config, tmp_path / "full", raw=raw, progress=False)
+    records = metrics(full)
+    assert records[-1]["d_loss"] > 0 and "g_loss" in records[-1] and "g_loss" not in records[0]
+    assert (full / "samples" / "step-00000002.png").is_file()
+    vae = load_vae(full)  # the run folder works as --vae, with a scaling factor measured from data
+    assert vae.config.scaling_factor != VAEConfig().scaling_factor and vae.config.sample_size == 16
+
+    short, raw_short = load_run_config(VAERunConfig, write_config(tmp_path / "short.yaml", TINY_VAE_RUN, max_steps=2))
+    train_vae(short, tmp_path / "split", raw=raw_short, progress=False)
+    train_vae(config, tmp_path / "split", raw=raw, resume=True, progress=False)  # continues to 4
+    for step in ("step-00000004",):
+        assert_identical(weights(full / "checkpoints" / step, "vae"), weights(tmp_path / "split/checkpoints" / step, "vae"))
+    state_a, state_b = (load_state(r / "checkpoints" / "step-00000004") for r in (full, tmp_path / "split"))
+    assert_identical(state_a["discriminator"], state_b["discriminator"])
+    assert [r["step"] for r in metrics(tmp_path / "split")] == [1, 2, 3, 4]
+
+    losses = [r["rec_loss"] for r in train_curve(tmp_path)]
+    assert losses[-1] < 0.7 * losses[0], f"reconstruction loss did not fall: {losses}"
+
+
+def train_curve(tmp_path: Path) -> list[dict]:
+    """A 40-step VAE run without the discriminator: reconstruction only."""
+    config, raw = load_run_config(VAERunConfig, write_config(
+        tmp_path / "curve.yaml", TINY_VAE_RUN, max_steps=40, batch_size=8, learning_rate=3e-3, disc_start=1000,
+        log_every=10, checkpoint_every=40, sample_every=0))
+    return metrics(train_vae(config, tmp_path / "curve", raw=raw, progress=False))
+
+
+# ------------------------------------------------------------------------------------------------- nothing lost
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "latentdiffusion", *args]
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, vae_dir):
+    cfg = write_config(tmp_path / "ldm.yaml", TINY_LDM)
+    common = ["--config", str(cfg), "--vae", str(vae_dir), "--data", "builtin:shapes"]
+    reference = subprocess.Popen(_cli("train", *common, "--output", str(tmp_path / "reference")), env=ENV,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    # A run that goes on far longer, killed outright as soon as its step-2 checkpoint is whole.
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli("train", *common, "--output", str(killed), "--max-steps", "1000"), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-00000002").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # As if it had died mid-save as well: a half-written checkpoint beside the whole ones.
+    partial = killed / "checkpoints" / ".tmp-step-00000006-99999"
+    partial.mkdir()
+    (partial / "unet.safetensors").write_bytes(b"truncated")
+    assert all(p.name.startswith("step-") for _, p in list_checkpoints(killed))
+
+    resumed = subprocess.run(_cli("train", *common, "--output", str(killed), "--resume"), env=ENV,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr and ".tmp-step-00000006-99999" in resumed.stderr
+    assert reference.wait() == 0
+    done_ref, done_resumed = (tmp_path / "reference/checkpoints/step-00000006", killed / "checkpoints/step-00000006")
+    for name in ("unet", "text_encoder", "ema/unet", "ema/text_encoder"):
+        assert_identical(weights(done_ref, name), weights(done_resumed, name))
+    assert not partial.exists()
+    assert [p.name for _, p in list_checkpoints(killed)] == ["step-00000004", "step-00000006"]  # keep_checkpoints=2
+
+
+def test_two_gloo_processes_make_the_same_update_as_one(tmp_path, vae_dir):
+    """2 processes x batch 2 and 1 process x batch 2 x 2 accumulation steps see the same global batch of 4, each
+    image with the same noise, timestep and caption dropout: the updates agree to float32 rounding."""
+    cfg = write_config(tmp_path / "ldm.yaml", TINY_LDM, max_steps=2, checkpoint_every=2)
+    common = ["--config", str(cfg), "--vae", str(vae_dir), "--data", "builtin:shapes"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "latentdiffusion", "train", *common, "--output", str(tmp_path / "ddp")],
+                         env=ENV, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "global batch 4 = 2 per process x 2 process(es) x 1 accumulation" in two.stderr
+    one = subprocess.run(_cli("train", *common, "--output", str(tmp_path / "one"),
+                              "--set", "train.gradient_accumulation=2"), env=ENV, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "global batch 4 = 2 per process x 1 process(es) x 2 accumulation" in one.stderr
+    a, b = tmp_path / "ddp/checkpoints/step-00000002", tmp_path / "one/checkpoints/step-00000002"
+    for name in ("unet", "text_encoder", "ema/unet"):
+        wa, wb = weights(a, name), weights(b, name)
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+    moments_a, moments_b = load_state(a)["optimizer"]["state"], load_state(b)["optimizer"]["state"]
+    for index in moments_a:  # Adam's first moment is the averaged gradient history: same global mean
+        torch.testing.assert_close(moments_a[index]["exp_avg"], moments_b[index]["exp_avg"], rtol=1e-3, atol=1e-8)
+
+
+def test_checkpoints_are_written_whole_or_not_at_all(tmp_path):
+    run = tmp_path / "run"
+
+    def fails_halfway(folder: Path) -> None:
+        (folder / "unet.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_checkpoint(run, 3, fails_halfway, keep=2)
+    assert list_checkpoints(run) == []  # the partial folder is never mistaken for a checkpoint
+    assert clean_leftovers(run) and not any((run / "checkpoints").iterdir())
+    for step in (1, 2, 3):
+        write_checkpoint(run, step, lambda folder: (folder / STATE_FILE).write_bytes(b"x"), keep=2)
+    assert [s for s, _ in list_checkpoints(run)] == [2, 3]
+
+
+def test_resume_without_checkpoint_starts_over_and_fresh_run_refuses_a_used_folder(tmp_path, vae_dir, capsys):
+    config, raw = ldm_config(tmp_path, max_steps=1, checkpoint_every=1)
+    run = train_ldm(config, tmp_path / "run", vae=vae_dir, raw=raw, resume=True, progress=False)
+    assert "holds no whole checkpoint yet; starting from the beginning" in capsys.readouterr().err
+    assert [s for s, _ in list_checkpoints(run)] == [1]
+    with pytest.raises(ConfigError, match="already holds checkpoints.*--resume"):
+        train_ldm(config, run, vae=vae_dir, raw=raw, progress=False)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_loss_never_reaches_a_checkpoint(tmp_path, vae_dir, monkeypatch, policy):
+    original, calls = Pipeline.diffusion_loss, []
+
+    def poisoned(self, *args, **kwargs):
+        calls.append(1)
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(Pipeline, "diffusion_loss", poisoned)
+    config, raw = ldm_config(tmp_path, max_steps=3, checkpoint_every=1, keep_checkpoints=0, on_nonfinite=policy)
+    if policy == "stop":
+        with pytest.raises(NonFiniteLossError, match="non-finite loss=nan.* at step 2"):
+            train_ldm(config, tmp_path / "run", vae=vae_dir, raw=raw, progress=False)
+        assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [1]
+        return
+    run = train_ldm(config, tmp_path / "run", vae=vae_dir, raw=raw, progress=False)
+    checkpoints = [p for _, p in list_checkpoints(run)]
+    assert len(checkpoints) == 3 and metrics(run)[-1]["skipped"] == 1
+    assert_identical(weights(checkpoints[0], "unet"), weights(checkpoints[1], "unet"))  # step 2 changed nothing
+    assert all(torch.isfinite(t).all() for t in weights(checkpoints[2], "unet").values())
+
+
+def test_batch_order_shards_global_batches_and_resumes_mid_epoch():
+    single = BatchOrder(20, 4, world_size=1, rank=0, accumulation=2, seed=3)
+    ranks = [BatchOrder(20, 4, world_size=2, rank=r, seed=3) for r in range(2)]
+    for step in range(5):  # crosses into the second epoch (2 steps of 8 per epoch)
+        assert single.indices(step, 0) + single.indices(step, 1) == ranks[0].indices(step, 0) + ranks[1].indices(step, 0)
+    epoch = [i for step in range(2) for m in range(2) for i in single.indices(step, m)]
+    assert len(set(epoch)) == 16  # no image twice within an epoch
+    resumed = iter(BatchOrder(20, 4, accumulation=2, seed=3, start_step=3))
+    assert next(resumed) == [(1, i) for i in single.indices(3, 0)]
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        BatchOrder(7, 4, world_size=2)
