@@ -217,3 +217,53 @@ def test_bad_files_name_the_culprit(pipe, tmp_path):
     cfg.write_text(cfg.read_text().replace("layers_per_block:", "layers_per_blok:", 1))
     with pytest.raises(ConfigError, match="layers_per_blok"):
         LatentDiffusion.from_pretrained(tmp_path / "m3")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_single_file_round_trip_through_from_pretrained(tmp_path, suffix):
+    """ours -> one SD 1.x file -> ours, bit-exact (a single file stores 8 heads and 32 groups, as SD 1.x does)."""
+    from latentdiffusion import LatentDiffusionConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, VAEConfig
+
+    torch.manual_seed(0)
+    pipe = LatentDiffusion.from_config(LatentDiffusionConfig(
+        vae=VAEConfig(block_channels=(32, 64), layers_per_block=1, sample_size=16),
+        unet=UNetConfig(block_channels=(32, 64, 64), cross_attention=(True, True, False), context_dim=64,
+                        sample_size=8, layers_per_block=1),
+        text_encoder=TextEncoderConfig(hidden_size=64, num_layers=2, num_heads=1, intermediate_size=96),
+        scheduler=SchedulerConfig()))
+    perturb_(pipe.unet, pipe.vae, pipe.text_encoder)
+    pipe.save_pretrained(tmp_path / f"model{suffix}", format="single-file")
+    loaded = LatentDiffusion.from_pretrained(tmp_path / f"model{suffix}")
+    kwargs = dict(num_inference_steps=3, latents=start_latents(), output_type="pt", negative_prompt=NEGATIVES)
+    assert torch.equal(pipe(PROMPTS, **kwargs), loaded(PROMPTS, **kwargs))
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_full_size_sd1_loads_from_the_diffusers_layout(tmp_path):
+    """The SD 1.x UNet (860M) and VAE, random weights saved by diffusers, load through our diffusers-layout reader."""
+    from latentdiffusion.formats import load_components
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    (tmp_path / "model_index.json").write_text("{}")
+    unet.save_pretrained(tmp_path / "unet")
+    vae.save_pretrained(tmp_path / "vae")
+    components = load_components(tmp_path)
+    from latentdiffusion import UNetConfig, VAEConfig
+
+    assert components.configs["unet"] == UNetConfig() and components.configs["vae"] == VAEConfig()
+    ours_unet, ours_vae = components.unet(), components.vae()
+    x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([999]), torch.randn(1, 77, 768)
+    assert (ours_unet(x, t, ctx) - unet(x, t, ctx).sample).abs().max() < 1e-4
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert (ours_vae.encode(image).mean - vae.encode(image).latent_dist.mean).abs().max() < 1e-4
+    z = torch.randn(1, 4, 8, 8)
+    assert (ours_vae.decode(z) - vae.decode(z).sample).abs().max() < 1e-4

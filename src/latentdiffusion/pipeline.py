@@ -160,6 +160,9 @@ class LatentDiffusion(nn.Module):
         """Generate images for `prompt`: encode prompt -> prepare latents -> denoising loop -> decode."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
+        if latents is not None and latents.ndim == 4:  # given noise sets the size unless height/width say otherwise
+            height = latents.shape[2] * self.vae_scale_factor if height is None else height
+            width = latents.shape[3] * self.vae_scale_factor if width is None else width
         shape = self._latent_shape(len(prompts) * num_images_per_prompt, height, width)
         self._check_call(num_inference_steps, guidance_scale, output_type, scheduler, eta, latents, shape)
         sampler = make_scheduler(scheduler, self.scheduler.config, **({"eta": eta} if scheduler == "ddim" else {}))
@@ -231,11 +234,12 @@ class LatentDiffusion(nn.Module):
 
         return load_pipeline(path, use_ema=use_ema)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write a folder that `from_pretrained` loads back bit-exactly (a readable config, safetensors weights)."""
-        from .formats.native import save_pipeline
+    def save_pretrained(self, path: str | Path, format: str = "latentdiffusion") -> None:
+        """Write a folder that `from_pretrained` loads back bit-exactly (a readable config, safetensors weights);
+        format="diffusers" writes the diffusers layout, format="single-file" one SD 1.x .safetensors/.ckpt file."""
+        from .formats import Components, save_components
 
-        save_pipeline(self, path)
+        save_components(path, Components.of(self), format)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -30,6 +30,20 @@ def load_components(path: str | Path, use_ema: bool | None = None) -> Components
     return components
 
 
+SAVE_FORMATS = {
+    "latentdiffusion": native.save_components,    # a folder: latentdiffusion.yaml + safetensors per component
+    "diffusers": diffusers_layout.save_components,  # a folder diffusers' StableDiffusionPipeline loads
+    "single-file": single_file.save_components,     # one SD 1.x .safetensors / .ckpt in the original layout
+}
+
+
+def save_components(path: str | Path, components: Components, format: str = "latentdiffusion") -> None:
+    """Write components in one of SAVE_FORMATS."""
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"unknown format {format!r}: choose from {', '.join(SAVE_FORMATS)}")
+    SAVE_FORMATS[format](path, components)
+
+
 def load_pipeline(path: str | Path, use_ema: bool | None = None) -> LatentDiffusion:
     return load_components(path, use_ema).pipeline()
 
@@ -39,4 +53,4 @@ def load_vae(path: str | Path, use_ema: bool | None = None) -> AutoencoderKL:
     return load_components(path, use_ema).vae()
 
 
-__all__ = ["Components", "load_components", "load_pipeline", "load_vae"]
+__all__ = ["SAVE_FORMATS", "Components", "load_components", "load_pipeline", "load_vae", "save_components"]

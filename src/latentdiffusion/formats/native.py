@@ -71,7 +71,7 @@ def save_components(path: str | Path, components: Components) -> None:
 
 
 def save_pipeline(pipe, path: str | Path) -> None:
-    """`LatentDiffusion.save_pretrained`: every component of `pipe` into one folder."""
+    """Every component of a LatentDiffusion pipeline into one folder."""
     save_components(path, Components.of(pipe))
 
 
