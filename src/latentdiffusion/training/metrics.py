@@ -21,8 +21,9 @@ class MetricsLog:
         self.path, self.enabled = Path(run_dir) / METRICS_FILE, enabled
         if not enabled:
             return
-        kept = [r for r in self.read() if resumed_step is not None and r.get("step", 0) <= resumed_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if self.path.is_file():
+            kept = [r for r in self.read() if resumed_step is not None and r.get("step", 0) <= resumed_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def read(self) -> list[dict[str, Any]]:
         """The records so far (a torn last line from a killed run is ignored)."""

@@ -24,12 +24,12 @@ SAMPLES_DIR = "samples"
 
 class RunFolder:
     """Prepares RUN for this process: rank 0 removes a killed run's leftovers; every rank finds the checkpoint to
-    resume from. A fresh run refuses a folder that already holds checkpoints (they would be mixed up)."""
+    resume from. A fresh run refuses a folder that already holds checkpoints (they would be mixed up). Nothing is
+    created before `save_config`, so a run that fails while setting up leaves no empty folder behind."""
 
-    def __init__(self, output: str | Path, runtime: Runtime, resume: bool, say: Callable[[str], None]):
+    def __init__(self, output: str | Path, runtime: Runtime, resume: bool, kind: str, say: Callable[[str], None]):
         self.path, self.runtime, self.say = Path(output), runtime, say
         if runtime.is_main:
-            self.path.mkdir(parents=True, exist_ok=True)
             removed = checkpoint.clean_leftovers(self.path)
             if removed:
                 say(f"removed unfinished checkpoint leftovers in {self.path / CHECKPOINTS_DIR}: {', '.join(removed)}")
@@ -40,14 +40,17 @@ class RunFolder:
         if not resume and list_checkpoints(self.path):
             raise ConfigError(f"--output {self.path} already holds checkpoints of a run: pass --resume to continue it, "
                               "or choose another --output folder")
+        self.state: dict[str, Any] = checkpoint.load_state(self.checkpoint) if self.checkpoint else {}
+        if self.state and self.state.get("kind") != kind:
+            raise ConfigError(f"--output {self.path} holds a {self.state.get('kind')} training run, not a {kind} one")
         if self.checkpoint is not None:
             say(f"resuming from {self.checkpoint}")
-        self.state: dict[str, Any] = checkpoint.load_state(self.checkpoint) if self.checkpoint else {}
         self.start_step: int = self.state.get("step", 0)
         self.metrics = MetricsLog(self.path, self.start_step if self.checkpoint else None, runtime.is_main)
 
     def save_config(self, config: Any) -> None:
         if self.runtime.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
             save_run_config(config, self.path / CONFIG_FILE)
 
     def sample_path(self, step: int) -> Path:

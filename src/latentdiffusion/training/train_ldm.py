@@ -71,7 +71,7 @@ def _train(config: LDMRunConfig, output: Path, vae_source: Any, init: Any, text_
         raise ConfigError("train.cache_latents needs the same image every epoch: set data.center_crop: true and "
                           "data.random_flip: false")
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if runtime.is_main else (lambda msg: None)
-    run = RunFolder(output, runtime, resume, say)
+    run = RunFolder(output, runtime, resume, "ldm", say)
 
     # ---- data
     dataset = dataset_from_config(config.data)
@@ -125,7 +125,7 @@ def _train(config: LDMRunConfig, output: Path, vae_source: Any, init: Any, text_
     bar = tqdm(total=cfg.max_steps, initial=run.start_step, disable=not (progress and runtime.is_main),
                desc="train", dynamic_ncols=True)
     losses: list[float] = []
-    started, skipped = time.perf_counter(), 0
+    started, skipped = time.perf_counter(), run.state.get("skipped", 0)
     for step in range(run.start_step, cfg.max_steps):
         lr = lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule)
         set_lr(optimizer, lr)

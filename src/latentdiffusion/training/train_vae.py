@@ -62,7 +62,7 @@ def _train(config: VAERunConfig, output: Path, init: Any, resume: bool, raw: dic
            runtime: distributed.Runtime, progress: bool) -> Path:
     cfg = config.train
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if runtime.is_main else (lambda msg: None)
-    run = RunFolder(output, runtime, resume, say)
+    run = RunFolder(output, runtime, resume, "vae", say)
 
     # ---- data
     dataset = dataset_from_config(config.data)
@@ -115,7 +115,7 @@ def _train(config: VAERunConfig, output: Path, init: Any, resume: bool, raw: dic
     bar = tqdm(total=cfg.max_steps, initial=run.start_step, disable=not (progress and runtime.is_main),
                desc="train-vae", dynamic_ncols=True)
     window: dict[str, list[float]] = defaultdict(list)
-    started, skipped = time.perf_counter(), 0
+    started, skipped = time.perf_counter(), run.state.get("skipped", 0)
     last_layer = vae.decoder.conv_out.weight
     for step in range(run.start_step, cfg.max_steps):
         lr = lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule)
@@ -146,7 +146,8 @@ def _train(config: VAERunConfig, output: Path, init: Any, resume: bool, raw: dic
             terms["loss"] += loss.detach() / cfg.gradient_accumulation
             terms["rec_loss"] += rec_loss.detach() / cfg.gradient_accumulation
             terms["kl"] += kl.detach() / cfg.gradient_accumulation
-            pairs.append((x, rec.detach()))
+            if use_disc:
+                pairs.append((x, rec.detach()))
         terms["grad_norm"] = unscale_and_clip(optimizer, precision, cfg.grad_clip)
         if use_disc:
             disc.requires_grad_(True)
