@@ -139,7 +139,7 @@ def test_sample_a_run_folder_directly(capsys, run_dir, tmp_path):
 
 def test_convert_round_trips_through_every_format(capsys, run_dir, tmp_path):
     source = LatentDiffusion.from_pretrained(run_dir)  # EMA weights
-    for fmt, dst in [("native", tmp_path / "native"), ("diffusers", tmp_path / "diffusers")]:
+    for fmt, dst in [("latentdiffusion", tmp_path / "native"), ("diffusers", tmp_path / "diffusers")]:
         code, _, err = run_cli(capsys, "convert", str(run_dir), str(dst), "--to", fmt)
         assert code == 0, err
         back = LatentDiffusion.from_pretrained(dst)
@@ -151,6 +151,8 @@ def test_convert_round_trips_through_every_format(capsys, run_dir, tmp_path):
     assert not torch.equal(LatentDiffusion.from_pretrained(raw).unet.conv_out.weight, source.unet.conv_out.weight)
     code, _, err = run_cli(capsys, "convert", str(run_dir), str(raw))
     assert code == 2 and "already exists" in one_line_error(err)
+    code, _, err = run_cli(capsys, "convert", str(run_dir), str(tmp_path / "x"), "--to", "onnx")
+    assert code == 2 and "unknown format 'onnx'" in one_line_error(err)
     # An SD 1.x single file stores only what SD's layout can (GroupNorm of 32, 64-wide CLIP heads) ...
     code, _, err = run_cli(capsys, "convert", str(run_dir), str(tmp_path / "tiny.safetensors"), "--to", "single-file")
     assert code == 2 and "cannot save as an SD 1.x single file" in one_line_error(err)

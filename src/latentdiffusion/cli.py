@@ -138,38 +138,27 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-FORMATS = ("native", "diffusers", "single-file")
-
-
 def add_convert(subparsers: SubParsers) -> None:
     p = subparsers.add_parser("convert", help="convert a model to our folder format (or the diffusers layout, or an "
                               "SD single file)",
                               description="Read any model from_pretrained accepts and write it out again.")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST", help="a new folder (or, --to single-file, a .safetensors/.ckpt file)")
-    p.add_argument("--to", choices=FORMATS, default="native", help="native: a save_pretrained folder (default); "
-                   "diffusers: the diffusers folder layout; single-file: an original SD 1.x checkpoint file")
+    p.add_argument("--to", default="latentdiffusion", metavar="FORMAT", help="latentdiffusion: a save_pretrained "
+                   "folder (default); diffusers: the diffusers folder layout; single-file: an SD 1.x checkpoint file")
     p.add_argument("--no-ema", action="store_true", help="take a checkpoint's raw weights, not its EMA weights")
     p.set_defaults(run=run_convert)
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from .formats import diffusers_layout, load_components, native
+    from .formats import load_components, save_components
 
     dst = Path(args.dst)
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists: choose a new destination")
     components = load_components(args.src, use_ema=False if args.no_ema else None)
-    if args.to == "native":
-        native.save_components(dst, components)
-    elif args.to == "diffusers":
-        diffusers_layout.save_components(dst, components)
-    else:
-        from .formats.single_file import save_single_file
-
-        components.require("unet", "vae", "text_encoder")
-        save_single_file(dst, *[(components.configs[n], components.weights[n]) for n in ("unet", "vae", "text_encoder")])
-    print(f"wrote {dst} ({args.to}; {', '.join(n for n in components.configs)})")
+    save_components(dst, components, args.to)
+    print(f"wrote {dst} ({args.to}: {', '.join(components.configs)})")
     return 0
 
 
