@@ -20,9 +20,9 @@ SubParsers = argparse._SubParsersAction  # what add_subparsers returns
 
 # --------------------------------------------------------------------------------------------------------- training
 def _training_options(parser: argparse.ArgumentParser) -> None:
-    """The options `train-vae` and `train` share; each dedicated flag is a shorthand for one `--set`."""
+    """The options `train-vae` and `train` share; each dedicated flag sets one config key (and wins over --set)."""
     parser.add_argument("--config", metavar="CFG", help="YAML config: a path, or a preset name from configs/ "
-                        "(vae-tiny, ldm-tiny, sd15, sd15-finetune)")
+                        "(vae-tiny, ldm-tiny, sd15-vae, sd15, sd15-finetune)")
     parser.add_argument("--data", metavar="DATA", help="builtin:shapes, a folder of images with metadata.jsonl or "
                         ".txt captions, a save_to_disk folder or a Hugging Face dataset name (sets data.source)")
     parser.add_argument("--output", metavar="DIR", required=True, help="run folder: checkpoints, metrics, samples")
@@ -179,15 +179,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = os.environ.get("RANK", "0")
     prefix = "ldm" if rank == "0" else f"ldm (rank {rank})"
-    warnings.showwarning = lambda message, *rest, **kw: print(f"{prefix}: warning: {message}", file=sys.stderr)
-    try:
-        return args.run(args)
-    except KeyboardInterrupt:
-        print(f"{prefix}: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # ConfigError, DataError, WeightsError included
-        print(f"{prefix}: error: {e}", file=sys.stderr)
-        return 2
-    except LatentDiffusionError as e:  # the run itself failed, e.g. a loss that became NaN
-        print(f"{prefix}: error: {e}", file=sys.stderr)
-        return 1
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *rest, **kw: print(f"{prefix}: warning: {message}", file=sys.stderr)
+        try:
+            return args.run(args)
+        except KeyboardInterrupt:
+            print(f"{prefix}: interrupted", file=sys.stderr)
+            return 130
+        except (ValueError, FileNotFoundError, FileExistsError) as e:  # ConfigError, DataError, WeightsError too
+            print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except LatentDiffusionError as e:  # the run itself failed, e.g. a loss that became NaN
+            print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
+            return 1
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(line.strip() for line in str(error).strip().splitlines())
