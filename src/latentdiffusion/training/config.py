@@ -167,6 +167,8 @@ def load_run_config(cls: type[T], path: str | Path | None, overrides: list[str] 
         node = raw
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{key}': '{part}' is not a section")
         node[leaf] = value
     used = _MODEL_SECTIONS[cls]
     model = raw.get("model") or {}
