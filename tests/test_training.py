@@ -270,3 +270,27 @@ def test_batch_order_shards_global_batches_and_resumes_mid_epoch():
     assert next(resumed) == [(1, i) for i in single.indices(3, 0)]
     with pytest.raises(ValueError, match="fewer than one global batch"):
         BatchOrder(7, 4, world_size=2)
+
+
+def test_fine_tuning_from_init_takes_its_weights_and_only_the_flags_the_config_sets(tmp_path, vae_dir):
+    config, raw = ldm_config(tmp_path, max_steps=1, checkpoint_every=1)
+    base = train_ldm(config, tmp_path / "base", vae=vae_dir, raw=raw, progress=False)
+    start = LatentDiffusion.from_pretrained(base)  # EMA weights: what --init starts from
+    tuned_yaml = {"model": {"text_encoder": {"trainable": False}, "scheduler": {"prediction_type": "v_prediction"}},
+                  "train": {**TINY_LDM["train"], "max_steps": 1, "checkpoint_every": 1, "ema_decay": 0.0},
+                  "data": TINY_LDM["data"]}
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(tuned_yaml))
+    tune, tune_raw = load_run_config(LDMRunConfig, tmp_path / "tune.yaml")
+    run = train_ldm(tune, tmp_path / "tuned", init=base, raw=tune_raw, progress=False)
+    tuned = LatentDiffusion.from_pretrained(run)
+    assert tuned.scheduler.config.prediction_type == "v_prediction"
+    assert tuned.text_encoder.config.hidden_size == 32 and not tuned.text_encoder.config.trainable
+    assert_identical(tuned.text_encoder.model.state_dict(), start.text_encoder.model.state_dict())  # frozen
+    assert_identical(tuned.vae.state_dict(), start.vae.state_dict())
+    steps = [(v - start.unet.state_dict()[k]).abs().max().item() for k, v in tuned.unet.state_dict().items()]
+    assert 0 < max(steps) <= 2e-3  # one Adam step (lr 1e-3) away from --init's UNet
+    bad = {**tuned_yaml, "model": {"unet": {"dropout": 0.1}}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    bad_config, bad_raw = load_run_config(LDMRunConfig, tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="model.unet.dropout' conflicts with --init"):
+        train_ldm(bad_config, tmp_path / "bad", init=base, raw=bad_raw, progress=False)
