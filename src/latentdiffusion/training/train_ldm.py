@@ -182,44 +182,37 @@ def build_pipeline(config: LDMRunConfig, raw: dict[str, Any], vae: Any, init: An
     """The pipeline a fresh run starts from: components from --init, --vae and --text-encoder where given, the
     config's architectures (random weights) elsewhere; explicit config keys adjust a pretrained text encoder's
     flags and schedule."""
-    components = load_components(init) if init is not None else None
-    configs = dict(components.configs) if components else {}
-    weights = dict(components.weights) if components else {}
-    tokenizer_dir = components.tokenizer_dir if components else None
-    if vae is not None:
-        vae_components = load_components(vae)
-        vae_components.require("vae")
-        configs["vae"], weights["vae"] = vae_components.configs["vae"], vae_components.weights["vae"]
-    if text_encoder is not None:
-        text_components = load_components(text_encoder)
-        text_components.require("text_encoder")
-        configs["text_encoder"], weights["text_encoder"] = (text_components.configs["text_encoder"],
-                                                            text_components.weights["text_encoder"])
-        tokenizer_dir = text_components.tokenizer_dir
-    if "vae" not in configs:
+    parts = load_components(init) if init is not None else Components(source="the config")
+    for source, name in ((vae, "vae"), (text_encoder, "text_encoder")):
+        if source is not None:
+            given = load_components(source)
+            given.require(name)
+            parts.configs[name], parts.weights[name] = given.configs[name], given.weights[name]
+            if name == "text_encoder":
+                parts.tokenizer_dir = given.tokenizer_dir
+    if "vae" not in parts.configs:
         raise ConfigError("no VAE to train with: pass --vae VAE (a VAE training run or any model folder or file), "
                           "or --init MODEL")
-    if "unet" in configs and explicit(raw, "model.unet"):
-        raise ConfigError(f"config key 'model.unet.{next(iter(explicit(raw, 'model.unet')))}' conflicts with --init: "
-                          "the UNet's architecture comes from the --init model")
-    if "text_encoder" in configs:
+    unet_keys = explicit(raw, "model.unet")
+    if "unet" in parts.configs and unet_keys:
+        raise ConfigError(f"config key 'model.unet.{next(iter(unet_keys))}' conflicts with --init: the UNet's "
+                          "architecture comes from the --init model")
+    if "text_encoder" in parts.configs:
         flags = explicit(raw, "model.text_encoder")
         fixed = [k for k in flags if k not in _TEXT_ENCODER_FLAGS]
         if fixed:
             raise ConfigError(f"config key 'model.text_encoder.{fixed[0]}' conflicts with the pretrained text encoder "
                               f"(--init / --text-encoder); only {', '.join(_TEXT_ENCODER_FLAGS)} can be set")
-        configs["text_encoder"] = from_dict(type(config.model.text_encoder),
-                                            {**to_dict(configs["text_encoder"]), **flags}, "model.text_encoder")
-    scheduler = from_dict(SchedulerConfig, {**to_dict(configs.get("scheduler", SchedulerConfig())),
+        parts.configs["text_encoder"] = from_dict(type(config.model.text_encoder),
+                                                  {**to_dict(parts.configs["text_encoder"]), **flags}, "model.text_encoder")
+    scheduler = from_dict(SchedulerConfig, {**to_dict(parts.configs.get("scheduler", SchedulerConfig())),
                                             **explicit(raw, "model.scheduler")}, "model.scheduler")
-    parts = Components(configs=configs, weights=weights, tokenizer_dir=tokenizer_dir, source=str(init or vae))
     vae_model = parts.vae()
-    if "unet" in configs:
+    if "unet" in parts.configs:
         unet = parts.unet()
-    else:
-        side = config.data.resolution // vae_model.downsample_factor
-        unet = UNet(replace(config.model.unet, sample_size=side))
-    text = parts.text_encoder() if "text_encoder" in configs else TextEncoder(config.model.text_encoder)
+    else:  # from scratch: its latent side follows the training resolution
+        unet = UNet(replace(config.model.unet, sample_size=config.data.resolution // vae_model.downsample_factor))
+    text = parts.text_encoder() if "text_encoder" in parts.configs else TextEncoder(config.model.text_encoder)
     return LatentDiffusion(vae_model, unet, text, scheduler)
 
 
