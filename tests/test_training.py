@@ -294,3 +294,28 @@ def test_fine_tuning_from_init_takes_its_weights_and_only_the_flags_the_config_s
     bad_config, bad_raw = load_run_config(LDMRunConfig, tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="model.unet.dropout' conflicts with --init"):
         train_ldm(bad_config, tmp_path / "bad", init=base, raw=bad_raw, progress=False)
+
+
+def test_fine_tuning_an_sd_single_file_exports_back(tmp_path):
+    """`ldm train --init model.safetensors` trains the file's UNet only; the result goes back to a single file."""
+    from latentdiffusion import LatentDiffusionConfig, TextEncoderConfig, UNetConfig
+
+    torch.manual_seed(0)
+    sd_like = Pipeline.from_config(LatentDiffusionConfig(  # SD 1.x layout at toy size: 8 heads, 32 groups
+        vae=VAEConfig(block_channels=(32, 64), layers_per_block=1, sample_size=16),
+        unet=UNetConfig(block_channels=(32, 64), cross_attention=(True, False), context_dim=64, layers_per_block=1,
+                        sample_size=8),
+        text_encoder=TextEncoderConfig(hidden_size=64, num_layers=1, num_heads=1, intermediate_size=64)))
+    sd_like.save_pretrained(tmp_path / "sd.safetensors", format="single-file")
+    start = LatentDiffusion.from_pretrained(tmp_path / "sd.safetensors")
+    tune = {"model": {}, "train": {**TINY_LDM["train"], "max_steps": 1, "checkpoint_every": 1, "ema_decay": 0.0},
+            "data": TINY_LDM["data"]}
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(tune))
+    config, raw = load_run_config(LDMRunConfig, tmp_path / "tune.yaml")
+    run = train_ldm(config, tmp_path / "tuned", init=tmp_path / "sd.safetensors", raw=raw, progress=False)
+    LatentDiffusion.from_pretrained(run).save_pretrained(tmp_path / "tuned.safetensors", format="single-file")
+    tuned = LatentDiffusion.from_pretrained(tmp_path / "tuned.safetensors")
+    assert_identical(tuned.vae.state_dict(), start.vae.state_dict())
+    assert_identical(tuned.text_encoder.model.state_dict(), start.text_encoder.model.state_dict())
+    steps = [(v - start.unet.state_dict()[k]).abs().max().item() for k, v in tuned.unet.state_dict().items()]
+    assert 0 < max(steps) <= 2e-3  # one Adam step (lr 1e-3) away from the file's UNet
