@@ -110,12 +110,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got '{item}'")
-        value = yaml.safe_load(raw) if raw else ""
-        node = data
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: '{p}' is not a section")
-        node[leaf] = value
+        set_key(data, key, yaml.safe_load(raw) if raw else "")
     return data
+
+
+def set_key(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b.c` in a nested mapping, creating sections on the way."""
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{key}': '{part}' is not a section")
+    node[leaf] = value

@@ -5,13 +5,16 @@ micro-batches gives the same update."""
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from ..data import DataConfig, ImageCaptionDataset, dataset_from_config
 from ..errors import DataError
+from .config import TrainConfig
+from .distributed import Runtime
 
 
 class BatchOrder(Sampler[list[tuple[int, int]]]):
@@ -70,3 +73,16 @@ def sample_generators(seed: int, step: int, first: int, count: int) -> list[torc
 def bernoulli(generators: list[torch.Generator], p: float) -> torch.Tensor:
     """One Bernoulli(p) draw per generator: a (B,) bool tensor."""
     return torch.cat([torch.rand(1, generator=g) for g in generators]) < p
+
+
+def open_data(data: DataConfig, train: TrainConfig, runtime: Runtime, start_step: int,
+              say: Callable[[str], None]) -> tuple[ImageCaptionDataset, BatchOrder]:
+    """The run's data set and its batch order (resuming at `start_step`), both reported through `say`."""
+    dataset = dataset_from_config(data)
+    say(f"data: {len(dataset)} images from {data.source}" +
+        (f" ({dataset.num_skipped} skipped)" if dataset.num_skipped else ""))
+    order = BatchOrder(len(dataset), train.batch_size, runtime.world_size, runtime.rank, train.gradient_accumulation,
+                       train.seed, start_step)
+    say(f"global batch {order.global_batch} = {train.batch_size} per process x {runtime.world_size} process(es) x "
+        f"{train.gradient_accumulation} accumulation step(s); {order.steps_per_epoch} steps per epoch")
+    return dataset, order

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..config import apply_overrides, from_dict, load_yaml, save_yaml, to_dict
+from ..config import apply_overrides, from_dict, load_yaml, save_yaml, set_key, to_dict
 from ..data import DataConfig
 from ..errors import ConfigError
 from ..pipeline import LatentDiffusionConfig
@@ -163,13 +163,7 @@ def load_run_config(cls: type[T], path: str | Path | None, overrides: list[str] 
     raw = load_yaml(resolve_config_path(path)) if path is not None else {}
     apply_overrides(raw, list(overrides))
     for key, value in (values or {}).items():
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"config key '{key}': '{part}' is not a section")
-        node[leaf] = value
+        set_key(raw, key, value)
     used = _MODEL_SECTIONS[cls]
     model = raw.get("model") or {}
     if not isinstance(model, dict):

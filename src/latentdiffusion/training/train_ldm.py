@@ -15,7 +15,6 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..config import from_dict, to_dict
-from ..data import dataset_from_config
 from ..errors import ConfigError
 from ..formats import load_components
 from ..formats.components import Components
@@ -27,7 +26,7 @@ from ..text_encoder import TextEncoder
 from ..unet import UNet
 from ..vae import DiagonalGaussian
 from . import distributed
-from .batches import BatchOrder, bernoulli, sample_generators
+from .batches import bernoulli, open_data, sample_generators
 from .config import LDMRunConfig, explicit
 from .ema import EMA
 from .loop import batches, due, evaluating, finish_step, to_host, unscale_and_clip
@@ -74,13 +73,7 @@ def _train(config: LDMRunConfig, output: Path, vae_source: Any, init: Any, text_
     run = RunFolder(output, runtime, resume, "ldm", say)
 
     # ---- data
-    dataset = dataset_from_config(config.data)
-    say(f"data: {len(dataset)} images from {config.data.source}" +
-        (f" ({dataset.num_skipped} skipped)" if dataset.num_skipped else ""))
-    order = BatchOrder(len(dataset), cfg.batch_size, runtime.world_size, runtime.rank, cfg.gradient_accumulation,
-                       cfg.seed, run.start_step)
-    say(f"global batch {order.global_batch} = {cfg.batch_size} per process x {runtime.world_size} process(es) x "
-        f"{cfg.gradient_accumulation} accumulation step(s); {order.steps_per_epoch} steps per epoch")
+    dataset, order = open_data(config.data, cfg, runtime, run.start_step, say)
 
     # ---- models
     torch.manual_seed(cfg.seed)

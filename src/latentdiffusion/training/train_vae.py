@@ -15,7 +15,6 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..data import dataset_from_config
 from ..errors import ConfigError
 from ..formats import load_vae
 from ..formats.components import Components
@@ -23,7 +22,7 @@ from ..formats.native import EMA_DIR, is_native, load_components as load_native
 from ..formats.native import save_components
 from ..vae import AutoencoderKL, DiagonalGaussian
 from . import distributed
-from .batches import BatchOrder, sample_generators
+from .batches import open_data, sample_generators
 from .config import VAERunConfig, explicit
 from .ema import EMA
 from .loop import batches, due, evaluating, finish_step, to_host, unscale_and_clip
@@ -65,13 +64,7 @@ def _train(config: VAERunConfig, output: Path, init: Any, resume: bool, raw: dic
     run = RunFolder(output, runtime, resume, "vae", say)
 
     # ---- data
-    dataset = dataset_from_config(config.data)
-    say(f"data: {len(dataset)} images from {config.data.source}" +
-        (f" ({dataset.num_skipped} skipped)" if dataset.num_skipped else ""))
-    order = BatchOrder(len(dataset), cfg.batch_size, runtime.world_size, runtime.rank, cfg.gradient_accumulation,
-                       cfg.seed, run.start_step)
-    say(f"global batch {order.global_batch} = {cfg.batch_size} per process x {runtime.world_size} process(es) x "
-        f"{cfg.gradient_accumulation} accumulation step(s); {order.steps_per_epoch} steps per epoch")
+    dataset, order = open_data(config.data, cfg, runtime, run.start_step, say)
 
     # ---- models
     torch.manual_seed(cfg.seed)
