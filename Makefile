@@ -14,11 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-# Until `ldm demo` (scored, issue 4) lands: the quickest real end-to-end run, short tiny-preset training + a sample.
 demo: $(STAMP)
-	$(BIN)/ldm train-vae --config configs/vae-tiny.yaml --data builtin:shapes --output outputs/demo/vae --max-steps 300
-	$(BIN)/ldm train --config configs/ldm-tiny.yaml --data builtin:shapes --vae outputs/demo/vae --output outputs/demo/ldm --max-steps 300
-	$(BIN)/ldm sample --model outputs/demo/ldm --prompt "a large red circle on a white background" --num-images 4 --out outputs/demo/sample.png
+	$(BIN)/ldm demo --output outputs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
