@@ -13,9 +13,11 @@ LR_SCHEDULES = ("constant", "cosine")
 
 def make_optimizer(params: Iterable[nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float,
                    eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over the parameters that require gradients."""
+    """AdamW over the parameters that require gradients, as one fused kernel where every parameter allows it (CPU
+    or CUDA floating point: several times faster than a loop over tensors on small models)."""
     trainable = [p for p in params if p.requires_grad]
-    return torch.optim.AdamW(trainable, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+    fused = bool(trainable) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
+    return torch.optim.AdamW(trainable, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, fused=fused)
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, max_steps: int, schedule: str) -> float:
