@@ -140,6 +140,30 @@ def test_vae_loss_falls_with_discriminator_and_resumes_exactly(tmp_path):
     assert losses[-1] < 0.7 * losses[0], f"reconstruction loss did not fall: {losses}"
 
 
+def test_vae_from_scratch_starts_its_posterior_at_logvar_init(tmp_path):
+    config, raw = load_run_config(VAERunConfig, write_config(
+        tmp_path / "vae.yaml", TINY_VAE_RUN, max_steps=1, checkpoint_every=1, sample_every=0, logvar_init=-8.0))
+    vae = load_vae(train_vae(config, tmp_path / "run", raw=raw, progress=False))
+    bias = vae.quant_conv.bias
+    assert (bias[4:] + 8.0).abs().max() <= 2e-3  # one Adam step (lr 1e-3) away from -8
+    assert bias[:4].abs().max() < 1.0  # the mean half keeps PyTorch's init
+    with torch.no_grad():
+        std = vae.encode(torch.rand(2, 3, 16, 16) * 2 - 1).std
+    assert std.max() < 0.1  # posterior noise starts small, not at ~1
+
+
+def test_unet_from_scratch_takes_its_channels_from_the_vae(tmp_path):
+    from latentdiffusion.training.train_ldm import build_pipeline
+
+    folder = tmp_path / "vae8"
+    wide = VAEConfig(block_channels=(16, 32), layers_per_block=1, norm_groups=8, sample_size=16, latent_channels=8)
+    save_components(folder, Components(configs={"vae": wide}, weights={"vae": AutoencoderKL(wide).state_dict()}))
+    config, raw = ldm_config(tmp_path)
+    pipe = build_pipeline(config, raw, vae=folder, init=None, text_encoder=None)
+    assert (pipe.unet.config.in_channels, pipe.unet.config.out_channels, pipe.unet.config.sample_size) == (8, 8, 8)
+    assert pipe(["a red circle"], num_inference_steps=1, output_type="latent").shape == (1, 8, 8, 8)
+
+
 def train_curve(tmp_path: Path) -> list[dict]:
     """A 40-step VAE run without the discriminator: reconstruction only."""
     config, raw = load_run_config(VAERunConfig, write_config(

@@ -162,6 +162,11 @@ class AutoencoderKL(nn.Module):
         """Pixels per latent along each side."""
         return 2 ** (len(self.config.block_channels) - 1)
 
+    @torch.no_grad()
+    def init_logvar(self, value: float) -> None:
+        """Start the posterior's log-variance near `value` for every input: the logvar half of quant_conv's bias."""
+        self.quant_conv.bias[self.config.latent_channels:].fill_(value)
+
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """Images (B, C, H, W) in [-1, 1] -> posterior over latents (B, latent, H / f, W / f)."""
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)

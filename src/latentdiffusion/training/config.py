@@ -75,9 +75,13 @@ class VAETrainConfig(TrainConfig):
     kl_weight: float = 1e-6  # on the KL summed over latent elements, against the L1 summed over pixels
     edge_weight: float = 1.0  # multi-scale image-gradient L1, standing in for LPIPS; 0 turns it off
     disc_start: int = 50001  # the discriminator and its loss join at this step
-    disc_weight: float = 0.5  # times the adaptive (gradient-norm ratio) weight
+    disc_weight: float = 0.5  # times the adaptive (gradient-norm ratio) weight; 0 turns the discriminator off
     disc_channels: int = 64
     disc_layers: int = 3
+    # From scratch only: the starting log-variance of the posterior (the bias of the logvar half of quant_conv).
+    # None keeps PyTorch's init (logvar ~ 0, unit noise, which a short run spends its steps outgrowing); -8 starts
+    # the noise at std 0.02 so the decoder learns from clean latents from the first step.
+    logvar_init: float | None = None
     scale_batches: int = 4  # batches encoded to measure the latent std for scaling_factor at each checkpoint
     sample_images: int = 8  # images in each reconstruction grid
 

@@ -203,8 +203,11 @@ def build_pipeline(config: LDMRunConfig, raw: dict[str, Any], vae: Any, init: An
     vae_model = parts.vae()
     if "unet" in parts.configs:
         unet = parts.unet()
-    else:  # from scratch: its latent side follows the training resolution
-        unet = UNet(replace(config.model.unet, sample_size=config.data.resolution // vae_model.downsample_factor))
+    else:  # from scratch: its latent side follows the training resolution, its channels the VAE's latents
+        latent = vae_model.config.latent_channels
+        channels = {key: unet_keys.get(key, latent) for key in ("in_channels", "out_channels")}
+        unet = UNet(replace(config.model.unet, sample_size=config.data.resolution // vae_model.downsample_factor,
+                            **channels))
     text = parts.text_encoder() if "text_encoder" in parts.configs else TextEncoder(config.model.text_encoder)
     return LatentDiffusion(vae_model, unet, text, scheduler)
 

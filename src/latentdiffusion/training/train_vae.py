@@ -77,6 +77,8 @@ def _train(config: VAERunConfig, output: Path, init: Any, resume: bool, raw: dic
         vae = load_vae(init)
     else:
         vae = AutoencoderKL(replace(config.model.vae, sample_size=config.data.resolution))
+        if cfg.logvar_init is not None:
+            vae.init_logvar(cfg.logvar_init)
     disc = PatchDiscriminator(vae.config.out_channels, cfg.disc_channels, cfg.disc_layers)
     vae.to(runtime.device).train()
     disc.to(runtime.device).train()
@@ -100,8 +102,9 @@ def _train(config: VAERunConfig, output: Path, init: Any, resume: bool, raw: dic
             ema.model.load_state_dict(load_native(run.checkpoint / EMA_DIR).weights["vae"])
         run.restore_rng()
     pixels = vae.config.in_channels * config.data.resolution ** 2
+    disc_note = f"discriminator from step {cfg.disc_start}" if cfg.disc_weight > 0 else "no discriminator"
     say(f"training a {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M-parameter VAE on {runtime.device}, "
-        f"precision {precision.mode}, discriminator from step {cfg.disc_start}, steps {run.start_step} -> {cfg.max_steps}")
+        f"precision {precision.mode}, {disc_note}, steps {run.start_step} -> {cfg.max_steps}")
 
     # ---- the loop: reconstruct, losses, backward, clip, step (VAE, then discriminator), log, grids, checkpoint
     data = batches(dataset, order, config.data.num_workers)
@@ -114,7 +117,7 @@ def _train(config: VAERunConfig, output: Path, init: Any, resume: bool, raw: dic
         lr = lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule)
         set_lr(optimizer, lr)
         set_lr(disc_optimizer, lr)
-        use_disc = step >= cfg.disc_start
+        use_disc = cfg.disc_weight > 0 and step >= cfg.disc_start
         terms: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=runtime.device))
         pairs = []  # (real, reconstruction) per micro-batch, for the discriminator
         disc.requires_grad_(False)  # the generator's loss must not reach the discriminator's weights
