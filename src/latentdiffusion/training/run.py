@@ -8,8 +8,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Callable
+
+from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..formats.native import CHECKPOINTS_DIR, checkpoint_dir_name, list_checkpoints
@@ -27,16 +30,17 @@ class RunFolder:
     resume from. A fresh run refuses a folder that already holds checkpoints (they would be mixed up). Nothing is
     created before `save_config`, so a run that fails while setting up leaves no empty folder behind."""
 
-    def __init__(self, output: str | Path, runtime: Runtime, resume: bool, kind: str, say: Callable[[str], None]):
-        self.path, self.runtime, self.say = Path(output), runtime, say
+    def __init__(self, output: str | Path, runtime: Runtime, resume: bool, kind: str):
+        self.path, self.runtime = Path(output), runtime
         if runtime.is_main:
             removed = checkpoint.clean_leftovers(self.path)
             if removed:
-                say(f"removed unfinished checkpoint leftovers in {self.path / CHECKPOINTS_DIR}: {', '.join(removed)}")
+                self.say(f"removed unfinished checkpoint leftovers in {self.path / CHECKPOINTS_DIR}: "
+                         f"{', '.join(removed)}")
         barrier(runtime)
         self.checkpoint = checkpoint.latest_checkpoint(self.path) if resume else None
         if resume and self.checkpoint is None:
-            say(f"--resume: {self.path} holds no whole checkpoint yet; starting from the beginning")
+            self.say(f"--resume: {self.path} holds no whole checkpoint yet; starting from the beginning")
         if not resume and list_checkpoints(self.path):
             raise ConfigError(f"--output {self.path} already holds checkpoints of a run: pass --resume to continue it, "
                               "or choose another --output folder")
@@ -44,9 +48,14 @@ class RunFolder:
         if self.state and self.state.get("kind") != kind:
             raise ConfigError(f"--output {self.path} holds a {self.state.get('kind')} training run, not a {kind} one")
         if self.checkpoint is not None:
-            say(f"resuming from {self.checkpoint}")
+            self.say(f"resuming from {self.checkpoint}")
         self.start_step: int = self.state.get("step", 0)
         self.metrics = MetricsLog(self.path, self.start_step if self.checkpoint else None, runtime.is_main)
+
+    def say(self, message: str) -> None:
+        """One line for the user, on stderr above the progress bar, from the main process only."""
+        if self.runtime.is_main:
+            tqdm.write(message, file=sys.stderr)
 
     def save_config(self, config: Any) -> None:
         if self.runtime.is_main:

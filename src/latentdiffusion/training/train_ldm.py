@@ -3,7 +3,6 @@ frozen-pretrained or trained, the denoising loss with caption dropout, EMA, chec
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -69,8 +68,8 @@ def _train(config: LDMRunConfig, output: Path, vae_source: Any, init: Any, text_
     if cfg.cache_latents and (not config.data.center_crop or config.data.random_flip):
         raise ConfigError("train.cache_latents needs the same image every epoch: set data.center_crop: true and "
                           "data.random_flip: false")
-    say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if runtime.is_main else (lambda msg: None)
-    run = RunFolder(output, runtime, resume, "ldm", say)
+    run = RunFolder(output, runtime, resume, "ldm")
+    say = run.say
 
     # ---- data
     dataset, order = open_data(config.data, cfg, runtime, run.start_step, say)

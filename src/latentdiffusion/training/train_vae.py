@@ -3,7 +3,6 @@ weighted adaptively; the latent scaling factor is measured from data at every ch
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import defaultdict
 from dataclasses import replace
@@ -60,8 +59,8 @@ def train_vae(config: VAERunConfig, output: str | Path, init: str | Path | None 
 def _train(config: VAERunConfig, output: Path, init: Any, resume: bool, raw: dict[str, Any],
            runtime: distributed.Runtime, progress: bool) -> Path:
     cfg = config.train
-    say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if runtime.is_main else (lambda msg: None)
-    run = RunFolder(output, runtime, resume, "vae", say)
+    run = RunFolder(output, runtime, resume, "vae")
+    say = run.say
 
     # ---- data
     dataset, order = open_data(config.data, cfg, runtime, run.start_step, say)
