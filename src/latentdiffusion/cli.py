@@ -180,10 +180,13 @@ def run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo as demo
 
     result = demo(args.output, args.vae_steps, args.ldm_steps, args.guidance, seed=args.seed)
-    print(f"prompt adherence: {result.guided:.0%} (guidance {args.guidance})")
-    print(f"prompt adherence: {result.unguided:.0%} (no guidance)")
-    print(f"grids: {Path(args.output) / 'samples-guided.png'}, {Path(args.output) / 'samples-unguided.png'}; "
-          f"{result.seconds / 60:.1f} min")
+    times = ", ".join(f"{stage} {sec / 60:.1f} min" for stage, sec in result.seconds.items())
+    print(f"time: {sum(result.seconds.values()) / 60:.1f} min ({times})")
+    for name, path in result.files.items():
+        print(f"{name}: {path}")
+    for score, how in ((result.guided, f"guidance {args.guidance}"), (result.unguided, "no guidance")):
+        print(f"prompt adherence: {score.adherence:.0%} ({how}; colour right {score.colour:.0%}, "
+              f"shape right {score.shape:.0%})")
     return 0
 
 

@@ -4,50 +4,73 @@ attribute combination and judge each against its prompt with the yardstick, with
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from .data.shapes import all_combinations, caption_for
-from .pipeline import LatentDiffusion, to_pil
+from .pipeline import LatentDiffusion
 from .training import LDMRunConfig, VAERunConfig, load_run_config, train_ldm, train_vae
-from .yardstick import adherence
+from .training.metrics import CURVE_FILE
+from .training.plots import image_grid
+from .yardstick import judge
+
+COLUMNS = 15  # one row per (size, colour) pair: circle, square, triangle on white, black, gray
+
+
+@dataclass
+class Score:
+    """Shares of the 90 samples judged right by the yardstick."""
+
+    adherence: float  # colour and shape both right
+    colour: float
+    shape: float
+
+    @classmethod
+    def of(cls, images: torch.Tensor, prompts: list[str]) -> Score:
+        judged = [judge(image.permute(1, 2, 0).numpy(), prompt) for image, prompt in zip(images, prompts)]
+        share = lambda right: sum(right) / len(judged)  # noqa: E731
+        return cls(share(j.ok for j in judged), share(j.colour_ok for j in judged), share(j.shape_ok for j in judged))
 
 
 @dataclass
 class DemoResult:
-    guided: float  # fraction of images with colour and shape right, guidance on
-    unguided: float  # the same with guidance_scale 1.0
-    seconds: float
+    guided: Score  # guidance on
+    unguided: Score  # guidance_scale 1.0
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage: vae, ldm, sampling
+    files: dict[str, Path] = field(default_factory=dict)  # grids and loss curves
 
 
 def run_demo(output: str | Path, vae_steps: int | None = None, ldm_steps: int | None = None,
              guidance_scale: float = 4.0, steps: int = 25, seed: int = 0, progress: bool = True) -> DemoResult:
     """Train every stage with the tiny presets into `output`, write grids, return the adherence figures."""
-    output, start = Path(output), time.perf_counter()
-    vae_values = {"train.seed": seed, **({"train.max_steps": vae_steps} if vae_steps else {})}
-    ldm_values = {"train.seed": seed, **({"train.max_steps": ldm_steps} if ldm_steps else {})}
-    config, raw = load_run_config(VAERunConfig, "vae-tiny", values=vae_values)
+    output, clock = Path(output), time.perf_counter()
+    result = DemoResult(Score(0, 0, 0), Score(0, 0, 0))
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        result.seconds[stage], clock = now - clock, now
+
+    config, raw = load_run_config(VAERunConfig, "vae-tiny", values=_overrides(seed, vae_steps))
     vae_run = train_vae(config, output / "vae", raw=raw, progress=progress)
-    config, raw = load_run_config(LDMRunConfig, "ldm-tiny", values=ldm_values)
+    lap("vae")
+    config, raw = load_run_config(LDMRunConfig, "ldm-tiny", values=_overrides(seed, ldm_steps))
     pipe = LatentDiffusion.from_pretrained(train_ldm(config, output / "ldm", vae=vae_run, raw=raw, progress=progress))
+    lap("ldm")
 
     prompts = [caption_for(c) for c in all_combinations()]
-    scores = {}
     for name, scale in (("guided", guidance_scale), ("unguided", 1.0)):
         images = pipe(prompts, num_inference_steps=steps, guidance_scale=scale, output_type="pt",
                       generator=torch.Generator().manual_seed(seed))
-        _grid(to_pil(images), columns=15).save(output / f"samples-{name}.png")
-        scores[name] = adherence([img.permute(1, 2, 0).numpy() for img in images], prompts)
-    return DemoResult(scores["guided"], scores["unguided"], time.perf_counter() - start)
+        result.files[f"samples-{name}"] = output / f"samples-{name}.png"
+        image_grid(images, COLUMNS).save(result.files[f"samples-{name}"])
+        setattr(result, name, Score.of(images, prompts))
+    lap("sampling")
+    result.files.update({"vae-loss": output / "vae" / CURVE_FILE, "ldm-loss": output / "ldm" / CURVE_FILE})
+    return result
 
 
-def _grid(images: list[Image.Image], columns: int) -> Image.Image:
-    w, h = images[0].size
-    rows = -(-len(images) // columns)
-    grid = Image.new("RGB", (columns * w, rows * h), "white")
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % columns) * w, (i // columns) * h))
-    return grid
+def _overrides(seed: int, max_steps: int | None) -> dict[str, int]:
+    return {"train.seed": seed, **({"train.max_steps": max_steps} if max_steps else {})}

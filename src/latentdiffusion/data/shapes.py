@@ -31,6 +31,7 @@ SIZES: dict[str, tuple[float, float]] = {"small": (0.05, 0.08), "large": (0.16, 
 ATTRIBUTES: tuple[str, ...] = ("size", "colour", "shape", "background")
 COLOUR_JITTER = 10  # per-channel uniform jitter of the object colour
 BACKGROUND_JITTER = 6  # the background's greatest shift (the same on every channel) towards mid-gray
+ROTATION_JITTER = 15.0  # degrees either way from upright; a caption names no rotation, so little of it
 MARGIN = 0.04  # minimum gap between the object and the image edge, as a fraction of the side
 _SIDES = {"circle": 0, "square": 4, "triangle": 3}
 
@@ -57,7 +58,7 @@ def sample_attributes(rng: np.random.Generator) -> dict[str, Any]:
     lo, hi = SIZES[attrs["size"]]
     attrs["area"] = lo + (hi - lo) * u[4]
     n = _SIDES[attrs["shape"]]
-    attrs["angle"] = 360.0 / n * u[5] if n else 0.0
+    attrs["angle"] = (2 * u[5] - 1) * ROTATION_JITTER if n else 0.0
     # The centre is uniform over the positions that keep the rotated object MARGIN away from every edge.
     px, py = _outline(attrs["shape"], attrs["area"], attrs["angle"])
     x0, x1 = MARGIN - min(px), 1.0 - MARGIN - max(px)
