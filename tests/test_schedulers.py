@@ -134,7 +134,9 @@ def test_ddim_zero_snr_stochastic_first_step(schedule, pred):
     a_prev = ours.alphas_cumprod[t_prev]
     expected = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * z
     got = ours.step(out, t, x, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    # eps's coefficient sqrt(1 - a_prev - sigma^2) is 0 in exact arithmetic; computed as diffusers does (which the
+    # parity tests hold us to) float32 leaves sqrt(rounding) ~ 1e-3 of it, so a tolerance of that size here.
+    torch.testing.assert_close(got, expected, atol=3e-3, rtol=0)
 
 
 @pytest.mark.parametrize("spacing", ["trailing", "linspace"])
