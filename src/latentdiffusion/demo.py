@@ -4,7 +4,7 @@ attribute combination and judge each against its prompt with the yardstick, with
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,38 +38,33 @@ class Score:
 class DemoResult:
     guided: Score  # guidance on
     unguided: Score  # guidance_scale 1.0
-    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage: vae, ldm, sampling
-    files: dict[str, Path] = field(default_factory=dict)  # grids and loss curves
+    seconds: dict[str, float]  # wall time of each stage: vae, ldm, sampling
+    files: dict[str, Path]  # grids and loss curves
 
 
 def run_demo(output: str | Path, vae_steps: int | None = None, ldm_steps: int | None = None,
              guidance_scale: float = 4.0, steps: int = 25, seed: int = 0, progress: bool = True) -> DemoResult:
     """Train every stage with the tiny presets into `output`, write grids, return the adherence figures."""
-    output, clock = Path(output), time.perf_counter()
-    result = DemoResult(Score(0, 0, 0), Score(0, 0, 0))
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        result.seconds[stage], clock = now - clock, now
-
+    output, stamps = Path(output), [time.perf_counter()]
     config, raw = load_run_config(VAERunConfig, "vae-tiny", values=_overrides(seed, vae_steps))
     vae_run = train_vae(config, output / "vae", raw=raw, progress=progress)
-    lap("vae")
+    stamps.append(time.perf_counter())
     config, raw = load_run_config(LDMRunConfig, "ldm-tiny", values=_overrides(seed, ldm_steps))
     pipe = LatentDiffusion.from_pretrained(train_ldm(config, output / "ldm", vae=vae_run, raw=raw, progress=progress))
-    lap("ldm")
+    stamps.append(time.perf_counter())
 
     prompts = [caption_for(c) for c in all_combinations()]
+    files, scores = {}, {}
     for name, scale in (("guided", guidance_scale), ("unguided", 1.0)):
         images = pipe(prompts, num_inference_steps=steps, guidance_scale=scale, output_type="pt",
                       generator=torch.Generator().manual_seed(seed))
-        result.files[f"samples-{name}"] = output / f"samples-{name}.png"
-        image_grid(images, COLUMNS).save(result.files[f"samples-{name}"])
-        setattr(result, name, Score.of(images, prompts))
-    lap("sampling")
-    result.files.update({"vae-loss": output / "vae" / CURVE_FILE, "ldm-loss": output / "ldm" / CURVE_FILE})
-    return result
+        files[f"samples-{name}"] = output / f"samples-{name}.png"
+        image_grid(images, COLUMNS).save(files[f"samples-{name}"])
+        scores[name] = Score.of(images, prompts)
+    stamps.append(time.perf_counter())
+    files.update({"vae-loss": output / "vae" / CURVE_FILE, "ldm-loss": output / "ldm" / CURVE_FILE})
+    seconds = {stage: end - start for stage, start, end in zip(("vae", "ldm", "sampling"), stamps, stamps[1:])}
+    return DemoResult(scores["guided"], scores["unguided"], seconds, files)
 
 
 def _overrides(seed: int, max_steps: int | None) -> dict[str, int]:
