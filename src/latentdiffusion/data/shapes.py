@@ -25,8 +25,9 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-# Object area as a fraction of the image area, per size word.
-SIZES: dict[str, tuple[float, float]] = {"small": (0.05, 0.08), "large": (0.16, 0.24)}
+# Object area as a fraction of the image area, per size word. At 32px a small object is about 10 px across: big enough
+# for a factor-4 autoencoder (8x8 latents) to keep a triangle's corners.
+SIZES: dict[str, tuple[float, float]] = {"small": (0.09, 0.12), "large": (0.20, 0.26)}
 
 ATTRIBUTES: tuple[str, ...] = ("size", "colour", "shape", "background")
 COLOUR_JITTER = 10  # per-channel uniform jitter of the object colour
