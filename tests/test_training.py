@@ -152,6 +152,21 @@ def test_vae_from_scratch_starts_its_posterior_at_logvar_init(tmp_path):
     assert std.max() < 0.1  # posterior noise starts small, not at ~1
 
 
+def test_vae_l2_weight_adds_the_squared_error_linearly(tmp_path):
+    """Same seed, same first batch: the logged loss grows by l2_weight times one fixed, positive squared error."""
+    def first_rec_loss(weight: float) -> float:
+        config, raw = load_run_config(VAERunConfig, write_config(
+            tmp_path / f"vae-{weight}.yaml", TINY_VAE_RUN, max_steps=1, checkpoint_every=1, sample_every=0,
+            disc_start=10, l2_weight=weight))
+        return metrics(train_vae(config, tmp_path / f"run-{weight}", raw=raw, progress=False))[0]["rec_loss"]
+
+    base, one, three = first_rec_loss(0.0), first_rec_loss(1.0), first_rec_loss(3.0)
+    assert one - base > 1e-3
+    assert three - base == pytest.approx(3 * (one - base), rel=1e-4)
+    with pytest.raises(ConfigError, match="l2_weight"):
+        load_run_config(VAERunConfig, write_config(tmp_path / "bad.yaml", TINY_VAE_RUN, l2_weight=-1.0))
+
+
 def test_unet_from_scratch_takes_its_channels_from_the_vae(tmp_path):
     from latentdiffusion.training.train_ldm import build_pipeline
 

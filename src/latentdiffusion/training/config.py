@@ -74,6 +74,9 @@ class VAETrainConfig(TrainConfig):
     weight_decay: float = 0.0
     kl_weight: float = 1e-6  # on the KL summed over latent elements, against the L1 summed over pixels
     edge_weight: float = 1.0  # multi-scale image-gradient L1, standing in for LPIPS; 0 turns it off
+    # Squared error on top of L1: a wrong colour over a whole object then pulls harder than many small errors do,
+    # where L1 pulls every pixel alike. 0 (the recipe's) turns it off.
+    l2_weight: float = 0.0
     disc_start: int = 50001  # the discriminator and its loss join at this step
     disc_weight: float = 0.5  # times the adaptive (gradient-norm ratio) weight; 0 turns the discriminator off
     disc_channels: int = 64
@@ -87,7 +90,7 @@ class VAETrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("kl_weight", "edge_weight", "disc_start", "disc_weight"):
+        for key in ("kl_weight", "edge_weight", "l2_weight", "disc_start", "disc_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         for key in ("disc_channels", "disc_layers", "scale_batches", "sample_images"):

@@ -127,7 +127,9 @@ def _train(config: VAERunConfig, output: Path, init: Any, resume: bool, raw: dic
             with distributed.sync_gradients(model, last):
                 with precision.autocast():
                     rec, posterior = model(x, gens)
-                    rec_loss = (x - rec).abs().mean() + cfg.edge_weight * edge_loss(x, rec)  # per pixel
+                    error = x - rec
+                    rec_loss = error.abs().mean() + cfg.l2_weight * error.square().mean() \
+                        + cfg.edge_weight * edge_loss(x, rec)  # per pixel
                     nll = rec_loss * pixels  # summed over pixels, as the recipe weighs it against the KL
                     kl = posterior.kl().mean()
                     loss = nll + cfg.kl_weight * kl
