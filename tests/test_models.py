@@ -21,7 +21,7 @@ TINY_UNET = UNetConfig(
 TINY_VAE = VAEConfig(block_channels=(32, 64, 64), layers_per_block=2, norm_groups=8, sample_size=32)
 
 
-def reference_unet(cfg: UNetConfig) -> torch.nn.Module:
+def reference_unet(cfg: UNetConfig, **extra) -> torch.nn.Module:
     """diffusers' UNet2DConditionModel with the same architecture (attention_head_dim = heads: the SD1 quirk)."""
     down = tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cfg.cross_attention)
     up = tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in cfg.cross_attention[::-1])
@@ -31,7 +31,7 @@ def reference_unet(cfg: UNetConfig) -> torch.nn.Module:
         down_block_types=down, up_block_types=up, block_out_channels=cfg.block_channels,
         layers_per_block=cfg.layers_per_block, attention_head_dim=heads, cross_attention_dim=cfg.context_dim,
         norm_num_groups=cfg.norm_groups, use_linear_projection=cfg.linear_projection,
-        transformer_layers_per_block=cfg.transformer_depth, dropout=cfg.dropout,
+        transformer_layers_per_block=cfg.transformer_depth, dropout=cfg.dropout, **extra,
     )
 
 
@@ -90,6 +90,22 @@ def test_unet_matches_diffusers(overrides):
     assert got.shape == (2, cfg.out_channels, 16, 16)
     assert expected.abs().mean() > 0.1  # a real signal, not a zeroed output
     assert max_abs(got, expected) < TOL
+
+
+def test_pooled_context_matches_diffusers_projection_class_embedding():
+    """pooled_context is diffusers' class_embed_type="projection" fed class_labels = the context's token mean."""
+    cfg = dataclasses.replace(TINY_UNET, pooled_context=True)
+    projection = dict(class_embed_type="projection", projection_class_embeddings_input_dim=cfg.context_dim)
+    ours, ref = twin(UNet, lambda c: reference_unet(c, **projection), cfg)
+    plain = UNet(TINY_UNET).eval()
+    plain.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("class_embedding.")})
+    sample, t, context = unet_inputs(cfg)
+    with torch.no_grad():
+        expected = ref(sample, t, encoder_hidden_states=context, class_labels=context.mean(1)).sample
+        got = ours(sample, t, context)
+        without = plain(sample, t, context)
+    assert max_abs(got, expected) < TOL
+    assert max_abs(got, without) > 1e-2  # the pooled path is live, not a zero branch
 
 
 def test_unet_odd_size_and_scalar_timestep_match_diffusers():

@@ -239,6 +239,31 @@ def test_single_file_round_trip_through_from_pretrained(tmp_path, suffix):
     assert torch.equal(pipe(PROMPTS, **kwargs), loaded(PROMPTS, **kwargs))
 
 
+@torch.no_grad()
+def test_pooled_context_round_trips_natively_and_is_refused_by_other_layouts(tmp_path):
+    from latentdiffusion import LatentDiffusionConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, VAEConfig
+    from latentdiffusion.formats import Components, diffusers_layout
+
+    torch.manual_seed(0)
+    pipe = LatentDiffusion.from_config(LatentDiffusionConfig(
+        vae=VAEConfig(block_channels=(32, 64), layers_per_block=1, norm_groups=8, sample_size=16),
+        unet=UNetConfig(block_channels=(32, 64), cross_attention=(False, True), context_dim=32, num_heads=2,
+                        norm_groups=8, sample_size=8, layers_per_block=1, pooled_context=True),
+        text_encoder=TextEncoderConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=48),
+        scheduler=SchedulerConfig()))
+    perturb_(pipe.unet, pipe.vae, pipe.text_encoder)
+    pipe.save_pretrained(tmp_path / "native")
+    loaded = LatentDiffusion.from_pretrained(tmp_path / "native")
+    assert loaded.config.unet.pooled_context
+    kwargs = dict(num_inference_steps=3, latents=start_latents(), output_type="pt")
+    assert torch.equal(pipe(PROMPTS, **kwargs), loaded(PROMPTS, **kwargs))
+    with pytest.raises(WeightsError, match="pooled_context"):
+        diffusers_layout.save_components(tmp_path / "exported", Components.of(pipe))
+    assert not (tmp_path / "exported").exists()
+    with pytest.raises(WeightsError, match="class_embedding|pooled_context"):
+        pipe.save_pretrained(tmp_path / "model.safetensors", format="single-file")
+
+
 @pytest.mark.slow
 @torch.no_grad()
 def test_full_size_sd1_loads_from_the_diffusers_layout(tmp_path):

@@ -35,6 +35,10 @@ class UNetConfig:
     linear_projection: bool = False  # SD 2.x: Linear proj_in/proj_out; SD 1.x: 1x1 conv
     sample_size: int = 64  # latent side at the training resolution
     dropout: float = 0.0
+    # Also add an MLP of the context's mean over its tokens to the timestep embedding, so that every resnet sees the
+    # prompt, not only the attention levels (Imagen's pooled text conditioning). Not in Stable Diffusion; diffusers'
+    # class_embed_type="projection" with class_labels = context.mean(1) computes the same.
+    pooled_context: bool = False
 
     def __post_init__(self) -> None:
         self.block_channels = tuple(self.block_channels)
@@ -153,6 +157,7 @@ class UNet(nn.Module):
         ch, cross, n = config.block_channels, config.cross_attention, len(config.block_channels)
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], 4 * ch[0])
+        self.class_embedding = TimestepEmbedding(config.context_dim, 4 * ch[0]) if config.pooled_context else None
         self.down_blocks = nn.ModuleList(
             DownLevel(config, ch[max(i - 1, 0)], ch[i], cross[i], i < n - 1) for i in range(n)
         )
@@ -184,6 +189,8 @@ class UNet(nn.Module):
                 f"context must have shape (B, T, {self.config.context_dim}), got {tuple(context.shape)}"
             )
         temb = self._time_embedding(timesteps, sample)
+        if self.class_embedding is not None:
+            temb = temb + self.class_embedding(context.mean(dim=1))
         x = self.conv_in(sample)  # (B, C0, h, w)
         skips = [x]
         for block in self.down_blocks:
