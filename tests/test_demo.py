@@ -1,6 +1,6 @@
-"""The demo learns: the seeded `ldm demo` (both presets at their full steps, 8.5 minutes) gets the prompt's colour,
-and colour and shape together, at least three times as often as chance. Its figures are in the README. (A run cut
-to 800 VAE and 2,000 UNet steps is not enough: colour 67%, adherence 10%, hardly above chance.)"""
+"""The demo learns: the seeded `ldm demo` (both presets at their full steps, 9 minutes) gets the prompt's colour
+almost always, and colour and shape together far above chance, with guidance and without. Its figures are in the
+README. (Cut runs are not enough: at 600 VAE steps, without the L2 term, half the colours were still wrong.)"""
 
 from pathlib import Path
 
@@ -9,16 +9,15 @@ from PIL import Image
 from latentdiffusion.data.shapes import COLOURS, SHAPES, all_combinations
 from latentdiffusion.demo import COLUMNS, run_demo
 
-CHANCE_COLOUR = 1 / len(COLOURS)
 CHANCE = 1 / (len(COLOURS) * len(SHAPES))  # colour and shape both right
 
 
 def test_demo_learns_the_prompt(tmp_path):
     result = run_demo(tmp_path, progress=False)
-    # measured here: guided adherence 29%, colour 100%; unguided 28%, colour 100%
-    assert result.guided.colour >= 3 * CHANCE_COLOUR, result
-    assert result.unguided.colour >= 3 * CHANCE_COLOUR, result
-    assert result.guided.adherence >= 3 * CHANCE, result
+    # measured here: guided adherence 84%, colour 100%; unguided 76%, colour 100%
+    assert result.guided.colour >= 0.9 and result.unguided.colour >= 0.9, result
+    assert result.guided.adherence >= 7 * CHANCE, result  # 47%
+    assert result.unguided.adherence >= 3 * CHANCE, result
     assert set(result.seconds) == {"vae", "ldm", "sampling"}
     for name, path in result.files.items():
         assert Path(path).is_file(), name
