@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from latentdiffusion.config import from_dict
-from latentdiffusion.data import DataConfig, ShapesDataset, dataset_from_config, load_image_captions
+from latentdiffusion.data import DataConfig, ShapesDataset, dataset_from_config, load_image_captions, shapes
 from latentdiffusion.data.transforms import ImageTransform
 from latentdiffusion.errors import ConfigError, DataError
 
@@ -127,6 +127,27 @@ def test_shapes_deterministic_from_seed():
     torch.testing.assert_close(item["pixel_values"], torch.from_numpy(np.array(a[7][0])).permute(2, 0, 1).float() / 127.5 - 1)
     assert ShapesDataset(256, 1)[0][0].size == (256, 256)
 
+
+
+def test_noisy_shapes_change_one_caption_word_in_ten():
+    n = 2000
+    clean, noisy = ShapesDataset(16, n, seed=3), ShapesDataset(16, n, seed=3, caption_noise=0.1)
+    changed = []
+    for i in range(n):
+        truth, said = clean.caption(i), noisy.caption(i)
+        assert said == noisy.caption(i)  # the same wrong caption every epoch
+        diff = [(t, s) for t, s in zip(truth.split(), said.split()) if t != s]
+        if diff:
+            (word, instead), = diff  # exactly one word differs, and it is a colour or a shape swapped for another
+            assert {word, instead} <= set(shapes.COLOURS) or {word, instead} <= set(shapes.SHAPES)
+            changed.append(word in shapes.SHAPES)
+    assert 150 <= len(changed) <= 250  # binomial(2000, 0.1): 200 +- 3.7 sd
+    assert 0.35 <= np.mean(changed) <= 0.65  # colour and shape equally often
+    assert np.array_equal(np.asarray(clean[5][0]), np.asarray(noisy[5][0])) and clean[5][2] == noisy[5][2]
+    source = load_image_captions("builtin:shapes-noisy", 16, seed=3)
+    assert [source[i]["text"] for i in range(40)] == [ShapesDataset(16, 10000, 3, 0.1).caption(i) for i in range(40)]
+    with pytest.raises(DataError, match="caption_noise"):
+        ShapesDataset(16, 10, caption_noise=1.5)
 
 def test_transform_resizes_shorter_side_and_crops_centre():
     # Left third red, middle green, right third blue: a centre crop of the resized image is all green.

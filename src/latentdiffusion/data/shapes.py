@@ -39,6 +39,10 @@ ROTATION_JITTER = 0.0
 MARGIN = 0.04  # minimum gap between the object and the image edge, as a fraction of the side
 POSITION_SPREAD = 0.5  # the centre ranges over the middle half of the positions that keep the object MARGIN inside
 _SIDES = {"circle": 0, "square": 4, "triangle": 3}
+# builtin:shapes-noisy: this share of captions names a wrong colour or shape (one word, the drawing stays right), as
+# web captions do. The conditional model then hedges between the caption and the rest of the data set, and
+# classifier-free guidance is what brings samples back to the prompt.
+NOISY_CAPTIONS = 0.1
 
 
 def all_combinations() -> list[dict[str, str]]:
@@ -103,12 +107,14 @@ def render(attrs: dict[str, Any], size: int) -> Image.Image:
 class ShapesDataset:
     """`length` captioned shapes; item i depends only on (seed, i). Items: (RGB image, caption, attributes)."""
 
-    def __init__(self, size: int = 32, length: int = 10000, seed: int = 0) -> None:
+    def __init__(self, size: int = 32, length: int = 10000, seed: int = 0, caption_noise: float = 0.0) -> None:
         if size < 8:
             raise DataError(f"ShapesDataset: size must be >= 8 pixels, got {size}")
         if length < 1:
             raise DataError(f"ShapesDataset: length must be >= 1, got {length}")
-        self.size, self.length, self.seed = size, length, seed
+        if not 0.0 <= caption_noise <= 1.0:
+            raise DataError(f"ShapesDataset: caption_noise must be in [0, 1], got {caption_noise}")
+        self.size, self.length, self.seed, self.caption_noise = size, length, seed, caption_noise
 
     def __len__(self) -> int:
         return self.length
@@ -119,9 +125,20 @@ class ShapesDataset:
             raise IndexError(f"ShapesDataset index {index} out of range for length {self.length}")
         return sample_attributes(np.random.default_rng([self.seed, index % self.length]))
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, str, dict[str, Any]]:
+    def caption(self, index: int) -> str:
+        """The caption of item `index`: true to its drawing, except for a `caption_noise` share of items whose
+        caption names another colour or shape (which, and which word instead, drawn from (seed, index))."""
         attrs = self.attributes(index)
-        return render(attrs, self.size), caption_for(attrs), attrs
+        u = np.random.default_rng([self.seed, index % self.length, 1]).random(3)
+        if u[0] < self.caption_noise:
+            key, words = ("colour", list(COLOURS)) if u[1] < 0.5 else ("shape", list(SHAPES))
+            attrs[key] = _pick([w for w in words if w != attrs[key]], u[2])
+        return caption_for(attrs)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, str, dict[str, Any]]:
+        """(image, caption, attributes): the attributes are what is drawn, whatever the caption says."""
+        attrs = self.attributes(index)
+        return render(attrs, self.size), self.caption(index), attrs
 
 
 def _pick(options: list[str], u: float) -> str:

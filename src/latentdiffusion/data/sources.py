@@ -1,8 +1,9 @@
 """Where images and captions come from: DATA strings resolved to an indexable source of (image, caption) items.
 
-DATA is one of: `builtin:shapes`; a folder written by `Dataset.save_to_disk`; a folder of images with a
-`metadata.jsonl` (Hugging Face imagefolder: `file_name` and caption columns, subfolders allowed); a folder of images
-each with a same-named `.txt` caption; any other folder or Hugging Face dataset name `datasets.load_dataset` accepts.
+DATA is one of: `builtin:shapes`, or `builtin:shapes-noisy` (the same images, one caption in ten naming a wrong colour
+or shape); a folder written by `Dataset.save_to_disk`; a folder of images with a `metadata.jsonl` (Hugging Face
+imagefolder: `file_name` and caption columns, subfolders allowed); a folder of images each with a same-named `.txt`
+caption; any other folder or Hugging Face dataset name `datasets.load_dataset` accepts.
 `datasets` is imported only when needed: it is slow to import and `builtin:shapes` does not use it.
 """
 
@@ -16,11 +17,11 @@ from typing import Any, Protocol
 from PIL import Image
 
 from ..errors import DataError
-from .shapes import ShapesDataset, caption_for, render
+from .shapes import NOISY_CAPTIONS, ShapesDataset, render
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
-BUILTINS = ("builtin:shapes",)
+BUILTINS = {"builtin:shapes": 0.0, "builtin:shapes-noisy": NOISY_CAPTIONS}  # name -> share of wrong captions
 SHAPES_LENGTH = 10000
 _HUB_NAME = re.compile(r"[\w-][\w.-]*(/[\w.-]+)?")
 
@@ -106,10 +107,10 @@ class ArrowSource:
 
 
 class ShapesSource:
-    """`builtin:shapes` drawn at the training resolution."""
+    """`builtin:shapes` (or its noisy-caption twin) drawn at the training resolution."""
 
-    def __init__(self, resolution: int, seed: int) -> None:
-        self.shapes = ShapesDataset(size=resolution, length=SHAPES_LENGTH, seed=seed)
+    def __init__(self, resolution: int, seed: int, caption_noise: float = 0.0) -> None:
+        self.shapes = ShapesDataset(size=resolution, length=SHAPES_LENGTH, seed=seed, caption_noise=caption_noise)
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -118,7 +119,7 @@ class ShapesSource:
         return render(self.shapes.attributes(index), self.shapes.size)
 
     def caption(self, index: int) -> str:
-        return caption_for(self.shapes.attributes(index))
+        return self.shapes.caption(index)
 
     def name(self, index: int) -> str:
         return f"builtin:shapes item {index}"
@@ -137,7 +138,7 @@ def open_source(
     if data.startswith("builtin:"):
         if data not in BUILTINS:
             raise DataError(f"unknown built-in data set '{data}' (built-ins: {', '.join(BUILTINS)})")
-        return ShapesSource(resolution, seed), {}
+        return ShapesSource(resolution, seed, BUILTINS[data]), {}
     path = Path(data).expanduser()
     if path.is_dir():
         return _open_folder(path, image_column, caption_column, split, cache_dir)
