@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP)  # starts afresh: the previous demo's outputs/demo is replaced
+	rm -rf outputs/demo
 	$(BIN)/ldm demo --output outputs/demo
 
 test: $(STAMP)

@@ -1,6 +1,7 @@
 """The demo learns: the seeded `ldm demo` (both presets at their full steps, 9 minutes) gets the prompt's colour
-almost always, and colour and shape together far above chance, with guidance and without. Its figures are in the
-README. (Cut runs are not enough: at 600 VAE steps, without the L2 term, half the colours were still wrong.)"""
+almost always and colour and shape together far above chance, and guidance makes the difference that one wrong
+caption in ten calls for. Its figures are in the README. (Cut runs are not enough: at 600 VAE steps, without the L2
+term, half the colours were still wrong.)"""
 
 from pathlib import Path
 
@@ -14,10 +15,11 @@ CHANCE = 1 / (len(COLOURS) * len(SHAPES))  # colour and shape both right
 
 def test_demo_learns_the_prompt(tmp_path):
     result = run_demo(tmp_path, progress=False)
-    # measured here: guided adherence 88%, colour 100%; unguided 84%, colour 100%
-    assert result.guided.colour >= 0.9 and result.unguided.colour >= 0.9, result
-    assert result.guided.adherence >= 7 * CHANCE, result  # 47%
+    # measured here: guided adherence 94%, colour 100%; unguided 71%, colour 84%
+    assert result.guided.colour >= 0.9, result
+    assert result.guided.adherence >= 12 * CHANCE, result  # 80%
     assert result.unguided.adherence >= 3 * CHANCE, result
+    assert result.guided.adherence >= result.unguided.adherence + 0.1, result
     assert set(result.seconds) == {"vae", "ldm", "sampling"}
     for name, path in result.files.items():
         assert Path(path).is_file(), name

@@ -1,5 +1,6 @@
-"""The offline demo: train the VAE, then the text encoder and UNet, on builtin:shapes; sample one image per
-attribute combination and judge each against its prompt with the yardstick, with and without guidance."""
+"""The offline demo: train the VAE on builtin:shapes, then the text encoder and UNet on builtin:shapes-noisy (one
+caption in ten wrong, so that guidance has something to do); sample one image per attribute combination and judge each
+against its prompt with the yardstick, with and without guidance."""
 
 from __future__ import annotations
 
