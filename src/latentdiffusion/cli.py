@@ -23,8 +23,9 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     """The options `train-vae` and `train` share; each dedicated flag sets one config key (and wins over --set)."""
     parser.add_argument("--config", metavar="CFG", help="YAML config: a path, or a preset name from configs/ "
                         "(vae-tiny, ldm-tiny, sd15-vae, sd15, sd15-finetune)")
-    parser.add_argument("--data", metavar="DATA", help="builtin:shapes[-noisy], a folder of images with metadata.jsonl or "
-                        ".txt captions, a save_to_disk folder or a Hugging Face dataset name (sets data.source)")
+    parser.add_argument("--data", metavar="DATA", help="builtin:shapes[-noisy], a folder of images with "
+                        "metadata.jsonl or .txt captions, a save_to_disk folder or a Hugging Face dataset name "
+                        "(sets data.source)")
     parser.add_argument("--output", metavar="DIR", required=True, help="run folder: checkpoints, metrics, samples")
     parser.add_argument("--resolution", type=int, metavar="R", help="training resolution in pixels (data.resolution)")
     parser.add_argument("--batch-size", type=int, metavar="B", help="images per process per micro-batch "
@@ -166,8 +167,9 @@ def run_convert(args: argparse.Namespace) -> int:
 def add_demo(subparsers: SubParsers) -> None:
     p = subparsers.add_parser("demo", help="the built-in offline demo: train every stage on builtin:shapes, sample, "
                               "score prompt adherence", description="Train the tiny VAE, text encoder and UNet on "
-                              "builtin:shapes (the UNet with one caption in ten wrong), sample one image per prompt for all 90 attribute combinations and "
-                              "print the share judged right (colour and shape) with and without guidance.")
+                              "builtin:shapes (the UNet with one caption in ten wrong), sample one image per prompt "
+                              "for all 90 attribute combinations and print the share judged right (colour and shape) "
+                              "with and without guidance.")
     p.add_argument("--output", metavar="DIR", default="outputs/demo", help="where runs and grids go")
     p.add_argument("--vae-steps", type=int, metavar="N", help="override vae-tiny's train.max_steps")
     p.add_argument("--ldm-steps", type=int, metavar="N", help="override ldm-tiny's train.max_steps")

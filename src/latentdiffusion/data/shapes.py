@@ -128,17 +128,20 @@ class ShapesDataset:
     def caption(self, index: int) -> str:
         """The caption of item `index`: true to its drawing, except for a `caption_noise` share of items whose
         caption names another colour or shape (which, and which word instead, drawn from (seed, index))."""
-        attrs = self.attributes(index)
-        u = np.random.default_rng([self.seed, index % self.length, 1]).random(3)
-        if u[0] < self.caption_noise:
-            key, words = ("colour", list(COLOURS)) if u[1] < 0.5 else ("shape", list(SHAPES))
-            attrs[key] = _pick([w for w in words if w != attrs[key]], u[2])
-        return caption_for(attrs)
+        return self._caption(index, self.attributes(index))
 
     def __getitem__(self, index: int) -> tuple[Image.Image, str, dict[str, Any]]:
         """(image, caption, attributes): the attributes are what is drawn, whatever the caption says."""
         attrs = self.attributes(index)
-        return render(attrs, self.size), self.caption(index), attrs
+        return render(attrs, self.size), self._caption(index, attrs), attrs
+
+    def _caption(self, index: int, attrs: dict[str, Any]) -> str:
+        if self.caption_noise:
+            u = np.random.default_rng([self.seed, index % self.length, 1]).random(3)
+            if u[0] < self.caption_noise:
+                key, words = ("colour", list(COLOURS)) if u[1] < 0.5 else ("shape", list(SHAPES))
+                attrs = {**attrs, key: _pick([w for w in words if w != attrs[key]], u[2])}
+        return caption_for(attrs)
 
 
 def _pick(options: list[str], u: float) -> str:
