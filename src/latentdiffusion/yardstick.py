@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from .data.images import to_rgb
 from .data.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES
 from .errors import DataError
 
@@ -125,7 +126,7 @@ def analyse(image: Image.Image | np.ndarray) -> tuple[dict[str, str | None], str
 
 def _as_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.float64)
+        return np.asarray(to_rgb(image), dtype=np.float64)
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise DataError(f"yardstick: expected an (H, W, 3) image array, got shape {arr.shape}")

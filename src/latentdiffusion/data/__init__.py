@@ -1,10 +1,12 @@
 """Training data: user data sets through `datasets`, the built-in shapes, and image preprocessing."""
 
 from .datasets import DataConfig, ImageCaptionDataset, dataset_from_config, load_image_captions
+from .images import BACKGROUND, to_rgb
 from .shapes import ShapesDataset, all_combinations, caption_for, render, sample_attributes
 from .transforms import ImageTransform
 
 __all__ = [
+    "BACKGROUND",
     "DataConfig",
     "ImageCaptionDataset",
     "ImageTransform",
@@ -15,4 +17,5 @@ __all__ = [
     "load_image_captions",
     "render",
     "sample_attributes",
+    "to_rgb",
 ]

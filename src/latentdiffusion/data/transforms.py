@@ -1,4 +1,4 @@
-"""Image preprocessing for training: decode to RGB, resize the shorter side, crop, flip, to a tensor in [-1, 1]."""
+"""Image preprocessing for training: decode to RGB (`images.to_rgb`), resize the shorter side, crop, flip, to a tensor in [-1, 1]."""
 
 from __future__ import annotations
 
@@ -6,21 +6,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .images import to_rgb
+
 # What PIL raises for a file that is not a readable image (truncated, garbage, unsupported, too large).
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def load_rgb(image: Image.Image, min_side: int | None = None) -> Image.Image:
-    """Decode an opened image as upright RGB; transparency goes onto white. `min_side` lets JPEG decode smaller."""
+    """Decode an opened image as upright 8-bit RGB by `to_rgb` (every mode; transparency onto white). `min_side`
+    lets JPEG decode smaller."""
     if min_side is not None and image.format == "JPEG":
         image.draft("RGB", (min_side, min_side))  # DCT scaling: keeps both sides >= min_side
     image.load()
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
