@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,10 +9,11 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
+from ..messages import warn
 from .sources import Source, open_source
 from .transforms import IMAGE_ERRORS, ImageTransform, load_rgb
 
-_MAX_NAMED = 10  # skipped files named in one warning
+_MAX_NAMED = 10  # skipped files named in one message
 
 
 @dataclass
@@ -64,7 +64,7 @@ class ImageCaptionDataset(Dataset):
             names = list(self.skipped)
             listed = "; ".join(f"{n}: {self.skipped[n]}" for n in names[:_MAX_NAMED])
             more = f"; and {len(names) - _MAX_NAMED} more" if len(names) > _MAX_NAMED else ""
-            warnings.warn(f"{where}: skipped {len(names)} image(s): {listed}{more}", stacklevel=3)
+            warn(f"{where}: skipped {len(names)} image(s): {listed}{more}")
         if not self.indices:
             raise DataError(f"{where} holds no readable captioned images")
 

@@ -5,11 +5,17 @@ or shape); a folder written by `Dataset.save_to_disk`; a folder of images with a
 imagefolder: `file_name` and caption columns, subfolders allowed); a folder of images each with a same-named `.txt`
 caption; any other folder or Hugging Face dataset name `datasets.load_dataset` accepts.
 `datasets` is imported only when needed: it is slow to import and `builtin:shapes` does not use it.
+
+Caption files (`.txt`, `metadata.jsonl`) are read by `read_text`: UTF-8 (a byte-order mark is dropped), UTF-16 with
+its byte-order mark, and any other file by the fallback Windows-1252 (cp1252, what Windows editors save as "ANSI")
+with a message naming it; a `.txt` that none of these decodes leaves its image out, named among the skipped ones.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
+import json
 import re
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,12 +23,14 @@ from typing import Any, Protocol
 from PIL import Image
 
 from ..errors import DataError
+from ..messages import warn
 from .shapes import NOISY_CAPTIONS, ShapesDataset, render
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 BUILTINS = {"builtin:shapes": 0.0, "builtin:shapes-noisy": NOISY_CAPTIONS}  # name -> share of wrong captions
 SHAPES_LENGTH = 10000
+FALLBACK_ENCODING = "cp1252"  # Windows-1252: how a caption file that is not UTF-8 is read
 _HUB_NAME = re.compile(r"[\w-][\w.-]*(/[\w.-]+)?")
 
 
@@ -163,6 +171,9 @@ def _open_folder(
             raise DataError(f"cannot read the saved data set in {path}: {e}") from None
         return ArrowSource(_pick_split(ds, split, where), image_column, caption_column, path, where), {}
     has_metadata = any(next(path.rglob(name), None) is not None for name in METADATA_FILES)
+    jsonl = sorted(path.rglob(METADATA_FILES[0]))
+    if jsonl and not any(next(path.rglob(n), None) for n in METADATA_FILES[1:]) and not all(map(_is_utf8, jsonl)):
+        return ArrowSource(_read_jsonl(jsonl), image_column, caption_column, None, where), {}
     images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not has_metadata and any(p.with_suffix(".txt").is_file() for p in images):
         return _caption_files(images)
@@ -176,11 +187,67 @@ def _caption_files(images: list[Path]) -> tuple[FileSource, dict[str, str]]:
     for image in images:
         txt = image.with_suffix(".txt")
         if txt.is_file():
-            paths.append(image)
-            captions.append(txt.read_text(encoding="utf-8", errors="replace").strip())
+            text = read_text(txt)
+            if text is None:
+                skipped[str(image)] = f"caption file {txt.name} is neither UTF-8, UTF-16 nor {FALLBACK_ENCODING}"
+            else:
+                paths.append(image)
+                captions.append(text.strip())
         else:
             skipped[str(image)] = f"no caption file {txt.name}"
     return FileSource(paths, captions), skipped
+
+
+def read_text(path: Path) -> str | None:
+    """A caption file's text: UTF-8 without its byte-order mark, UTF-16 after its mark, else FALLBACK_ENCODING with a
+    message naming the file; None (the caller says what it leaves out) when that fails too."""
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            return None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        problem = f"byte 0x{data[e.start]:02x} at offset {e.start}"
+    try:
+        text = data.decode(FALLBACK_ENCODING)
+    except UnicodeDecodeError:
+        return None
+    warn(f"{path} is not UTF-8 ({problem}): read as {FALLBACK_ENCODING} (Windows-1252); save it as UTF-8 to be sure")
+    return text
+
+
+def _is_utf8(path: Path) -> bool:
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _read_jsonl(files: list[Path]) -> Any:
+    """metadata.jsonl files that are not all UTF-8, read by `read_text`: one row per line, `file_name` resolved
+    against its file's folder (as the imagefolder loader does; its split folders are not told apart here)."""
+    import datasets
+
+    rows = []
+    for file in files:
+        text = read_text(file)
+        if text is None:
+            raise DataError(f"{file} is neither UTF-8, UTF-16 nor {FALLBACK_ENCODING}: save it as UTF-8")
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{file} line {number} is not JSON: {e}") from None
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                raise DataError(f"{file} line {number} has no file_name")
+            rows.append({**row, "file_name": str(file.parent / row["file_name"])})
+    return datasets.Dataset.from_list(rows)
 
 
 def _load_dataset(name: str, split: str, cache_dir: str | None) -> Any:
