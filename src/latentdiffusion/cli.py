@@ -1,19 +1,25 @@
 """The `ldm` command (also `python -m latentdiffusion`): parses, calls the library, prints.
 
 Each subcommand is a pair: `add_<name>(subparsers)` declares it and sets `run` to the function that executes it.
-Bad input ends as one line, `ldm: error: ...`, exit code 2; a run that fails on its own (a diverged loss) exits 1.
+Bad input (the library's UserInputError: a config key, an argument, a file, a data set) ends as one line,
+`ldm: error: ...`, exit code 2; a run that fails on its own (a diverged loss) exits 1 the same way. Anything else is a
+bug and keeps its traceback; `--debug` shows the traceback of the one-line errors too. What the library says to the
+user (messages.warn: a skipped file, a cut prompt) is printed as `ldm: warning: ...` whatever PYTHONWARNINGS says.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Callable
 
-from .errors import LatentDiffusionError
+from .errors import ArgumentError, LatentDiffusionError, UserInputError
+from .messages import logger
 
 SubParsers = argparse._SubParsersAction  # what add_subparsers returns
 
@@ -121,7 +127,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from .training.plots import image_grid
 
     if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+        raise ArgumentError(f"--num-images must be >= 1, got {args.num_images}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None)
     pipe = pipe.to(device, getattr(torch, args.dtype))
@@ -156,7 +162,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
     dst = Path(args.dst)
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst} already exists: choose a new destination")
+        raise ArgumentError(f"DST {dst} already exists: choose a new destination")
     components = load_components(args.src, use_ema=False if args.no_ema else None)
     save_components(dst, components, args.to)
     print(f"wrote {dst} ({args.to}: {', '.join(components.configs)})")
@@ -198,8 +204,12 @@ COMMANDS: list[Callable[[SubParsers], None]] = [add_demo, add_train_vae, add_tra
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Latent diffusion: train on your data, sample, convert.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    debug = {"action": "store_true", "help": "show the traceback of an error, also of one about bad input"}
+    parser.add_argument("--debug", **debug)
     for add in COMMANDS:
         add(subparsers)
+    for sub in subparsers.choices.values():  # also after the command; SUPPRESS keeps a leading --debug
+        sub.add_argument("--debug", default=argparse.SUPPRESS, **debug)
     return parser
 
 
@@ -208,19 +218,38 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = os.environ.get("RANK", "0")
     prefix = "ldm" if rank == "0" else f"ldm (rank {rank})"
-    with warnings.catch_warnings():
-        warnings.showwarning = lambda message, *rest, **kw: print(f"{prefix}: warning: {message}", file=sys.stderr)
-        try:
+    handler = _MessageHandler(prefix)
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        with warnings.catch_warnings():  # other libraries' warnings, in the same form
+            warnings.showwarning = lambda message, *rest, **kw: print(f"{prefix}: warning: {message}", file=sys.stderr)
             return args.run(args)
-        except KeyboardInterrupt:
-            print(f"{prefix}: interrupted", file=sys.stderr)
-            return 130
-        except (ValueError, FileNotFoundError, FileExistsError) as e:  # ConfigError, DataError, WeightsError too
-            print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
-            return 2
-        except LatentDiffusionError as e:  # the run itself failed, e.g. a loss that became NaN
-            print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
-            return 1
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except LatentDiffusionError as e:  # bad input (2), or the run itself failed, e.g. a loss that became NaN (1)
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, UserInputError) else 1
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+class _MessageHandler(logging.Handler):
+    """The library's messages as `ldm: warning: ...` lines on stderr, above a progress bar."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(logging.INFO)
+        self.prefix = prefix
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        level = "warning" if record.levelno >= logging.WARNING else "note"
+        tqdm.write(f"{self.prefix}: {level}: {record.getMessage()}", file=sys.stderr)
 
 
 def _one_line(error: Exception) -> str:

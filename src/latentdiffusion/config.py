@@ -26,13 +26,13 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         raise ConfigError(f"unknown config key '{key}' (known keys: {', '.join(fields)})")
+    missing = [n for n, f in fields.items() if n not in data and f.init and
+               f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        key = f"{where}.{missing[0]}" if where else missing[0]
+        raise ConfigError(f"config key '{key}' is required")
     kwargs = {name: _coerce(hints[name], value, f"{where}.{name}" if where else name) for name, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"config '{where or cls.__name__}': {e}") from None
+    return cls(**kwargs)  # its __post_init__ raises ConfigError for bad values; anything else there is a bug
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

@@ -7,6 +7,8 @@ from typing import Callable
 
 import torch
 
+from .errors import ArgumentError
+
 # A conditional model: (x (B,C,h,w), t, context (B,T,D)) -> output (B,C,h,w).
 ConditionalModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -21,9 +23,9 @@ class ClassifierFreeGuidance:
     def __init__(self, model: ConditionalModel, cond: torch.Tensor, uncond: torch.Tensor | None,
                  scale: float, rescale: float = 0.0):
         if not math.isfinite(scale):
-            raise ValueError(f"guidance_scale must be finite, got {scale}")
+            raise ArgumentError(f"guidance_scale must be finite, got {scale}")
         if not (math.isfinite(rescale) and 0.0 <= rescale <= 1.0):
-            raise ValueError(f"guidance_rescale must be in [0, 1], got {rescale}")
+            raise ArgumentError(f"guidance_rescale must be in [0, 1], got {rescale}")
         if uncond is not None and uncond.shape != cond.shape:
             raise ValueError(f"unconditional context {tuple(uncond.shape)} does not match conditional {tuple(cond.shape)}")
         self.model, self.scale, self.rescale = model, scale, rescale

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import ArgumentError
+
 Generator = torch.Generator | list[torch.Generator] | None
 
 
@@ -13,7 +15,7 @@ def randn(shape: tuple[int, ...], generator: Generator = None, device: torch.dev
     CPU and CUDA. A list of generators draws one sample each along the batch dimension."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}: pass one per image")
+            raise ArgumentError(f"got {len(generator)} generators for a batch of {shape[0]}: pass one per image")
         return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])
     gen_device = generator.device if generator is not None else device
     x = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32 if dtype is None else dtype)

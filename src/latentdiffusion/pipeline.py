@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +11,8 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from .arguments import integer, real, texts
+from .errors import ArgumentError, ConfigError
 from .guidance import ClassifierFreeGuidance
 from .noise import Generator, randn
 from .schedulers import SCHEDULERS, SchedulerConfig, make_scheduler
@@ -38,10 +39,10 @@ class LatentDiffusion(nn.Module):
     def __init__(self, vae: AutoencoderKL, unet: UNet, text_encoder: TextEncoder, scheduler: SchedulerConfig):
         super().__init__()
         if unet.config.context_dim != text_encoder.config.hidden_size:
-            raise ValueError(f"unet.context_dim {unet.config.context_dim} != text_encoder.hidden_size "
+            raise ConfigError(f"unet.context_dim {unet.config.context_dim} != text_encoder.hidden_size "
                              f"{text_encoder.config.hidden_size}")
         if unet.config.in_channels != vae.config.latent_channels:
-            raise ValueError(f"unet.in_channels {unet.config.in_channels} != vae.latent_channels "
+            raise ConfigError(f"unet.in_channels {unet.config.in_channels} != vae.latent_channels "
                              f"{vae.config.latent_channels}")
         self.vae, self.unet, self.text_encoder = vae, unet, text_encoder
         self.vae.requires_grad_(False)
@@ -88,7 +89,7 @@ class LatentDiffusion(nn.Module):
              snr_gamma: float | None = None, noise_offset: float = 0.0) -> torch.Tensor:
         """Scalar training loss for images (B,3,H,W) in [-1,1] with their captions."""
         if len(captions) != images.shape[0]:
-            raise ValueError(f"got {len(captions)} captions for {images.shape[0]} images")
+            raise ArgumentError(f"got {len(captions)} captions for {images.shape[0]} images")
         latents = self.encode_images(images, generator)
         return self.diffusion_loss(latents, self.text_encoder(list(captions)), generator, snr_gamma, noise_offset)
 
@@ -158,7 +159,8 @@ class LatentDiffusion(nn.Module):
         progress: bool = False,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate images for `prompt`: encode prompt -> prepare latents -> denoising loop -> decode."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts, num_inference_steps, num_images_per_prompt, height, width = self._check_arguments(
+            prompt, num_inference_steps, num_images_per_prompt, height, width)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
         if latents is not None and latents.ndim == 4:  # given noise sets the size unless height/width say otherwise
             height = latents.shape[2] * self.vae_scale_factor if height is None else height
@@ -192,9 +194,20 @@ class LatentDiffusion(nn.Module):
             return [""] * n
         if isinstance(negative_prompt, str):
             return [negative_prompt] * n
-        if len(negative_prompt) != n:
-            raise ValueError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {n}: give one each")
-        return list(negative_prompt)
+        negatives = texts(negative_prompt, "negative_prompt")
+        if len(negatives) != n:
+            raise ArgumentError(f"negative_prompt has {len(negatives)} entries but prompt has {n}: give one each")
+        return negatives
+
+    @staticmethod
+    def _check_arguments(prompt: str | list[str], steps: int, per_prompt: int, height: int | None,
+                         width: int | None) -> tuple[list[str], int, int, int | None, int | None]:
+        """The counts and sizes as ints (numpy integers accepted) and the prompts as a list; ArgumentError naming
+        the argument otherwise."""
+        sides = [None if side is None else integer(side, name, 1) for side, name in ((height, "height"),
+                                                                                   (width, "width"))]
+        return (texts(prompt, "prompt"), integer(steps, "num_inference_steps", 1),
+                integer(per_prompt, "num_images_per_prompt", 1), *sides)
 
     def _latent_shape(self, batch: int, height: int | None, width: int | None) -> tuple[int, int, int, int]:
         factor = self.vae_scale_factor
@@ -202,28 +215,24 @@ class LatentDiffusion(nn.Module):
         height, width = (default if height is None else height), (default if width is None else width)
         for name, side in (("height", height), ("width", width)):
             if side <= 0 or side % factor:
-                raise ValueError(f"{name}={side} must be a positive multiple of the VAE factor {factor}")
+                raise ArgumentError(f"{name}={side} must be a positive multiple of the VAE factor {factor}")
         return batch, self.unet.config.in_channels, height // factor, width // factor
 
     def _check_call(self, steps: int, guidance_scale: float, output_type: str, scheduler: str, eta: float,
                     latents: torch.Tensor | None, shape: tuple[int, ...]) -> None:
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
         if steps > self.scheduler.config.num_train_timesteps:
-            raise ValueError(f"num_inference_steps={steps} exceeds the {self.scheduler.config.num_train_timesteps} "
+            raise ArgumentError(f"num_inference_steps={steps} exceeds the {self.scheduler.config.num_train_timesteps} "
                              "training timesteps")
-        if not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        real(guidance_scale, "guidance_scale")
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+            raise ArgumentError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}: choose from {', '.join(SCHEDULERS)}")
-        if not (math.isfinite(eta) and eta >= 0):
-            raise ValueError(f"eta must be finite and >= 0, got {eta}")
+            raise ArgumentError(f"unknown scheduler {scheduler!r}: choose from {', '.join(SCHEDULERS)}")
+        real(eta, "eta", minimum=0.0)
         if eta and scheduler != "ddim":
-            raise ValueError(f"eta applies to the ddim scheduler only, not {scheduler!r}")
+            raise ArgumentError(f"eta applies to the ddim scheduler only, not {scheduler!r}")
         if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for this prompt count, "
+            raise ArgumentError(f"latents have shape {tuple(latents.shape)}, expected {shape} for this prompt count, "
                              "num_images_per_prompt, height and width")
 
     # ----------------------------------------------------------------------------------------------- files

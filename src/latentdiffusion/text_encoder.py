@@ -12,8 +12,9 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.activations import ACT2FN
 
+from .arguments import texts
 from .config import from_dict
-from .errors import ConfigError, WeightsError
+from .errors import ArgumentError, ConfigError, WeightsError
 
 TOKENIZER_DIR = Path(__file__).with_name("tokenizer")  # the real 49,408-token CLIP BPE tokenizer
 LAYERS = ("last", "penultimate")
@@ -139,8 +140,9 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Token ids (B, max_length) on the model's device: BOS, the prompt's tokens (truncated), EOS, pad tokens."""
-        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+        if isinstance(prompts, str):
+            raise ArgumentError(f"prompts must be a list of strings, got the string {prompts!r}")
+        prompts = texts(prompts, "prompts")
         ids = self.tokenizer(
             list(prompts), padding="max_length", max_length=self.config.max_length, truncation=True, return_tensors="pt"
         ).input_ids  # (B, T)

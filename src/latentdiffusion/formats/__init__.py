@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import WeightsError
+from ..errors import ArgumentError, WeightsError
 from ..pipeline import LatentDiffusion
 from ..vae import AutoencoderKL
 from . import diffusers_layout, native, single_file
@@ -40,7 +40,7 @@ SAVE_FORMATS = {
 def save_components(path: str | Path, components: Components, format: str = "latentdiffusion") -> None:
     """Write components in one of SAVE_FORMATS."""
     if format not in SAVE_FORMATS:
-        raise ValueError(f"unknown format {format!r}: choose from {', '.join(SAVE_FORMATS)}")
+        raise ArgumentError(f"unknown format {format!r}: choose from {', '.join(SAVE_FORMATS)}")
     SAVE_FORMATS[format](path, components)
 
 

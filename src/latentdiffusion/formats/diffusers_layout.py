@@ -100,14 +100,14 @@ def _load_component(components: Components, name: str, folder: Path) -> None:
 def unet_config_from_diffusers(c: dict[str, Any]) -> UNetConfig:
     for key, value in _UNET_FIXED.items():
         if key in c and c[key] != value:
-            raise ValueError(f"{key}={c[key]!r} is not supported (only {value!r})")
+            raise WeightsError(f"{key}={c[key]!r} is not supported (only {value!r})")
     channels = tuple(c["block_out_channels"])
     heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)  # diffusers' SD 1.x naming quirk
     heads = [heads] * len(channels) if isinstance(heads, int) else list(heads)
     per_head = {ch // h for ch, h in zip(channels, heads)}
     layers = c.get("transformer_layers_per_block", 1)
     if not isinstance(layers, int):
-        raise ValueError(f"transformer_layers_per_block={layers!r}: only one depth for every level is supported")
+        raise WeightsError(f"transformer_layers_per_block={layers!r}: only one depth for every level is supported")
     return UNetConfig(
         in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4), block_channels=channels,
         layers_per_block=c.get("layers_per_block", 2),
@@ -122,7 +122,7 @@ def unet_config_from_diffusers(c: dict[str, Any]) -> UNetConfig:
 
 def vae_config_from_diffusers(c: dict[str, Any]) -> VAEConfig:
     if c.get("act_fn", "silu") != "silu" or c.get("mid_block_add_attention", True) is not True:
-        raise ValueError("only the SD AutoencoderKL (silu, mid-block attention) is supported")
+        raise WeightsError("only the SD AutoencoderKL (silu, mid-block attention) is supported")
     return VAEConfig(
         in_channels=c.get("in_channels", 3), out_channels=c.get("out_channels", 3),
         latent_channels=c.get("latent_channels", 4), block_channels=tuple(c["block_out_channels"]),
@@ -133,7 +133,7 @@ def vae_config_from_diffusers(c: dict[str, Any]) -> VAEConfig:
 
 def text_config_from_transformers(c: dict[str, Any]) -> TextEncoderConfig:
     if c.get("model_type", "clip_text_model") != "clip_text_model":
-        raise ValueError(f"model_type {c['model_type']!r}: expected a CLIPTextModel config ('clip_text_model')")
+        raise WeightsError(f"model_type {c['model_type']!r}: expected a CLIPTextModel config ('clip_text_model')")
     return TextEncoderConfig.from_clip_config(CLIPTextConfig(**{k: v for k, v in c.items() if not k.startswith("_")}))
 
 
