@@ -237,11 +237,13 @@ class LatentDiffusion(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- files
     @classmethod
-    def from_pretrained(cls, path: str | Path, use_ema: bool | None = None) -> LatentDiffusion:
-        """Load our own folder, a training run or checkpoint, a diffusers-layout SD folder or an SD single file."""
+    def from_pretrained(cls, path: str | Path, use_ema: bool | None = None,
+                        dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+        """Load our own folder, a training run or checkpoint, a diffusers-layout SD folder or an SD single file;
+        the weights come in `dtype` whatever the files store (float32 by default; a float16 VAE stays float32)."""
         from .formats import load_pipeline  # formats sit above the pipeline
 
-        return load_pipeline(path, use_ema=use_ema)
+        return load_pipeline(path, use_ema=use_ema, dtype=dtype)
 
     def save_pretrained(self, path: str | Path, format: str = "latentdiffusion") -> None:
         """Write a folder that `from_pretrained` loads back bit-exactly (a readable config, safetensors weights);

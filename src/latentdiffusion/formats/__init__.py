@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..errors import ArgumentError, WeightsError
 from ..pipeline import LatentDiffusion
 from ..vae import AutoencoderKL
@@ -44,13 +46,14 @@ def save_components(path: str | Path, components: Components, format: str = "lat
     SAVE_FORMATS[format](path, components)
 
 
-def load_pipeline(path: str | Path, use_ema: bool | None = None) -> LatentDiffusion:
-    return load_components(path, use_ema).pipeline()
+def load_pipeline(path: str | Path, use_ema: bool | None = None, dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+    """The pipeline of any supported model location, its weights in `dtype` whatever the files store."""
+    return load_components(path, use_ema).pipeline(dtype)
 
 
-def load_vae(path: str | Path, use_ema: bool | None = None) -> AutoencoderKL:
-    """The VAE of any supported model location (a VAE training run included)."""
-    return load_components(path, use_ema).vae()
+def load_vae(path: str | Path, use_ema: bool | None = None, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """The VAE of any supported model location (a VAE training run included), its weights in `dtype`."""
+    return load_components(path, use_ema).vae(dtype)
 
 
 __all__ = ["SAVE_FORMATS", "Components", "load_components", "load_pipeline", "load_vae", "save_components"]

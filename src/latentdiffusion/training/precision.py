@@ -1,4 +1,9 @@
-"""Mixed precision on CUDA: bf16 autocast, or fp16 autocast with a GradScaler; full float32 elsewhere."""
+"""Mixed precision on CUDA: bf16 autocast, or fp16 autocast with a GradScaler; full float32 elsewhere.
+
+Whatever the setting, every weight of a training run, trained or frozen, is float32 (PARAMETER_DTYPE): autocast does
+the half-precision compute, the optimizer updates float32 master weights, and a checkpoint stores the frozen parts
+unrounded. A model stored in float16 therefore trains exactly as the same values stored in float32.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import torch
 from ..errors import ConfigError
 
 PRECISIONS = ("no", "bf16", "fp16")
+PARAMETER_DTYPE = torch.float32  # every weight of a training run, under every setting
 
 
 class Precision:

@@ -31,7 +31,7 @@ from .ema import EMA
 from .loop import batches, due, evaluating, finish_step, to_host, unscale_and_clip
 from .optim import lr_at, make_optimizer, set_lr
 from .plots import image_grid
-from .precision import Precision
+from .precision import PARAMETER_DTYPE, Precision
 from .run import RunFolder
 
 _TEXT_ENCODER_FLAGS = ("trainable", "layer")  # what a config may change on a pretrained text encoder
@@ -80,7 +80,7 @@ def _train(config: LDMRunConfig, output: Path, vae_source: Any, init: Any, text_
         pipe = load_native(run.checkpoint).pipeline()
     else:
         pipe = build_pipeline(config, raw, vae_source, init, text_encoder_source)
-    pipe.to(runtime.device)
+    pipe.to(runtime.device, PARAMETER_DTYPE)  # whatever dtype the files stored
     unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
     train_text = text_encoder.config.trainable
     trained: list[nn.Module] = [unet, text_encoder] if train_text else [unet]

@@ -27,7 +27,7 @@ from .ema import EMA
 from .loop import batches, due, evaluating, finish_step, to_host, unscale_and_clip
 from .optim import lr_at, make_optimizer, set_lr
 from .plots import image_grid
-from .precision import Precision
+from .precision import PARAMETER_DTYPE, Precision
 from .run import RunFolder
 from .vae_losses import PatchDiscriminator, adaptive_weight, edge_loss, hinge_d_loss, hinge_g_loss
 
@@ -79,8 +79,8 @@ def _train(config: VAERunConfig, output: Path, init: Any, resume: bool, raw: dic
         if cfg.logvar_init is not None:
             vae.init_logvar(cfg.logvar_init)
     disc = PatchDiscriminator(vae.config.out_channels, cfg.disc_channels, cfg.disc_layers)
-    vae.to(runtime.device).train()
-    disc.to(runtime.device).train()
+    vae.to(runtime.device, PARAMETER_DTYPE).train()  # whatever dtype the files stored
+    disc.to(runtime.device, PARAMETER_DTYPE).train()
     ema = EMA(vae, cfg.ema_decay) if cfg.ema_decay else None
     run.save_config(config)
     model = distributed.wrap(Reconstruction(vae), runtime)
