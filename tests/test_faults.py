@@ -149,3 +149,26 @@ def test_no_warnings_warn_in_the_library():
     """User-facing messages go through messages.warn; a warnings.warn call would be lost under PYTHONWARNINGS."""
     calls = [str(p) for p in Path(SRC).rglob("*.py") if "warnings.warn(" in p.read_text()]
     assert not calls, calls
+
+
+# ------------------------------------------------------------------------------------------ long prompts
+def test_cut_prompt_is_reported_with_its_count_and_words(caplog):
+    """The reported case: a 94-token prompt in a batch with a short one was cut to 77 places without a word."""
+    from latentdiffusion.text_encoder import TextEncoder
+
+    encoder = TextEncoder(TextEncoderConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16))
+    words = ("a red circle and a blue square on a grey ground " * 9).split()[:92]  # one token each
+    long = " ".join(words)
+    ids = encoder.tokenize([long, "a cat"])
+    reference = encoder.tokenizer([long, "a cat"], padding="max_length", max_length=77, truncation=True,
+                                  return_tensors="pt").input_ids
+    assert torch.equal(ids, reference)  # the ids are what they were; only the message is new
+    assert ids[0, 1:76].tolist() == encoder.tokenizer(" ".join(words[:75]), add_special_tokens=False).input_ids
+    dropped = " ".join(words[75:])
+    assert f"prompt of 92 tokens cut to the text encoder's 75: dropped the last 17 ({dropped!r})" in caplog.text
+    assert caplog.text.count("cut to") == 1  # the short prompt is not reported
+    encoder.tokenize([long])
+    assert caplog.text.count("cut to") == 1  # nor the same prompt twice
+    caplog.clear()
+    encoder.tokenize([" ".join(words[:75]), " ".join(words[:74])])  # exactly full, and one short: nothing cut
+    assert not caplog.text

@@ -15,10 +15,12 @@ from transformers.activations import ACT2FN
 from .arguments import texts
 from .config import from_dict
 from .errors import ArgumentError, ConfigError, WeightsError
+from .messages import warn
 
 TOKENIZER_DIR = Path(__file__).with_name("tokenizer")  # the real 49,408-token CLIP BPE tokenizer
 LAYERS = ("last", "penultimate")
 _OVERRIDABLE = ("layer", "trainable")  # the fields a CLIPTextConfig does not fix
+MAX_CUT_REPORTS = 20  # distinct cut prompts reported per encoder (training captions repeat every epoch)
 
 
 @dataclass
@@ -108,6 +110,7 @@ class TextEncoder(nn.Module):
             _check_matches(model.config, config)
             model.set_attn_implementation("sdpa")
         self.model = model
+        self._reported_cuts: set[str] = set()
         model.requires_grad_(config.trainable)
         if config.layer == "penultimate":  # the last block never reaches the output: no grads, no DDP unused params
             model.encoder.layers[-1].requires_grad_(False)
@@ -139,14 +142,33 @@ class TextEncoder(nn.Module):
         return self.model.embeddings.token_embedding.weight.device
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """Token ids (B, max_length) on the model's device: BOS, the prompt's tokens (truncated), EOS, pad tokens."""
+        """Token ids (B, max_length) on the model's device: BOS, the prompt's tokens, EOS, pad tokens. A prompt
+        longer than max_length - 2 tokens keeps its first ones (as CLIP and diffusers do); messages.warn says how
+        many tokens and which words were cut (each distinct prompt once, MAX_CUT_REPORTS prompts at most)."""
         if isinstance(prompts, str):
             raise ArgumentError(f"prompts must be a list of strings, got the string {prompts!r}")
         prompts = texts(prompts, "prompts")
         ids = self.tokenizer(
             list(prompts), padding="max_length", max_length=self.config.max_length, truncation=True, return_tensors="pt"
         ).input_ids  # (B, T)
+        last = ids[:, -2]  # (B,) the last place before EOS: a prompt token where the prompt filled (or overfilled) it
+        full = (last != self.tokenizer.pad_token_id) & (last != self.tokenizer.eos_token_id)
+        if full.any():  # CPU tensors: no device sync
+            self._report_cuts([p for p, f in zip(prompts, full.tolist()) if f])
         return ids.to(self.device)
+
+    def _report_cuts(self, prompts: list[str]) -> None:
+        """Say how many tokens, and which words, truncation cut from each of `prompts` that was too long."""
+        limit = self.config.max_length - 2  # BOS and EOS take two places
+        for prompt in (p for p in prompts if p not in self._reported_cuts):
+            tokens = self.tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids
+            if len(tokens) <= limit or len(self._reported_cuts) >= MAX_CUT_REPORTS:
+                continue
+            self._reported_cuts.add(prompt)
+            cut = self.tokenizer.decode(tokens[limit:])
+            more = "; further cut prompts are not reported" if len(self._reported_cuts) == MAX_CUT_REPORTS else ""
+            warn(f"prompt of {len(tokens)} tokens cut to the text encoder's {limit}: dropped the last "
+                 f"{len(tokens) - limit} ({cut!r}) from {prompt[:60]!r}{'...' if len(prompt) > 60 else ''}{more}")
 
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
         """Context (B, T, hidden) for ids (B, T): the last hidden state, or the penultimate one + the final norm."""
