@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .arguments import integer, real, texts
 from .errors import ArgumentError, ConfigError
 from .guidance import ClassifierFreeGuidance
-from .noise import Generator, randn
+from .noise import Generator, randint, randn
 from .schedulers import SCHEDULERS, SchedulerConfig, make_scheduler
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .unet import UNet, UNetConfig
@@ -96,7 +96,8 @@ class LatentDiffusion(nn.Module):
     def diffusion_loss(self, latents: torch.Tensor, context: torch.Tensor, generator: Generator = None,
                        snr_gamma: float | None = None, noise_offset: float = 0.0) -> torch.Tensor:
         """The denoising loss (DDPM eq. 14) on scaled latents, optionally min-SNR-gamma weighted (Hang et al., 2023)
-        and with offset noise (a per-channel constant added to the noise)."""
+        and with offset noise (a per-channel constant added to the noise). With a list of generators, image i's
+        noise, offset and timestep all come from generator i: any split of the batch draws the same values."""
         b, c = latents.shape[:2]
         noise = randn(latents.shape, generator, latents.device, latents.dtype)
         if noise_offset:
@@ -111,10 +112,8 @@ class LatentDiffusion(nn.Module):
         return per_sample.mean()
 
     def _random_timesteps(self, n: int, generator: Generator, device: torch.device) -> torch.Tensor:
-        gen = generator[0] if isinstance(generator, (list, tuple)) else generator
-        gen_device = gen.device if gen is not None else device
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=gen, device=gen_device)
-        return t.to(device)
+        """(n,) training timesteps, uniform; with a list of generators each image's from its own stream."""
+        return randint(self.scheduler.config.num_train_timesteps, n, generator, device)
 
     def _min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
         alpha_bar = self.scheduler.alphas_cumprod.to(t.device)[t]
