@@ -1,6 +1,8 @@
 """Which images each rank sees at each step, and each image's own random stream: both functions of the step alone,
 so a resumed run picks up the exact data order, and any split of a global batch over ranks and accumulation
-micro-batches gives the same update."""
+micro-batches gives the same update (to float32 rounding): every random draw of an image (caption dropout, posterior
+sample, noise, offset noise, timestep) comes from that image's generator. Dropout inside a model (UNet `dropout` > 0)
+draws from the global RNG and is the one exception."""
 
 from __future__ import annotations
 
