@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .errors import ArgumentError
 from .noise import Generator
 
 ImageInput = Image.Image | list[Image.Image] | Tensor
@@ -20,18 +21,18 @@ def image_tensor(image: ImageInput, name: str = "image") -> Tensor:
         image = [image]
     if isinstance(image, (list, tuple)):
         if not image or not all(isinstance(i, Image.Image) for i in image):
-            raise ValueError(f"{name} must be a PIL image, a non-empty list of them or a tensor (B,3,H,W)")
+            raise ArgumentError(f"{name} must be a PIL image, a non-empty list of them or a tensor (B,3,H,W)")
         if len({i.size for i in image}) > 1:
-            raise ValueError(f"{name}: the images differ in size {sorted({i.size for i in image})}")
+            raise ArgumentError(f"{name}: the images differ in size {sorted({i.size for i in image})}")
         arrays = np.stack([np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in image])
         return torch.from_numpy(arrays).permute(0, 3, 1, 2)  # (B,3,H,W)
     if not isinstance(image, Tensor):
-        raise ValueError(f"{name} must be a PIL image, a list of them or a tensor (B,3,H,W), got {type(image).__name__}")
+        raise ArgumentError(f"{name} must be a PIL image, a list of them or a tensor (B,3,H,W), got {type(image).__name__}")
     image = image[None] if image.ndim == 3 else image
     if image.ndim != 4 or image.shape[1] != 3:
-        raise ValueError(f"{name} must have shape (B,3,H,W), got {tuple(image.shape)}")
+        raise ArgumentError(f"{name} must have shape (B,3,H,W), got {tuple(image.shape)}")
     if image.min() < 0 or image.max() > 1:
-        raise ValueError(f"{name} values must lie in [0, 1], got [{image.min().item():.3g}, {image.max().item():.3g}]")
+        raise ArgumentError(f"{name} values must lie in [0, 1], got [{image.min().item():.3g}, {image.max().item():.3g}]")
     return image.float().cpu()
 
 
@@ -42,17 +43,17 @@ def mask_tensor(mask: Image.Image | list[Image.Image] | Tensor, name: str = "mas
         mask = [mask]
     if isinstance(mask, (list, tuple)):
         if not mask or not all(isinstance(m, Image.Image) for m in mask):
-            raise ValueError(f"{name} must be a PIL image, a non-empty list of them or a tensor (B,1,H,W)")
+            raise ArgumentError(f"{name} must be a PIL image, a non-empty list of them or a tensor (B,1,H,W)")
         if len({m.size for m in mask}) > 1:
-            raise ValueError(f"{name}: the masks differ in size {sorted({m.size for m in mask})}")
+            raise ArgumentError(f"{name}: the masks differ in size {sorted({m.size for m in mask})}")
         mask = torch.from_numpy(np.stack([np.asarray(m.convert("L"), dtype=np.float32) / 255.0 for m in mask]))
     if not isinstance(mask, Tensor):
-        raise ValueError(f"{name} must be a PIL image, a list of them or a tensor (B,1,H,W), got {type(mask).__name__}")
+        raise ArgumentError(f"{name} must be a PIL image, a list of them or a tensor (B,1,H,W), got {type(mask).__name__}")
     mask = mask.float().cpu()
     mask = mask.reshape(1, 1, *mask.shape) if mask.ndim == 2 else mask
     mask = mask[:, None] if mask.ndim == 3 else mask
     if mask.ndim != 4 or mask.shape[1] != 1:
-        raise ValueError(f"{name} must have shape (B,1,H,W), got {tuple(mask.shape)}")
+        raise ArgumentError(f"{name} must have shape (B,1,H,W), got {tuple(mask.shape)}")
     return (mask >= 0.5).float()
 
 

@@ -232,9 +232,9 @@ class LatentDiffusion(nn.Module):
                        n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The image (B,3,H,W) in [0,1] and the mask (B,1,H,W) of 0/1 on the device, one per prompt repeated n times."""
         if mask_image is not None and image is None:
-            raise ValueError("mask_image needs image: pass the image to inpaint as image=")
+            raise ArgumentError("mask_image needs image: pass the image to inpaint as image=")
         if self.concat_channels and mask_image is None:
-            raise ValueError(f"this is an inpainting model (unet.in_channels {self.unet.config.in_channels}): pass "
+            raise ArgumentError(f"this is an inpainting model (unet.in_channels {self.unet.config.in_channels}): pass "
                              "image= and mask_image=")
         if image is None:
             return None, None
@@ -242,15 +242,15 @@ class LatentDiffusion(nn.Module):
         mask = None if mask_image is None else mask_tensor(mask_image, "mask_image")
         factor = self.vae_scale_factor
         if pixels.shape[2] % factor or pixels.shape[3] % factor:
-            raise ValueError(f"image size {pixels.shape[3]}x{pixels.shape[2]} (WxH) is not divisible by the VAE "
+            raise ArgumentError(f"image size {pixels.shape[3]}x{pixels.shape[2]} (WxH) is not divisible by the VAE "
                              f"factor {factor}")
         if mask is not None and mask.shape[2:] != pixels.shape[2:]:
-            raise ValueError(f"mask_image size {mask.shape[3]}x{mask.shape[2]} differs from the image's "
+            raise ArgumentError(f"mask_image size {mask.shape[3]}x{mask.shape[2]} differs from the image's "
                              f"{pixels.shape[3]}x{pixels.shape[2]} (WxH)")
 
         def per_image(t: torch.Tensor, name: str) -> torch.Tensor:
             if t.shape[0] not in (1, n_prompts):
-                raise ValueError(f"{name} holds {t.shape[0]} images for {n_prompts} prompts: give one, or one each")
+                raise ArgumentError(f"{name} holds {t.shape[0]} images for {n_prompts} prompts: give one, or one each")
             return t.expand(n_prompts, *t.shape[1:]).repeat_interleave(n, dim=0).to(self.device)
 
         return per_image(pixels, "image"), None if mask is None else per_image(mask, "mask_image")
@@ -261,7 +261,7 @@ class LatentDiffusion(nn.Module):
         if pixels is not None:
             size = tuple(pixels.shape[2:])
             if (height or size[0], width or size[1]) != size:
-                raise ValueError(f"height/width {height}x{width} contradict the image's size {size[0]}x{size[1]}")
+                raise ArgumentError(f"height/width {height}x{width} contradict the image's size {size[0]}x{size[1]}")
             return size
         if latents is not None and latents.ndim == 4:
             height = latents.shape[2] * self.vae_scale_factor if height is None else height
@@ -273,7 +273,7 @@ class LatentDiffusion(nn.Module):
         """img2img runs the last int(steps * strength) steps of the schedule (diffusers' get_timesteps)."""
         run = min(int(steps * strength), steps)
         if run < 1:
-            raise ValueError(f"strength={strength} with num_inference_steps={steps} leaves no step to run "
+            raise ArgumentError(f"strength={strength} with num_inference_steps={steps} leaves no step to run "
                              "(int(steps * strength) = 0): raise either")
         return run
 
