@@ -142,3 +142,28 @@ def test_callback_sees_every_step_and_strength_sets_the_step_count(pipe):
 def test_bad_image_arguments_name_the_culprit(pipe, kwargs, culprit):
     with pytest.raises(ValueError, match=culprit):
         pipe(PROMPTS, **{"num_inference_steps": 2, **kwargs})
+
+
+def test_random_inpainting_masks_draw_rectangles_strokes_and_whole_images():
+    from latentdiffusion.images import random_inpainting_masks
+
+    masks = random_inpainting_masks(400, 16, 24, torch.Generator().manual_seed(0))
+    again = random_inpainting_masks(400, 16, 24, torch.Generator().manual_seed(0))
+    assert masks.shape == (400, 1, 16, 24) and torch.equal(masks, again)
+    assert set(masks.unique().tolist()) == {0.0, 1.0}
+    covered = masks.mean(dim=(1, 2, 3))
+    assert 0.15 < (covered == 1).float().mean() < 0.35  # whole-image masks: about a quarter
+    partial = covered[(covered > 0) & (covered < 1)]
+    assert len(partial) > 200 and 0.05 < partial.mean() < 0.6  # rectangles and strokes repaint part of the image
+    # a rectangle alone fills its rows' columns alike; a slanted stroke does not: both kinds occur
+    filled_rows = masks[:, 0].amax(dim=2, keepdim=True).expand(-1, -1, 24)
+    rectangular = ((masks[:, 0] == filled_rows * masks[:, 0].amax(dim=1, keepdim=True)).all(dim=(1, 2)))
+    assert 0.1 < rectangular[(covered > 0) & (covered < 1)].float().mean() < 0.9
+
+
+def test_inpainting_loss_is_differentiable(inpainting_dir):
+    ours = LatentDiffusion.from_pretrained(inpainting_dir)
+    ours.unet.train()
+    loss = ours.loss(source_image() * 2 - 1, PROMPTS, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss) and ours.unet.conv_in.weight.grad[:, 4:].abs().sum() > 0

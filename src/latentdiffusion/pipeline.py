@@ -17,7 +17,7 @@ from .arguments import integer, real, texts
 from .conditioning import Conditioning, run_unet
 from .errors import ArgumentError, ConfigError
 from .guidance import ClassifierFreeGuidance
-from .images import ImageInput, image_tensor, mask_tensor
+from .images import ImageInput, image_tensor, mask_tensor, random_inpainting_masks
 from .noise import Generator, randint, randn
 from .samplers import SAMPLERS, Denoiser, NoiseLevels, add_noise, input_scale, sampler_entry
 from .samplers.levels import vp_to_k_scale
@@ -104,13 +104,25 @@ class LatentDiffusion(nn.Module):
         if len(captions) != images.shape[0]:
             raise ArgumentError(f"got {len(captions)} captions for {images.shape[0]} images")
         latents = self.encode_images(images, generator)
-        return self.diffusion_loss(latents, self.text_encoder(list(captions)), generator, snr_gamma, noise_offset)
+        concat = self.random_inpainting_concat(images, generator) if self.concat_channels else None
+        return self.diffusion_loss(latents, self.text_encoder(list(captions)), generator, snr_gamma, noise_offset,
+                                   concat)
+
+    def random_inpainting_concat(self, images: torch.Tensor, generator: Generator = None) -> torch.Tensor:
+        """An inpainting UNet's extra input for training images (B,3,H,W) in [-1,1]: random masks (rectangles,
+        strokes, whole images; see images.random_inpainting_masks) and the images' latents with them grey."""
+        b, _, h, w = images.shape
+        masks = random_inpainting_masks(b, h, w, generator).to(images.device)
+        pixels = (images.to(self.device).float() / 2 + 0.5).clamp(0, 1)
+        return self.inpainting_concat(pixels, masks.to(self.device), generator, (b, 0, h, w))
 
     def diffusion_loss(self, latents: torch.Tensor, context: torch.Tensor, generator: Generator = None,
-                       snr_gamma: float | None = None, noise_offset: float = 0.0) -> torch.Tensor:
+                       snr_gamma: float | None = None, noise_offset: float = 0.0,
+                       concat: torch.Tensor | None = None) -> torch.Tensor:
         """The denoising loss (DDPM eq. 14) on scaled latents, optionally min-SNR-gamma weighted (Hang et al., 2023)
-        and with offset noise (a per-channel constant added to the noise). With a list of generators, image i's
-        noise, offset and timestep all come from generator i: any split of the batch draws the same values."""
+        and with offset noise (a per-channel constant added to the noise); `concat` (B,Cc,h,w): channels an
+        inpainting UNet takes beside the latents. With a list of generators, image i's noise, offset and timestep
+        all come from generator i: any split of the batch draws the same values."""
         b, c = latents.shape[:2]
         noise = randn(latents.shape, generator, latents.device, latents.dtype)
         if noise_offset:
@@ -118,7 +130,7 @@ class LatentDiffusion(nn.Module):
         t = self._random_timesteps(b, generator, latents.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         target = self.scheduler.training_target(latents, noise, t)
-        pred = self.unet(noisy, t, context)
+        pred = run_unet(self.unet, noisy, t, Conditioning(context, concat))
         per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
         if snr_gamma is not None:
             per_sample = per_sample * self._min_snr_weight(t, snr_gamma)
@@ -198,7 +210,7 @@ class LatentDiffusion(nn.Module):
             x0 = self.encode_images(pixels * 2 - 1, generator).float()
         noise = randn(shape, generator, self.device) if latents is None else latents.to(self.device, torch.float32)
         x = noise * levels.init_noise_sigma if x0 is None or repaint_all else add_noise(x0, noise, levels.sigmas[0])
-        concat = self._inpainting_concat(pixels, mask, generator) if self.concat_channels else None
+        concat = self.inpainting_concat(pixels, mask, generator, shape) if self.concat_channels else None
         cond, uncond = (None if c is None else Conditioning(c, concat) for c in contexts)
         guided = ClassifierFreeGuidance(self._run_unet, cond, uncond, guidance_scale, guidance_rescale)
         denoiser = Denoiser(guided, self.scheduler.config, levels)
@@ -233,9 +245,9 @@ class LatentDiffusion(nn.Module):
         """The image (B,3,H,W) in [0,1] and the mask (B,1,H,W) of 0/1 on the device, one per prompt repeated n times."""
         if mask_image is not None and image is None:
             raise ArgumentError("mask_image needs image: pass the image to inpaint as image=")
-        if self.concat_channels and mask_image is None:
+        if self.concat_channels and image is not None and mask_image is None:
             raise ArgumentError(f"this is an inpainting model (unet.in_channels {self.unet.config.in_channels}): pass "
-                             "image= and mask_image=")
+                             "mask_image= with image=")
         if image is None:
             return None, None
         pixels = image_tensor(image, "image")
@@ -277,9 +289,19 @@ class LatentDiffusion(nn.Module):
                              "(int(steps * strength) = 0): raise either")
         return run
 
-    def _inpainting_concat(self, pixels: torch.Tensor, mask: torch.Tensor, generator: Generator) -> torch.Tensor:
-        """What an inpainting UNet takes beside the latents: the mask at latent size and the latents of the image
-        with the repainted region grey, (B, 1 + C, h, w) (SD 1.5 inpainting)."""
+    def inpainting_concat(self, pixels: torch.Tensor | None, mask: torch.Tensor | None, generator: Generator,
+                          shape: tuple[int, ...]) -> torch.Tensor:
+        """What an inpainting UNet takes beside the latents (B, C, h, w) of `shape`: the mask (B,1,H,W), 1 = repaint,
+        at latent size and the latents of the image (B,3,H,W) in [0,1] with that region grey, (B, 1 + C, h, w), as
+        SD 1.5 inpainting. No image: all repainted from a grey image (text-to-image, as whole-image masks teach)."""
+        if self.concat_channels != self.vae.config.latent_channels + 1:
+            raise ValueError(f"unet.in_channels {self.unet.config.in_channels}: a UNet with {self.concat_channels} "
+                             "extra input channels is not an inpainting UNet (latent channels + mask + masked latents)")
+        if pixels is None:
+            b, _, h, w = shape
+            factor = self.vae_scale_factor
+            pixels = torch.full((b, 3, h * factor, w * factor), 0.5, device=self.device)
+            mask = torch.ones(b, 1, h * factor, w * factor, device=self.device)
         masked = (pixels * 2 - 1) * (1 - mask)
         masked_latents = self.encode_images(masked, generator)
         small_mask = F.interpolate(mask, size=masked_latents.shape[2:])  # nearest

@@ -41,9 +41,12 @@ class DiffusionLoss(nn.Module):
         super().__init__()
         self.pipe, self.snr_gamma, self.noise_offset = pipe, snr_gamma, noise_offset
 
-    def forward(self, latents: torch.Tensor, captions: list[str], generators: list[torch.Generator]) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, captions: list[str], generators: list[torch.Generator],
+                pixels: torch.Tensor | None = None) -> torch.Tensor:
         context = self.pipe.text_encoder(captions)  # (B, T, D)
-        return self.pipe.diffusion_loss(latents, context, generators, self.snr_gamma, self.noise_offset)
+        # an inpainting UNet also takes random masks and the masked images' latents (pixels (B,3,H,W) in [-1,1])
+        concat = self.pipe.random_inpainting_concat(pixels, generators) if self.pipe.concat_channels else None
+        return self.pipe.diffusion_loss(latents, context, generators, self.snr_gamma, self.noise_offset, concat)
 
 
 def train_ldm(config: LDMRunConfig, output: str | Path, vae: str | Path | None = None, init: str | Path | None = None,
@@ -69,6 +72,9 @@ class LDMTask(Task):
         pipe = load_native(run.checkpoint).pipeline() if run.checkpoint else \
             build_pipeline(config, raw, vae_source, init, text_encoder_source)
         pipe.to(runtime.device, PARAMETER_DTYPE)  # whatever dtype the files stored
+        if pipe.concat_channels and cfg.cache_latents:
+            raise ConfigError(f"model.unet.in_channels {pipe.unet.config.in_channels} (an inpainting UNet) trains on "
+                              "freshly masked images: set train.cache_latents: false")
         unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
         self.train_text = text_encoder.config.trainable
         self.trained: list[nn.Module] = [unet, text_encoder] if self.train_text else [unet]
@@ -105,15 +111,17 @@ class LDMTask(Task):
         n_params = sum(p.numel() for p in self.stages[0].params)
         return f"{n_params / 1e6:.2f}M parameters ({'UNet + text encoder' if self.train_text else 'UNet'})"
 
-    def inputs(self, mb: MicroBatch) -> tuple[torch.Tensor, list[str], list[torch.Generator]]:
-        """Scaled latents (B, C, h, w), captions with caption dropout applied, one generator per image."""
+    def inputs(self, mb: MicroBatch) -> tuple[torch.Tensor, list[str], list[torch.Generator], torch.Tensor | None]:
+        """Scaled latents (B, C, h, w), captions with caption dropout applied, one generator per image, and the
+        pixels (B,3,H,W) in [-1,1] where the batch has them (an inpainting UNet masks them)."""
         batch = mb.batch
         gens = mb.generators(len(batch["text"]))
         dropped = bernoulli(gens, self.cfg.caption_dropout).tolist()
         captions = ["" if drop else text for drop, text in zip(dropped, batch["text"])]
-        return sample_latents(self.pipe.vae, batch, gens, self.runtime.device), captions, gens
+        latents = sample_latents(self.pipe.vae, batch, gens, self.runtime.device)
+        return latents, captions, gens, batch.get("pixel_values")
 
-    def loss(self, inputs: tuple[torch.Tensor, list[str], list[torch.Generator]]):
+    def loss(self, inputs: tuple[torch.Tensor, list[str], list[torch.Generator], torch.Tensor | None]):
         loss = self.stages[0].module(*inputs)
         return loss, {"loss": loss}
 
