@@ -44,9 +44,12 @@ class DiffusionLoss(nn.Module):
         super().__init__()
         self.pipe, self.snr_gamma, self.noise_offset = pipe, snr_gamma, noise_offset
 
-    def forward(self, latents: torch.Tensor, captions: list[str], generators: list[torch.Generator]) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, captions: list[str], generators: list[torch.Generator],
+                pixels: torch.Tensor | None = None) -> torch.Tensor:
         context = self.pipe.text_encoder(captions)  # (B, T, D)
-        return self.pipe.diffusion_loss(latents, context, generators, self.snr_gamma, self.noise_offset)
+        # an inpainting UNet also takes random masks and the masked images' latents (pixels (B,3,H,W) in [-1,1])
+        concat = self.pipe.random_inpainting_concat(pixels, generators) if self.pipe.concat_channels else None
+        return self.pipe.diffusion_loss(latents, context, generators, self.snr_gamma, self.noise_offset, concat)
 
 
 def train_ldm(config: LDMRunConfig, output: str | Path, vae: str | Path | None = None, init: str | Path | None = None,
@@ -81,6 +84,9 @@ def _train(config: LDMRunConfig, output: Path, vae_source: Any, init: Any, text_
     else:
         pipe = build_pipeline(config, raw, vae_source, init, text_encoder_source)
     pipe.to(runtime.device)
+    if pipe.concat_channels and cfg.cache_latents:
+        raise ConfigError(f"model.unet.in_channels {pipe.unet.config.in_channels} (an inpainting UNet) trains on "
+                          "freshly masked images: set train.cache_latents: false")
     unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
     train_text = text_encoder.config.trainable
     trained: list[nn.Module] = [unet, text_encoder] if train_text else [unet]
@@ -131,7 +137,7 @@ def _train(config: LDMRunConfig, output: Path, vae_source: Any, init: Any, text_
             last = micro == cfg.gradient_accumulation - 1
             with distributed.sync_gradients(loss_module, last):
                 with precision.autocast():
-                    loss = loss_module(latents, captions, gens) / cfg.gradient_accumulation
+                    loss = loss_module(latents, captions, gens, batch.get("pixel_values")) / cfg.gradient_accumulation
                 precision.backward(loss)
             loss_sum += loss.detach()
         grad_norm = unscale_and_clip(optimizer, precision, cfg.grad_clip)
