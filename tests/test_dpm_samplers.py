@@ -8,27 +8,19 @@ import pytest
 import torch
 
 from latentdiffusion.errors import ConfigError
-from latentdiffusion.samplers.dpm_solver import (
-    dpm_solver_schedule,
-    sample_dpmpp_2m,
-    sample_dpmpp_2m_sde,
-    vp_noise_scale,
-)
-from latentdiffusion.samplers.lms import lms_coefficients, lms_noise_scale, lms_schedule, sample_lms
-from latentdiffusion.samplers.unipc import sample_unipc, unipc_schedule
+from latentdiffusion.samplers import SAMPLERS, Denoiser, sampler_entry
+from latentdiffusion.samplers.lms import lms_coefficients
 from latentdiffusion.schedulers import SchedulerConfig
 
 STEPS = 10
 SHAPE = (2, 4, 8, 8)
-
-# name -> (our sampler, our schedule, our initial noise scale, diffusers class, its extra settings)
-SAMPLERS = {
-    "dpmpp_2m": (sample_dpmpp_2m, dpm_solver_schedule, vp_noise_scale, diffusers.DPMSolverMultistepScheduler,
-                 {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_sde": (sample_dpmpp_2m_sde, dpm_solver_schedule, vp_noise_scale, diffusers.DPMSolverMultistepScheduler,
-                     {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "unipc": (sample_unipc, unipc_schedule, vp_noise_scale, diffusers.UniPCMultistepScheduler, {}),
-    "lms": (sample_lms, lms_schedule, lms_noise_scale, diffusers.LMSDiscreteScheduler, {}),
+NAMES = ["dpmpp_2m", "dpmpp_2m_sde", "unipc", "lms"]
+# the diffusers scheduler settings that select each algorithm (beyond the class SAMPLERS[name].reference names)
+REFERENCE_SETTINGS = {
+    "dpmpp_2m": {"algorithm_type": "dpmsolver++", "solver_order": 2},
+    "dpmpp_2m_sde": {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+    "unipc": {},
+    "lms": {},
 }
 
 
@@ -46,25 +38,8 @@ class ToyModel:
         return mixed + 0.3 * torch.tanh(mixed) * torch.cos(t / 300.0) + self.b * torch.sin(t / 100.0)
 
 
-def toy_denoiser(model: ToyModel, prediction_type: str, sigmas: torch.Tensor, timesteps: torch.Tensor):
-    """The minimal sigma-scale adapter: model input x / sqrt(sigma^2 + 1) at the timestep chosen for that sigma,
-    output turned into the x0 estimate."""
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        t = timesteps[int((sigmas[:-1] == sigma).nonzero()[0, 0])]
-        s = float(sigma)
-        out = model(x / (s**2 + 1) ** 0.5, t)
-        if prediction_type == "epsilon":
-            return x - s * out
-        if prediction_type == "v_prediction":
-            return x / (s**2 + 1) - s / (s**2 + 1) ** 0.5 * out
-        return out
-
-    return denoise
-
-
 def reference(name: str, cfg: SchedulerConfig, karras: bool):
-    cls, extra = SAMPLERS[name][3], SAMPLERS[name][4]
+    cls, extra = getattr(diffusers, SAMPLERS[name].reference), REFERENCE_SETTINGS[name]
     accepted = inspect.signature(cls.__init__).parameters
     kwargs = {k: v for k, v in vars(cfg).items() if k in accepted}
     if karras:
@@ -73,7 +48,7 @@ def reference(name: str, cfg: SchedulerConfig, karras: bool):
 
 
 def run_both(name: str, cfg: SchedulerConfig, karras: bool, steps: int = STEPS) -> tuple[torch.Tensor, torch.Tensor]:
-    sample, schedule, noise_scale = SAMPLERS[name][:3]
+    entry = SAMPLERS[name]
     model = ToyModel()
     latents = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
 
@@ -87,12 +62,11 @@ def run_both(name: str, cfg: SchedulerConfig, karras: bool, steps: int = STEPS) 
         kwargs = {"generator": g_ref} if takes_generator else {}
         x_ref = ref.step(out, t, x_ref, **kwargs).prev_sample
 
-    sigmas, timesteps = schedule(cfg, steps, use_karras_sigmas=karras)
-    torch.testing.assert_close(sigmas, ref.sigmas.double(), rtol=1e-6, atol=0)
-    torch.testing.assert_close(timesteps, ref.timesteps.double(), rtol=1e-6, atol=1e-4)
-    x = latents * noise_scale(cfg, sigmas)
-    x = sample(toy_denoiser(model, cfg.prediction_type, sigmas, timesteps), x, sigmas,
-               generator=torch.Generator().manual_seed(2))
+    levels = entry.levels(cfg, steps, karras)
+    torch.testing.assert_close(levels.sigmas, ref.sigmas.double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(levels.timesteps, ref.timesteps.double(), rtol=1e-6, atol=1e-4)
+    x = latents * levels.init_noise_sigma  # diffusers' multistep solvers work on x_t: x = x_t sqrt(1 + sigma^2)
+    x = entry.function(Denoiser(model, cfg, levels), x, levels.sigmas, generator=torch.Generator().manual_seed(2))
     return x, x_ref
 
 
@@ -103,7 +77,7 @@ def assert_relative(x: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> No
 
 CASES = [
     (name, pred, spacing, karras)
-    for name in SAMPLERS
+    for name in NAMES
     for pred in ("epsilon", "v_prediction")
     for spacing in ("leading", "trailing", "linspace")
     for karras in (False, True)
@@ -126,7 +100,7 @@ def test_zero_terminal_snr_matches_diffusers(name, spacing, karras):
     assert_relative(x, x_ref)
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("schedule,pred", [("linear", "sample"), ("squaredcos_cap_v2", "epsilon")])
 def test_other_schedules_and_sample_prediction(name, schedule, pred):
     cfg = SchedulerConfig(beta_schedule=schedule, prediction_type=pred, steps_offset=0, timestep_spacing="linspace")
@@ -136,13 +110,14 @@ def test_other_schedules_and_sample_prediction(name, schedule, pred):
         assert_relative(x, x_ref)
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("steps", [5, 20])
 def test_cosine_karras_schedule_matches_diffusers(name, steps):
     cfg = SchedulerConfig(beta_schedule="squaredcos_cap_v2", timestep_spacing="linspace", steps_offset=0)
     ref = reference(name, cfg, karras=True)
     ref.set_timesteps(steps)
-    sigmas, timesteps = SAMPLERS[name][1](cfg, steps, use_karras_sigmas=True)
+    levels = SAMPLERS[name].levels(cfg, steps, True)
+    sigmas, timesteps = levels.sigmas, levels.timesteps
     torch.testing.assert_close(sigmas, ref.sigmas.double(), rtol=1e-6, atol=0)
     # its sigma -> timestep interpolation runs on a float32 log-sigma table, whose rounding moves some of these
     # nearly equal sigmas (1000 training timesteps within 0.1% of sigma_max) to the neighbouring timestep
@@ -160,42 +135,48 @@ def test_lms_coefficients_integrate_polynomials_exactly():
 
 def test_callback_replaces_x():
     cfg = SchedulerConfig()
-    sigmas, timesteps = dpm_solver_schedule(cfg, 4)
-    denoise = toy_denoiser(ToyModel(), "epsilon", sigmas, timesteps)
     seen = []
 
     def callback(i, sigma_next, x):
-        seen.append((i, float(sigma_next)))
+        seen.append((i, sigma_next))
         return torch.zeros_like(x) if i == 3 else None
 
-    for sample in (sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc, sample_lms):
+    for name in NAMES:
+        levels = SAMPLERS[name].levels(cfg, 4, False)
         seen.clear()
-        x = sample(denoise, torch.randn(SHAPE), sigmas, generator=torch.Generator().manual_seed(0), callback=callback)
-        assert seen == [(i, float(sigmas[i + 1])) for i in range(4)]
+        x = SAMPLERS[name].function(Denoiser(ToyModel(), cfg, levels), torch.randn(SHAPE), levels.sigmas,
+                                    generator=torch.Generator().manual_seed(0), callback=callback)
+        assert seen == [(i, float(levels.sigmas[i + 1])) for i in range(4)]
         assert torch.equal(x, torch.zeros(SHAPE))
 
 
 def test_lms_refuses_zero_snr():
     with pytest.raises(ConfigError, match="rescale_betas_zero_snr"):
-        lms_schedule(SchedulerConfig(rescale_betas_zero_snr=True, prediction_type="v_prediction"), 10)
+        SAMPLERS["lms"].levels(SchedulerConfig(rescale_betas_zero_snr=True, prediction_type="v_prediction"), 10, False)
+
+
+def test_registry_takes_karras_for_each():
+    for name in NAMES:
+        assert sampler_entry(name, use_karras_sigmas=True) is SAMPLERS[name]
 
 
 @pytest.mark.parametrize("name", ["dpmpp_2m", "lms"])
 @pytest.mark.parametrize("spacing,offset", [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)])
-def test_schedule_matches_diffusers_for_many_step_counts(name, spacing, offset):
+def test_levels_match_diffusers_for_many_step_counts(name, spacing, offset):
     cfg = SchedulerConfig(timestep_spacing=spacing, steps_offset=offset)
     ref = reference(name, cfg, karras=False)
     for steps in [*range(1, 31), 49, 50, 100, 250, 998]:
         ref.set_timesteps(steps)
-        sigmas, timesteps = SAMPLERS[name][1](cfg, steps)
+        levels = SAMPLERS[name].levels(cfg, steps, False)
         # diffusers' trailing float arange sometimes yields n + 1 steps ending at t = -1 (e.g. n = 998); ours stops at n
-        assert torch.equal(timesteps, ref.timesteps[:steps].double()), steps
-        torch.testing.assert_close(sigmas[:-1], ref.sigmas[:steps].double(), rtol=1e-6, atol=0)
-        if name == "lms":  # diffusers' DPM-Solver scales in its own (variance-preserving) space: see run_both
-            assert lms_noise_scale(cfg, sigmas) == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+        torch.testing.assert_close(levels.timesteps, ref.timesteps[:steps].double(), rtol=0, atol=1e-4)
+        torch.testing.assert_close(levels.sigmas[:-1], ref.sigmas[:steps].double(), rtol=1e-6, atol=0)
+        # diffusers' LMS scales the latents into its own scale; its DPM-Solver works on x_t (scale 1)
+        scale = float(ref.init_noise_sigma) * (1.0 if name == "lms" else (1 + float(ref.sigmas[0]) ** 2) ** 0.5)
+        assert levels.init_noise_sigma == pytest.approx(scale, rel=1e-6)
 
 
 def test_bad_step_count_names_the_argument():
-    for schedule in (dpm_solver_schedule, lms_schedule, unipc_schedule):
+    for name in NAMES:
         with pytest.raises(ConfigError, match="num_inference_steps"):
-            schedule(SchedulerConfig(), 0)
+            SAMPLERS[name].levels(SchedulerConfig(), 0, False)

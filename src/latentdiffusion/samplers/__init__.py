@@ -16,8 +16,11 @@ from ..errors import ConfigError
 from ..schedulers.schedule import SchedulerConfig
 from .ddim import sample_ddim, sample_ddpm
 from .denoiser import Denoiser, after_step, to_eps
+from .dpm_solver import dpm_solver_levels, sample_dpmpp_2m, sample_dpmpp_2m_sde
 from .euler import sample_euler, sample_euler_ancestral, sample_heun
 from .levels import NoiseLevels, add_noise, chain_levels, input_scale, sigma_levels
+from .lms import lms_levels, sample_lms
+from .unipc import sample_unipc, unipc_levels
 
 Sampler = Callable[..., Any]  # sample_<name>(denoiser, x, sigmas, *, generator, callback, **options) -> x
 
@@ -68,6 +71,10 @@ SAMPLERS: dict[str, SamplerEntry] = {
     "euler": SamplerEntry(sample_euler, sigma_levels, "EulerDiscreteScheduler", karras=True),
     "euler_ancestral": SamplerEntry(sample_euler_ancestral, sigma_levels, "EulerAncestralDiscreteScheduler"),
     "heun": SamplerEntry(sample_heun, sigma_levels, "HeunDiscreteScheduler", karras=True),
+    "lms": SamplerEntry(sample_lms, lms_levels, "LMSDiscreteScheduler", karras=True),
+    "dpmpp_2m": SamplerEntry(sample_dpmpp_2m, dpm_solver_levels, "DPMSolverMultistepScheduler", karras=True),
+    "dpmpp_2m_sde": SamplerEntry(sample_dpmpp_2m_sde, dpm_solver_levels, "DPMSolverMultistepScheduler", karras=True),
+    "unipc": SamplerEntry(sample_unipc, unipc_levels, "UniPCMultistepScheduler", karras=True),
 }
 
 
@@ -83,5 +90,5 @@ def sampler_entry(name: str, use_karras_sigmas: bool = False) -> SamplerEntry:
 
 
 __all__ = ["SAMPLERS", "Denoiser", "NoiseLevels", "SamplerEntry", "add_noise", "after_step", "input_scale",
-           "sample_ddim", "sample_ddpm", "sample_euler", "sample_euler_ancestral", "sample_heun", "sampler_entry",
-           "to_eps"]
+           "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_euler",
+           "sample_euler_ancestral", "sample_heun", "sample_lms", "sample_unipc", "sampler_entry", "to_eps"]

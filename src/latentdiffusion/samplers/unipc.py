@@ -10,16 +10,16 @@ from torch import Tensor
 
 from ..noise import Generator
 from ..schedulers.schedule import SchedulerConfig
-from .dpm_solver import Callback, Denoiser, dpm_solver_schedule
+from .denoiser import Denoiser, StepCallback, after_step
+from .dpm_solver import dpm_solver_levels
+from .levels import NoiseLevels
 
 
-def unipc_schedule(
-    config: SchedulerConfig, num_inference_steps: int, *, use_karras_sigmas: bool = False
-) -> tuple[Tensor, Tensor]:
-    """DPM-Solver's (sigmas, model timesteps) (dpm_solver_schedule), except that diffusers' UniPC rounds the Karras
+def unipc_levels(config: SchedulerConfig, steps: int, karras: bool) -> NoiseLevels:
+    """DPM-Solver's noise levels (dpm_solver_levels), except that diffusers' UniPCMultistepScheduler rounds the Karras
     timesteps of every beta schedule."""
-    sigmas, timesteps = dpm_solver_schedule(config, num_inference_steps, use_karras_sigmas=use_karras_sigmas)
-    return sigmas, timesteps.round()
+    levels = dpm_solver_levels(config, steps, karras)
+    return NoiseLevels(levels.sigmas, levels.timesteps.round(), levels.init_noise_sigma)
 
 
 def _corrector_weights(h: float, rk: float | None) -> tuple[float, float]:
@@ -38,7 +38,7 @@ def _corrector_weights(h: float, rk: float | None) -> tuple[float, float]:
 
 
 def sample_unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None,
-                 callback: Callback | None = None) -> Tensor:
+                 callback: StepCallback | None = None) -> Tensor:
     """UniPC-2 (Zhao et al. 2023, UniC-2 after UniP-2, B(h) = e^h - 1, data prediction): each step first corrects the current x
     with the model output just computed there (UniC), then predicts the next x (UniP, which equals DPM-Solver++(2M));
     one model call a step. The first predictor is order 1, as is the last (diffusers' lower_order_final). x (B,C,h,w)
@@ -49,7 +49,7 @@ def sample_unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Ge
     history: list[Tensor] = []  # x0 estimates at the points the predictor reached (before correction)
     last_x, last_order = x, 0
     for i in range(n):
-        x0 = denoiser(x, sigmas[i])
+        x0 = denoiser(x, s[i])
         if i > 0:  # UniC on the step sigma_{i-1} -> sigma_i just taken, order = that predictor's order
             h = lam[i] - lam[i - 1]
             rk = (lam[i - 2] - lam[i - 1]) / h if last_order == 2 else None
@@ -68,8 +68,5 @@ def sample_unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Ge
         if order == 2:  # UniP-2, rho = 1/2: D = x0 + (x0_prev - x0) / (2 rk)
             rk = (lam[i - 1] - lam[i]) / (lam[i + 1] - lam[i])
             d = x0 + (history[0] - x0) / (2.0 * rk)
-        x = ratio * x + (1.0 - ratio) * d
-        if callback is not None:
-            replaced = callback(i, sigmas[i + 1], x)
-            x = x if replaced is None else replaced
+        x = after_step(callback, i, s[i + 1], ratio * x + (1.0 - ratio) * d)
     return x

@@ -135,91 +135,34 @@ def prediction_target(x0: Tensor, noise: Tensor, alpha_bar: Tensor, prediction_t
     raise ConfigError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {prediction_type!r}")
 
 
-def inference_timesteps(
-    config: SchedulerConfig, num_inference_steps: int, *, exclude_zero: bool = False, fractional: bool = False
-) -> Tensor:
-    """The descending (N,) timesteps a sampler visits, by `config.timestep_spacing`, as diffusers chooses them.
-
-    Plain: int64, equal to diffusers' DDIM/DDPM `set_timesteps`. `exclude_zero`: leading and linspace spread N + 1
-    points from timestep 0 and drop the 0 (diffusers' DPM-Solver and UniPC multistep schedulers). `fractional`:
-    linspace points are not rounded (diffusers' LMS), float64 holding float32 values as diffusers stores them.
-    Raises ConfigError for a step count outside [1, num_train_timesteps] or a leading step past the schedule."""
+def inference_timesteps(config: SchedulerConfig, num_inference_steps: int, *, exclude_zero: bool = False) -> Tensor:
+    """The descending (N,) int64 timesteps a sampler visits; equal to diffusers' DDIM/DDPM `set_timesteps`, or, with
+    `exclude_zero`, to its DPM-Solver/UniPC multistep schedulers', whose leading and linspace spacings spread N + 1
+    points from timestep 0 and drop the 0. Raises ConfigError for a step count out of range or a leading step past
+    the schedule."""
     n_train, n = config.num_train_timesteps, num_inference_steps
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_train - int(exclude_zero):
-        raise ConfigError(
-            f"num_inference_steps must be an int in [1, {n_train - int(exclude_zero)}] "
-            f"(num_train_timesteps={n_train}), got {n!r}"
-        )
-    points = n + int(exclude_zero)  # points spread from timestep 0; the lowest is dropped when exclude_zero
-    if config.timestep_spacing == "leading":  # 0, r, 2r, ... with r = T // points, shifted by steps_offset
-        steps = torch.arange(points - 1, points - n - 1, -1, dtype=torch.int64) * (n_train // points)
-        steps = steps + config.steps_offset
+    top = n_train - int(exclude_zero)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= top:
+        limit = "num_train_timesteps - 1" if exclude_zero else "num_train_timesteps"
+        raise ConfigError(f"num_inference_steps must be an int in [1, {top}] ({limit}), got {n!r}")
+    count = n + int(exclude_zero)  # points spread from timestep 0; the lowest is dropped with exclude_zero
+    if config.timestep_spacing == "leading":  # 0, r, 2r, ... with r = T // count, shifted by steps_offset
+        steps = torch.arange(count - 1, count - n - 1, -1, dtype=torch.int64) * (n_train // count) + config.steps_offset
         if steps[0] >= n_train:
             raise ConfigError(
                 f"steps_offset={config.steps_offset} with {n} leading steps gives timestep {int(steps[0])}, "
                 f"past num_train_timesteps={n_train}"
             )
-        return steps.double() if fractional else steps
+        return steps
     if config.timestep_spacing == "trailing":  # T, T - T/N, ..., T/N, rounded, minus 1 (Lin et al. 2023 table 2)
         # numpy.arange(T, 0, -T/N) arithmetic (start + i * ((start + step) - start)) so rounding ties match exactly
         delta = (n_train - n_train / n) - n_train
-        steps = (n_train + torch.arange(n, dtype=torch.float64) * delta).round().to(torch.int64) - 1
-        return steps.double() if fractional else steps
-    # linspace: evenly spaced points over [0, T - 1] (numpy.linspace arithmetic), descending
-    grid = torch.arange(points, dtype=torch.float64) * ((n_train - 1) / (points - 1) if points > 1 else 0.0)
-    grid[-1] = n_train - 1 if points > 1 else 0.0
-    grid = grid.flip(0)[:n]
-    if fractional:
-        return grid.float().double()
-    return grid.round().to(torch.int64)
-
-
-# ---- noise levels in k-diffusion's scale: x = x0 + sigma * eps (Karras et al. 2022, sec. 2) ---------------------
-
-ZERO_SNR_ALPHA_BAR = 2.0**-24  # alpha_bar_T of a zero-terminal-SNR schedule in sigma space: sigma_max = 4096, finite
-
-
-def make_sigmas(config: SchedulerConfig) -> Tensor:
-    """The (T,) float64 ascending noise levels sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of the training
-    timesteps. A zero-terminal-SNR schedule has sigma_T = inf; its alpha_bar_T is raised to 2^-24 as diffusers'
-    sigma-space schedulers do."""
-    alpha_bar = make_alphas_cumprod(config).double()
-    if config.rescale_betas_zero_snr:
-        alpha_bar[-1] = ZERO_SNR_ALPHA_BAR
-    return ((1.0 - alpha_bar) / alpha_bar).sqrt()
-
-
-def sigmas_at_timesteps(sigma_table: Tensor, timesteps: Tensor) -> Tensor:
-    """Noise levels at (possibly fractional) timesteps, linear between the training timesteps of `sigma_table`
-    (T,), clamped to its ends (numpy.interp's rule); float64 like `timesteps`' shape."""
-    t = timesteps.double().clamp(0, len(sigma_table) - 1)
-    low = t.floor().long().clamp(max=len(sigma_table) - 2)
-    w = t - low
-    return sigma_table[low] * (1.0 - w) + sigma_table[low + 1] * w
-
-
-def timesteps_at_sigmas(sigmas: Tensor, sigma_table: Tensor) -> Tensor:
-    """The fractional model timesteps of noise levels `sigmas`: linear in log sigma between the training timesteps
-    of `sigma_table` (T,) ascending, clamped to [0, T - 1]; float64 like `sigmas`' shape."""
-    log_table = sigma_table.double().log()
-    log_sigma = sigmas.double().clamp(min=1e-10).log()
-    low = (torch.searchsorted(log_table, log_sigma, right=True) - 1).clamp(0, len(log_table) - 2)
-    w = ((log_table[low] - log_sigma) / (log_table[low] - log_table[low + 1])).clamp(0.0, 1.0)
-    return low * (1.0 - w) + (low + 1) * w
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, rho: float = 7.0) -> Tensor:
-    """Karras et al. (2022) eq. 5: N noise levels from sigma_max to sigma_min evenly spaced in sigma^(1/rho),
-    (N,) float64 descending."""
-    ramp = torch.linspace(0, 1, num_inference_steps, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
-
-
-def unit_noise_scale(sigma_max: float) -> float:
-    """The factor from unit-variance noise to x at noise level sigma_max in k-diffusion's scale: x = x_t /
-    sqrt(alpha_bar) with x_t of unit variance, so sqrt(sigma_max^2 + 1)."""
-    return math.sqrt(sigma_max**2 + 1.0)
+        points = n_train + torch.arange(n, dtype=torch.float64) * delta
+        return points.round().to(torch.int64) - 1
+    # linspace: `count` evenly spaced points over [0, T - 1], rounded (half to even), descending
+    points = torch.arange(count, dtype=torch.float64) * ((n_train - 1) / (count - 1) if count > 1 else 0.0)
+    points[-1] = n_train - 1 if count > 1 else 0.0
+    return points.round().to(torch.int64).flip(0)[:n]
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
