@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub.errors import StrictDataclassError
-from transformers import CLIPTextConfig, CLIPTokenizer
+from transformers import CLIPTextConfig
 
 from ..errors import WeightsError
 from ..schedulers import SchedulerConfig
@@ -227,9 +228,7 @@ def save_components(path: str | Path, components: Components) -> None:
     scheduler = dataclasses.asdict(configs.get("scheduler", SchedulerConfig()))
     scheduler.pop("variance_type")
     _write_json(path / "scheduler" / "scheduler_config.json", {"_class_name": "DDIMScheduler", **scheduler})
-    tokenizer = CLIPTokenizer.from_pretrained(str(components.tokenizer_dir or TOKENIZER_DIR), local_files_only=True,
-                                              pad_token=text_cfg.pad_token)
-    tokenizer.save_pretrained(str(path / "tokenizer"))  # with the pad token the model was used with
+    _write_tokenizer(Path(components.tokenizer_dir or TOKENIZER_DIR), path / "tokenizer", text_cfg.pad_token)
     _write_json(path / MODEL_INDEX, {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
         "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
@@ -237,6 +236,15 @@ def save_components(path: str | Path, components: Components) -> None:
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     })
+
+
+def _write_tokenizer(source: Path, folder: Path, pad_token: str) -> None:
+    """A copy of the tokenizer folder that names the pad token the model was used with (SD 2.x: "!")."""
+    shutil.copytree(source, folder, dirs_exist_ok=True)
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        data = _read_json(folder / name) if (folder / name).is_file() else {}
+        if data.get("pad_token") != pad_token:
+            _write_json(folder / name, {**data, "pad_token": pad_token})
 
 
 def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:

@@ -118,9 +118,9 @@ def _read(file: _Canonical, pairs: list[KeyPair], file_key: Callable[[str], str]
     return state
 
 
-def _infer(source: str, infer: Callable[..., Any], *args: Any) -> Any:
+def _infer(source: str, infer: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     try:
-        return infer(*args)
+        return infer(*args, **kwargs)
     except ConfigError as e:
         raise WeightsError(f"{source}: the tensor shapes describe an unsupported architecture: {e}") from None
 
