@@ -243,3 +243,35 @@ def test_sdxl_is_refused_clearly(quick_file, tmp_path):
     save_file(state, tmp_path / "xl.safetensors")
     with pytest.raises(WeightsError, match="SDXL"):
         LatentDiffusion.from_pretrained(tmp_path / "xl.safetensors")
+
+
+def test_the_vit_h_tower_is_read_from_its_shapes():
+    """SD 2.x's text tower: 24 OpenCLIP blocks read to the penultimate; 23 (diffusers' conversion script drops the
+    unused last) read to the last, which is the same computation."""
+    from latentdiffusion.formats.single_file_keys import infer_openclip_config
+    from latentdiffusion.text_encoder import TextEncoderConfig
+
+    def shapes(layers: int, width: int = 1024) -> dict:
+        return {"token_embedding.weight": (49408, width), "positional_embedding": (77, width),
+                **{f"transformer.resblocks.{i}.mlp.c_fc.weight": (4 * width, width) for i in range(layers)}}
+
+    vit_h = TextEncoderConfig(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
+                              hidden_act="gelu", layer="penultimate", pad_token="!")
+    assert infer_openclip_config(shapes(24), "f") == vit_h
+    assert infer_openclip_config(shapes(23), "f") == TextEncoderConfig(**{**vars(vit_h), "num_layers": 23,
+                                                                          "layer": "last"})
+    assert infer_openclip_config(shapes(3, 64), "f").layer == "penultimate"
+
+
+def test_cli_asks_for_the_prediction_type(quick_file, tmp_path, capsys):
+    from latentdiffusion.cli import main
+
+    state = load_file(quick_file)
+    del state["v_pred"]
+    save_file(state, tmp_path / "bare.safetensors")
+    assert main(["convert", str(tmp_path / "bare.safetensors"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ldm: error:") and "--prediction-type" in err and len(err.splitlines()) == 1
+    assert main(["convert", str(tmp_path / "bare.safetensors"), str(tmp_path / "out"),
+                 "--prediction-type", "v_prediction"]) == 0
+    assert LatentDiffusion.from_pretrained(tmp_path / "out").config.scheduler.prediction_type == "v_prediction"

@@ -293,8 +293,15 @@ def _original(
 
 def _check_storable(configs: list[Any], shapes: Mapping[str, Shape], path: Path) -> None:
     """WeightsError unless the file would load back with the same architecture (the configs are read from shapes)."""
+    openclip = any(k.startswith(OPENCLIP_PREFIX) for k in shapes)
+    heads = {"num_heads": None, "head_dim": 64} if openclip else {"num_heads": 8, "head_dim": None}  # the families'
+    for field, value in heads.items():
+        if getattr(configs[0], field) != value:
+            family = "an SD 2.x file (OpenCLIP text encoder)" if openclip else "an SD 1.x file (OpenAI CLIP)"
+            raise WeightsError(f"cannot save {path}: UNetConfig.{field}={getattr(configs[0], field)!r} has no place in "
+                               f"{family}, which would load back with num_heads={heads['num_heads']!r}, "
+                               f"head_dim={heads['head_dim']!r}")
     try:
-        openclip = any(k.startswith(OPENCLIP_PREFIX) for k in shapes)
         text = (infer_openclip_config(strip(shapes, OPENCLIP_PREFIX), str(path)) if openclip
                 else infer_text_encoder_config(strip(shapes, f"{TEXT_PREFIX}text_model."), str(path)))
         inferred = [infer_unet_config(strip(shapes, UNET_PREFIX), str(path), openclip),

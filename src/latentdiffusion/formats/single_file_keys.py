@@ -25,6 +25,7 @@ TEXT_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
 TEXT_POSITION_IDS = "text_model.embeddings.position_ids"  # a constant buffer: dropped on load, written on export
+VIT_H_WIDTH, VIT_H_LAYERS = 1024, 24  # SD 2.x's OpenCLIP text tower
 OPENCLIP_UNUSED = ("text_projection", "logit_scale")  # the contrastive head: no part of the text conditioning
 VAE_KEYS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")  # a standalone VAE file's keys start so
 SDXL_KEYS = ("conditioner.embedders.", f"{UNET_PREFIX}label_emb.0.0.weight")
@@ -340,10 +341,13 @@ def infer_openclip_config(shapes: Shapes, source: str) -> TextEncoderConfig:
     read to its penultimate block and padded with token 0 ("!"), as SD 2.x uses it."""
     need = functools.partial(_need, shapes, prefix=OPENCLIP_PREFIX, source=source)
     vocab, hidden = need("token_embedding.weight")
-    return _clip_config(source, vocab_size=vocab, hidden_size=hidden,
-                        num_layers=len(_indices(shapes, "transformer.resblocks.{}.")),
+    layers = len(_indices(shapes, "transformer.resblocks.{}."))
+    # ViT-H/14's tower has 24 blocks; a file with 23 lacks the final one SD 2.x never uses (diffusers' conversion
+    # script writes them so), and is read to its last block
+    layer = "last" if (hidden, layers) == (VIT_H_WIDTH, VIT_H_LAYERS - 1) else "penultimate"
+    return _clip_config(source, vocab_size=vocab, hidden_size=hidden, num_layers=layers,
                         intermediate_size=need("transformer.resblocks.0.mlp.c_fc.weight")[0],
-                        max_length=need("positional_embedding")[0], hidden_act="gelu", layer="penultimate",
+                        max_length=need("positional_embedding")[0], hidden_act="gelu", layer=layer,
                         pad_token=OPENCLIP_PAD)
 
 
