@@ -328,39 +328,37 @@ def test_shape_mismatch_missing_and_unexpected_keys_are_named(sd_file, tmp_path)
 def test_other_model_families_are_refused(sd_file, tmp_path):
     state = read_checkpoint(sd_file)
     cases = {
-        "SD 2.x": {**state, "cond_stage_model.model.token_embedding.weight": torch.zeros(4, 4)},
         "SDXL": {**state, "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(4)},
-        "not a Stable Diffusion 1.x single file": {"unet.conv_in.weight": torch.zeros(1)},
+        "not a Stable Diffusion single file nor a VAE file": {"unet.conv_in.weight": torch.zeros(1)},
     }
     for message, tensors in cases.items():
         with pytest.raises(WeightsError, match=message):
             load_single_file(_write(tensors, tmp_path / "other.safetensors"))
-    wide = UNetConfig(block_channels=(32, 64), cross_attention=(True, False), context_dim=1024)
-    sd2 = {**{k: v for k, v in state.items() if not k.startswith("model.diffusion_model.")},
-           **{"model.diffusion_model." + p.original: torch.zeros(p.original_shape) for p in unet_key_map(wide)}}
-    with pytest.raises(WeightsError, match="looks like SD 2.x"):
-        load_single_file(_write(sd2, tmp_path / "sd2.safetensors"))
 
 
-@pytest.mark.parametrize("component, field, value", [
-    ("unet", "num_heads", 4), ("unet", "norm_groups", 16), ("unet", "context_dim", 1024),
-    ("vae", "scaling_factor", 0.13025), ("text_encoder", "num_heads", 2), ("text_encoder", "hidden_act", "gelu"),
+@pytest.mark.parametrize("component, field, value, message", [
+    ("unet", "num_heads", 4, "num_heads"), ("unet", "norm_groups", 16, "norm_groups"),
+    ("vae", "scaling_factor", 0.13025, "scaling_factor"), ("text_encoder", "num_heads", 2, "num_heads"),
+    ("text_encoder", "layer", "penultimate", "layer"),  # clip skip: the SD 1.x layout cannot say it
+    ("text_encoder", "pad_token", "!", "pad_token"),
+    ("text_encoder", "hidden_act", "gelu", "head_dim=64"),  # GELU: the SD 2.x layout (64 channels per head)
 ])
-def test_save_refuses_configs_a_single_file_cannot_hold(tmp_path, component, field, value):
+def test_save_refuses_configs_a_single_file_cannot_hold(tmp_path, component, field, value, message):
     """The loader reads the architecture from shapes: what it cannot read back must not be written."""
     cfgs = {"unet": TINY_UNET, "vae": TINY_VAE, "text_encoder": TINY_TEXT}
     cfgs[component] = dataclasses.replace(cfgs[component], **{field: value})
     maps = {"unet": unet_key_map, "vae": vae_key_map, "text_encoder": text_encoder_key_map}
     parts = {name: (cfg, random_state(maps[name](cfg))) for name, cfg in cfgs.items()}
-    with pytest.raises(WeightsError, match=field if field != "context_dim" else "SD 2.x"):
+    with pytest.raises(WeightsError, match=message):
         save_single_file(tmp_path / "model.safetensors", **parts)
     assert not list(tmp_path.iterdir())
 
 
 def test_save_skips_fields_that_are_not_architecture(parts, tmp_path):
     path = tmp_path / "model.safetensors"
-    save_single_file(path, unet=(dataclasses.replace(TINY_UNET, sample_size=32, dropout=0.1), parts["unet"][1]),
-                     vae=parts["vae"], text_encoder=(dataclasses.replace(TINY_TEXT, layer="penultimate"),
+    save_single_file(path, unet=(dataclasses.replace(TINY_UNET, sample_size=32, dropout=0.1, upcast_attention=True),
+                                 parts["unet"][1]),
+                     vae=parts["vae"], text_encoder=(dataclasses.replace(TINY_TEXT, trainable=True),
                                                      parts["text_encoder"][1]))
     loaded = load_single_file(path)
     assert loaded.unet[0] == TINY_UNET and loaded.text_encoder[0] == TINY_TEXT

@@ -1,12 +1,12 @@
 """latentdiffusion: a from-scratch latent diffusion library (VAE, conditional UNet, CLIP text conditioner,
-schedulers, classifier-free guidance) that trains on your data and loads Stable Diffusion 1.x weights."""
+schedulers, classifier-free guidance) that trains on your data and loads Stable Diffusion 1.x / 2.x weights."""
 
 from .pipeline import LatentDiffusion, LatentDiffusionConfig
 from .schedulers import SchedulerConfig
 from .text_encoder import TextEncoderConfig
 from .unet import UNetConfig
-from .vae import VAEConfig
+from .vae import AutoencoderKL, VAEConfig
 
 __version__ = "0.1.0"
-__all__ = ["LatentDiffusion", "LatentDiffusionConfig", "SchedulerConfig", "TextEncoderConfig", "UNetConfig",
+__all__ = ["AutoencoderKL", "LatentDiffusion", "LatentDiffusionConfig", "SchedulerConfig", "TextEncoderConfig", "UNetConfig",
            "VAEConfig"]

@@ -83,14 +83,25 @@ def add_train(subparsers: SubParsers) -> None:
     p.add_argument("--vae", metavar="VAE", help="the frozen VAE: a train-vae run or any model from_pretrained accepts "
                    "(may be left out with --init, whose VAE is then used)")
     p.add_argument("--init", metavar="MODEL", help="start from MODEL's UNet, text encoder and schedule (fine-tuning)")
-    p.add_argument("--text-encoder", metavar="MODEL", help="use MODEL's pretrained text encoder and tokenizer")
+    p.add_argument("--text-encoder", metavar="MODEL", help="use MODEL's pretrained text encoder and tokenizer "
+                   "(also fills in for an --init file that holds none)")
+    _prediction_type_option(p)
     p.set_defaults(run=run_train)
+
+
+def _prediction_type_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"), default=None,
+                        help="what the model's UNet predicts, where its files do not say it (an SD 2.x single file: "
+                        "v_prediction for the 768 models, epsilon for the 512 base models)")
 
 
 def run_train(args: argparse.Namespace) -> int:
     from .training import LDMRunConfig, load_run_config, train_ldm
 
-    config, raw = load_run_config(LDMRunConfig, args.config, args.set, _flag_values(args))
+    flags = _flag_values(args)
+    if args.prediction_type is not None:
+        flags["model.scheduler.prediction_type"] = args.prediction_type
+    config, raw = load_run_config(LDMRunConfig, args.config, args.set, flags)
     train_ldm(config, args.output, vae=args.vae, init=args.init, text_encoder=args.text_encoder, resume=args.resume,
               raw=raw)
     return 0
@@ -125,6 +136,10 @@ def add_sample(subparsers: SubParsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--no-ema", action="store_true", help="use a checkpoint's raw weights, not its EMA weights")
+    p.add_argument("--vae", metavar="VAE", help="use this VAE instead of the model's: a standalone VAE file "
+                   "(.safetensors/.ckpt), a diffusers vae/ folder or any model")
+    p.add_argument("--text-encoder", metavar="MODEL", help="use MODEL's text encoder (for a file without one)")
+    _prediction_type_option(p)
     p.add_argument("--out", metavar="FILE.png", default="sample.png", help="output image; several images are saved "
                    "as one grid (default sample.png)")
     p.set_defaults(run=run_sample)
@@ -139,7 +154,8 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.num_images < 1:
         raise ArgumentError(f"--num-images must be >= 1, got {args.num_images}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None)
+    pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None, vae=args.vae,
+                                           text_encoder=args.text_encoder, prediction_type=args.prediction_type)
     pipe = pipe.to(device, getattr(torch, args.dtype))
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
     if args.mask is not None and args.image is None:
@@ -181,8 +197,9 @@ def add_convert(subparsers: SubParsers) -> None:
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST", help="a new folder (or, --to single-file, a .safetensors/.ckpt file)")
     p.add_argument("--to", default="latentdiffusion", metavar="FORMAT", help="latentdiffusion: a save_pretrained "
-                   "folder (default); diffusers: the diffusers folder layout; single-file: an SD 1.x checkpoint file")
+                   "folder (default); diffusers: the diffusers folder layout; single-file: an SD 1.x / 2.x checkpoint file")
     p.add_argument("--no-ema", action="store_true", help="take a checkpoint's raw weights, not its EMA weights")
+    _prediction_type_option(p)
     p.set_defaults(run=run_convert)
 
 
@@ -192,7 +209,8 @@ def run_convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
         raise ArgumentError(f"DST {dst} already exists: choose a new destination")
-    components = load_components(args.src, use_ema=False if args.no_ema else None)
+    components = load_components(args.src, use_ema=False if args.no_ema else None,
+                                 prediction_type=args.prediction_type)
     save_components(dst, components, args.to)
     print(f"wrote {dst} ({args.to}: {', '.join(components.configs)})")
     return 0

@@ -102,10 +102,12 @@ class Attention(nn.Module):
         head_dim: int,
         context_dim: int | None = None,
         bias: bool = False,
+        upcast: bool = False,
     ) -> None:
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
+        self.upcast = upcast  # compute q k^T, the softmax and its product with v in float32 (SD 2.1 in float16)
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
@@ -116,7 +118,9 @@ class Attention(nn.Module):
         q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, N, d)
         k = self.to_k(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, T, d)
         v = self.to_v(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
+        if self.upcast:
+            q, k, v = q.float(), k.float(), v.float()
+        out = F.scaled_dot_product_attention(q, k, v).to(x.dtype)  # softmax(q k^T / sqrt(d)) v
         return self.to_out[0](out.transpose(1, 2).flatten(2))  # (B, N, C)
 
 
@@ -160,12 +164,12 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm self-attention, cross-attention to the context, then the GEGLU feed-forward, each residual."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, upcast: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, head_dim)
+        self.attn1 = Attention(dim, heads, head_dim, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -186,6 +190,7 @@ class Transformer2D(nn.Module):
         depth: int,
         groups: int,
         linear_projection: bool,
+        upcast_attention: bool = False,
     ) -> None:
         super().__init__()
         self.linear_projection = linear_projection
@@ -193,7 +198,7 @@ class Transformer2D(nn.Module):
         proj = nn.Linear if linear_projection else (lambda i, o: nn.Conv2d(i, o, 1))
         self.proj_in = proj(channels, channels)
         self.transformer_blocks = nn.ModuleList(
-            TransformerBlock(channels, heads, channels // heads, context_dim) for _ in range(depth)
+            TransformerBlock(channels, heads, channels // heads, context_dim, upcast_attention) for _ in range(depth)
         )
         self.proj_out = proj(channels, channels)
 

@@ -388,17 +388,22 @@ class LatentDiffusion(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- files
     @classmethod
-    def from_pretrained(cls, path: str | Path, use_ema: bool | None = None,
-                        dtype: torch.dtype = torch.float32) -> LatentDiffusion:
-        """Load our own folder, a training run or checkpoint, a diffusers-layout SD folder or an SD single file;
-        the weights come in `dtype` whatever the files store (float32 by default; a float16 VAE stays float32)."""
+    def from_pretrained(cls, path: str | Path, use_ema: bool | None = None, *, prediction_type: str | None = None,
+                        text_encoder: TextEncoder | str | Path | None = None, vae: AutoencoderKL | str | Path | None = None,
+                        dtype: torch.dtype | None = torch.float32) -> LatentDiffusion:
+        """Load our own folder, a training run or checkpoint, a diffusers-layout SD folder or an SD 1.x / 2.x single
+        file. `prediction_type` ("epsilon", "v_prediction") overrides the model's: an SD 2.x single file that does
+        not say it needs it. `text_encoder` / `vae`: a module or any location holding one, used instead of the
+        model's own (or for a file without one). `dtype`: the weights' dtype (None: as stored)."""
         from .formats import load_pipeline  # formats sit above the pipeline
 
-        return load_pipeline(path, use_ema=use_ema, dtype=dtype)
+        return load_pipeline(path, use_ema=use_ema, prediction_type=prediction_type, text_encoder=text_encoder,
+                             vae=vae, dtype=dtype)
 
     def save_pretrained(self, path: str | Path, format: str = "latentdiffusion") -> None:
         """Write a folder that `from_pretrained` loads back bit-exactly (a readable config, safetensors weights);
-        format="diffusers" writes the diffusers layout, format="single-file" one SD 1.x .safetensors/.ckpt file."""
+        format="diffusers" writes the diffusers layout, format="single-file" one SD 1.x / 2.x .safetensors/.ckpt
+        file (refused, naming the setting, where the file could not keep one)."""
         from .formats import Components, save_components
 
         save_components(path, Components.of(self), format)

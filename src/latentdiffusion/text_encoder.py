@@ -19,8 +19,10 @@ from .messages import warn
 
 TOKENIZER_DIR = Path(__file__).with_name("tokenizer")  # the real 49,408-token CLIP BPE tokenizer
 LAYERS = ("last", "penultimate")
-_OVERRIDABLE = ("layer", "trainable")  # the fields a CLIPTextConfig does not fix
+_OVERRIDABLE = ("layer", "trainable", "pad_token")  # the fields a CLIPTextConfig does not fix
 MAX_CUT_REPORTS = 20  # distinct cut prompts reported per encoder (training captions repeat every epoch)
+OPENAI_PAD = "<|endoftext|>"  # OpenAI CLIP (SD 1.x) pads prompts with its end token ...
+OPENCLIP_PAD = "!"  # ... OpenCLIP (SD 2.x) with token 0, "!"
 
 
 @dataclass
@@ -36,6 +38,7 @@ class TextEncoderConfig:
     hidden_act: str = "quick_gelu"
     layer: str = "last"  # "last" or "penultimate" (clip skip: hidden_states[-2] + final layer norm)
     trainable: bool = False
+    pad_token: str = OPENAI_PAD  # what fills a prompt after its end token (SD 2.x: OPENCLIP_PAD)
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_length"):
@@ -54,6 +57,8 @@ class TextEncoderConfig:
             raise ConfigError(f"text_encoder config key 'layer' is {self.layer!r}; choices: {', '.join(LAYERS)}")
         if not isinstance(self.trainable, bool):
             raise ConfigError(f"text_encoder config key 'trainable' must be a bool, got {self.trainable!r}")
+        if not isinstance(self.pad_token, str) or not self.pad_token:
+            raise ConfigError(f"text_encoder config key 'pad_token' must be a token string, got {self.pad_token!r}")
 
     def to_clip_config(self) -> CLIPTextConfig:
         """The transformers CLIPTextConfig of this architecture, with SDPA attention."""
@@ -71,10 +76,12 @@ class TextEncoderConfig:
 
     @classmethod
     def from_clip_config(cls, cfg: CLIPTextConfig, **overrides: object) -> TextEncoderConfig:
-        """Our config for a CLIPTextConfig (a diffusers text_encoder/config.json); `overrides`: layer, trainable."""
+        """Our config for a CLIPTextConfig (a diffusers text_encoder/config.json); `overrides`: layer, trainable,
+        pad_token."""
         bad = sorted(set(overrides) - set(_OVERRIDABLE))
         if bad:
-            raise ConfigError(f"from_clip_config: '{bad[0]}' is fixed by the CLIP config (only layer, trainable are not)")
+            raise ConfigError(f"from_clip_config: '{bad[0]}' is fixed by the CLIP config (only "
+                              f"{', '.join(_OVERRIDABLE)} are not)")
         if cfg.layer_norm_eps != 1e-5:
             raise ConfigError(f"CLIP config key 'layer_norm_eps' is {cfg.layer_norm_eps}; only 1e-5 is supported")
         fields = {
@@ -98,7 +105,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None  # None: the packaged one
-        self.tokenizer = _load_tokenizer(self.tokenizer_dir or TOKENIZER_DIR)
+        self.tokenizer = _load_tokenizer(self.tokenizer_dir or TOKENIZER_DIR, config.pad_token)
         if len(self.tokenizer) > config.vocab_size:
             raise ConfigError(
                 f"text_encoder config key 'vocab_size' ({config.vocab_size}) is smaller than the tokenizer's "
@@ -198,8 +205,9 @@ def _check_matches(clip_config: CLIPTextConfig, config: TextEncoderConfig) -> No
             )
 
 
-def _load_tokenizer(folder: Path) -> CLIPTokenizer:
-    """The CLIP tokenizer saved in `folder` (tokenizer.json, or vocab.json + merges.txt), offline."""
+def _load_tokenizer(folder: Path, pad_token: str) -> CLIPTokenizer:
+    """The CLIP tokenizer saved in `folder` (tokenizer.json, or vocab.json + merges.txt), offline, padding with
+    `pad_token`."""
     if not folder.is_dir():
         raise WeightsError(f"tokenizer folder not found: {folder}")
     if not (folder / "tokenizer.json").is_file():
@@ -207,6 +215,10 @@ def _load_tokenizer(folder: Path) -> CLIPTokenizer:
             if not (folder / name).is_file():
                 raise WeightsError(f"tokenizer file not found: {folder / name} (nor {folder / 'tokenizer.json'})")
     try:
-        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, pad_token=pad_token)
     except (OSError, ValueError, TypeError) as e:
         raise WeightsError(f"cannot read the CLIP tokenizer in {folder}: {e}") from None
+    if pad_token not in tokenizer.get_vocab():
+        raise ConfigError(f"text_encoder config key 'pad_token' is {pad_token!r}, which is not one token of the "
+                          f"tokenizer in {folder}")
+    return tokenizer

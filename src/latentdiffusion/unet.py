@@ -33,6 +33,7 @@ class UNetConfig:
     context_dim: int = 768
     norm_groups: int = 32
     linear_projection: bool = False  # SD 2.x: Linear proj_in/proj_out; SD 1.x: 1x1 conv
+    upcast_attention: bool = False  # SD 2.1: attention computed in float32 (no float16 overflow); same numbers in fp32
     sample_size: int = 64  # latent side at the training resolution
     dropout: float = 0.0
     # Also add an MLP of the context's mean over its tokens to the timestep embedding, so that every resnet sees the
@@ -87,7 +88,7 @@ def _resnet(cfg: UNetConfig, in_channels: int, channels: int) -> ResnetBlock:
 
 def _transformer(cfg: UNetConfig, channels: int) -> Transformer2D:
     return Transformer2D(channels, cfg.heads(channels), cfg.context_dim, cfg.transformer_depth, cfg.norm_groups,
-                         cfg.linear_projection)
+                         cfg.linear_projection, cfg.upcast_attention)
 
 
 class Level(nn.Module):

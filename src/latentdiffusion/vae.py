@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +157,15 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, use_ema: bool | None = None,
+                        dtype: torch.dtype | None = torch.float32) -> AutoencoderKL:
+        """The VAE of a standalone VAE file (encoder.* / decoder.* / quant_conv.*, .safetensors or .ckpt, as
+        vae-ft-mse-840000-ema-pruned), a diffusers `vae/` folder, a VAE training run or any whole model."""
+        from .formats import load_vae  # formats sit above the models
+
+        return load_vae(path, use_ema=use_ema, dtype=dtype)
 
     @property
     def downsample_factor(self) -> int:

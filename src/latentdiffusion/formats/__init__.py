@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
-from ..errors import ArgumentError, WeightsError
+from ..errors import ArgumentError, ConfigError, WeightsError
 from ..pipeline import LatentDiffusion
+from ..schedulers import SchedulerConfig
+from ..schedulers.schedule import PREDICTION_TYPES
+from ..text_encoder import TextEncoder
 from ..vae import AutoencoderKL
 from . import diffusers_layout, native, single_file
 from .components import Components
 
 
-
-def load_components(path: str | Path, use_ema: bool | None = None) -> Components:
-    """Read any supported model location into components."""
+def load_components(path: str | Path, use_ema: bool | None = None, prediction_type: str | None = None) -> Components:
+    """Read any supported model location into components (weights as stored; each part is built in the dtype its
+    Components method is asked for). `prediction_type` overrides the schedule's (a single file that does not say it,
+    SD 2.x, needs it)."""
     path = Path(path)
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
     if path.is_file():
-        components = single_file.load_components(path, use_ema=bool(use_ema))
+        components = single_file.load_components(path, use_ema=bool(use_ema), prediction_type=prediction_type)
     elif not path.exists():
         raise WeightsError(f"model not found: {path}")
     elif native.is_native(path) or (path / native.CHECKPOINTS_DIR).is_dir():
@@ -29,13 +36,16 @@ def load_components(path: str | Path, use_ema: bool | None = None) -> Components
         raise WeightsError(f"{path}: not a model folder (no {native.CONFIG_FILE}, {native.CHECKPOINTS_DIR}/, "
                            f"{diffusers_layout.MODEL_INDEX} or diffusers config.json)")
     components.source = components.source or str(path)
+    if prediction_type is not None and "scheduler" in components.configs:
+        components.configs["scheduler"] = dataclasses.replace(components.configs["scheduler"],
+                                                              prediction_type=prediction_type)
     return components
 
 
 SAVE_FORMATS = {
     "latentdiffusion": native.save_components,    # a folder: latentdiffusion.yaml + safetensors per component
     "diffusers": diffusers_layout.save_components,  # a folder diffusers' StableDiffusionPipeline loads
-    "single-file": single_file.save_components,     # one SD 1.x .safetensors / .ckpt in the original layout
+    "single-file": single_file.save_components,     # one SD 1.x / 2.x .safetensors / .ckpt in the original layout
 }
 
 
@@ -46,14 +56,42 @@ def save_components(path: str | Path, components: Components, format: str = "lat
     SAVE_FORMATS[format](path, components)
 
 
-def load_pipeline(path: str | Path, use_ema: bool | None = None, dtype: torch.dtype = torch.float32) -> LatentDiffusion:
-    """The pipeline of any supported model location, its weights in `dtype` whatever the files store."""
-    return load_components(path, use_ema).pipeline(dtype)
+def load_pipeline(path: str | Path, use_ema: bool | None = None, prediction_type: str | None = None,
+                  text_encoder: TextEncoder | str | Path | None = None, vae: AutoencoderKL | str | Path | None = None,
+                  dtype: torch.dtype | None = torch.float32) -> LatentDiffusion:
+    """A pipeline from any supported location; `text_encoder` / `vae` (a module, or any location holding one)
+    replace the model's own or fill in for a file that has none."""
+    components = load_components(path, use_ema, prediction_type)
+    given = {}
+    for name, part, load in (("text_encoder", text_encoder, load_text_encoder), ("vae", vae, load_vae)):
+        if part is not None:
+            given[name] = part if isinstance(part, (TextEncoder, AutoencoderKL)) else load(part, dtype=None)
+            components.configs.pop(name, None)
+            components.weights.pop(name, None)
+    missing = [n for n in ("unet", "vae", "text_encoder") if n not in components.configs and n not in given]
+    if missing:
+        options = {"text_encoder": "text_encoder=MODEL (on the command line --text-encoder MODEL)",
+                   "vae": "vae=VAE (--vae VAE)", "unet": "a file or folder that holds one"}
+        raise WeightsError(f"{components.source} holds no {' and no '.join(missing)}: pass "
+                           f"{'; '.join(options[n] for n in missing)}")
+    text = given.get("text_encoder") or components.text_encoder(dtype)
+    autoencoder = given.get("vae") or components.vae(dtype)
+    pipe = LatentDiffusion(autoencoder, components.unet(dtype), text,
+                           components.configs.get("scheduler", SchedulerConfig()))
+    return pipe if dtype is None else pipe.to(dtype)
 
 
-def load_vae(path: str | Path, use_ema: bool | None = None, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    """The VAE of any supported model location (a VAE training run included), its weights in `dtype`."""
+def load_vae(path: str | Path, use_ema: bool | None = None, dtype: torch.dtype | None = torch.float32) -> AutoencoderKL:
+    """The VAE of any supported model location: a model, a VAE training run, a diffusers `vae/` folder, a standalone
+    VAE file (encoder.* / decoder.* / quant_conv.*, .safetensors or .ckpt)."""
     return load_components(path, use_ema).vae(dtype)
 
 
-__all__ = ["SAVE_FORMATS", "Components", "load_components", "load_pipeline", "load_vae", "save_components"]
+def load_text_encoder(path: str | Path, use_ema: bool | None = None,
+                      dtype: torch.dtype | None = torch.float32) -> TextEncoder:
+    """The text encoder (and its tokenizer) of any supported model location."""
+    return load_components(path, use_ema).text_encoder(dtype)
+
+
+__all__ = ["SAVE_FORMATS", "Components", "load_components", "load_pipeline", "load_text_encoder", "load_vae",
+           "save_components"]

@@ -49,32 +49,34 @@ class Components:
         if missing:
             raise WeightsError(f"{self.source} holds no {', '.join(missing)} (it has: {', '.join(self.configs) or 'nothing'})")
 
-    def vae(self, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    def vae(self, dtype: torch.dtype | None = torch.float32) -> AutoencoderKL:
         """The VAE with its weights in `dtype`, whatever dtype the file stores."""
         self.require("vae")
         return build_with_weights(lambda: AutoencoderKL(self.configs["vae"]), self._weights("vae", dtype),
                                   f"{self.source} (vae)")
 
-    def unet(self, dtype: torch.dtype = torch.float32) -> UNet:
+    def unet(self, dtype: torch.dtype | None = torch.float32) -> UNet:
         """The UNet with its weights in `dtype`, whatever dtype the file stores."""
         self.require("unet")
         return build_with_weights(lambda: UNet(self.configs["unet"]), self._weights("unet", dtype),
                                   f"{self.source} (unet)")
 
-    def text_encoder(self, dtype: torch.dtype = torch.float32) -> TextEncoder:
+    def text_encoder(self, dtype: torch.dtype | None = torch.float32) -> TextEncoder:
         """The text encoder with its weights in `dtype`, whatever dtype the file stores."""
         self.require("text_encoder")
         encoder = TextEncoder(self.configs["text_encoder"], tokenizer_dir=self.tokenizer_dir)
         encoder.load_clip_state_dict(self.weights["text_encoder"], f"{self.source} (text_encoder)")  # copied: float32
-        return encoder.to(dtype)
+        return encoder if dtype is None else encoder.to(dtype)
 
-    def pipeline(self, dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+    def pipeline(self, dtype: torch.dtype | None = torch.float32) -> LatentDiffusion:
         """The whole model in `dtype` (a float16 VAE stays float32, as `LatentDiffusion.to` keeps it)."""
         self.require("vae", "unet", "text_encoder")
         scheduler = self.configs.get("scheduler", SchedulerConfig())
-        pipe = LatentDiffusion(self.vae(), self.unet(), self.text_encoder(), scheduler)
-        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+        pipe = LatentDiffusion(self.vae(dtype), self.unet(dtype), self.text_encoder(dtype), scheduler)
+        return pipe if dtype is None else pipe.to(dtype=dtype)
 
     def _weights(self, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The state dict of `name` with its floating-point tensors in `dtype` (not copied where they already are)."""
+        if dtype is None:
+            return self.weights[name]
         return {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.weights[name].items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,14 @@ from transformers import CLIPTextConfig
 
 from ..errors import WeightsError
 from ..schedulers import SchedulerConfig
-from ..text_encoder import TOKENIZER_DIR, TextEncoderConfig
+from ..schedulers.schedule import VARIANCE_TYPES
+from ..text_encoder import OPENAI_PAD, TOKENIZER_DIR, TextEncoderConfig
 from ..unet import UNetConfig
 from ..vae import VAEConfig
 from .components import Components
 from .weights import atomic_write, read_weights, write_safetensors
+
+logger = logging.getLogger(__name__)
 
 MODEL_INDEX = "model_index.json"
 _WEIGHT_FILES = {
@@ -38,8 +42,14 @@ _UNET_FIXED = {"act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "cent
                "class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None,
                "time_cond_proj_dim": None, "mid_block_type": "UNetMidBlock2DCrossAttn", "dual_cross_attention": False,
                "num_class_embeds": None, "resnet_time_scale_shift": "default", "downsample_padding": 1,
-               "only_cross_attention": False, "upcast_attention": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
+               "only_cross_attention": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
                "time_embedding_type": "positional", "norm_eps": 1e-5, "mid_block_scale_factor": 1}
+
+
+# Scheduler config keys that change nothing in our samplers: PNDM's PRK warm-up switch, and the dynamic thresholding
+# settings while thresholding is off.
+_SCHEDULER_IDLE = {"skip_prk_steps": None, "thresholding": False, "dynamic_thresholding_ratio": None,
+                   "sample_max_value": None, "trained_betas": False}
 
 
 def is_diffusers(path: Path) -> bool:
@@ -74,12 +84,26 @@ def load_components(path: Path) -> Components:
     for name in ("vae", "unet", "text_encoder"):
         if (path / name).is_dir():
             _load_component(components, name, path / name)
-    if (path / "scheduler" / "scheduler_config.json").is_file():
-        components.configs["scheduler"] = scheduler_config_from_diffusers(
-            _read_json(path / "scheduler" / "scheduler_config.json"))
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    if scheduler_file.is_file():
+        components.configs["scheduler"] = scheduler_config_from_diffusers(_read_json(scheduler_file), scheduler_file)
     if (path / "tokenizer").is_dir():
         components.tokenizer_dir = path / "tokenizer"
+        if "text_encoder" in components.configs:
+            components.configs["text_encoder"] = dataclasses.replace(
+                components.configs["text_encoder"], pad_token=_pad_token(path / "tokenizer"))
     return components
+
+
+def _pad_token(folder: Path) -> str:
+    """The pad token a saved CLIP tokenizer names (SD 2.x: "!"), CLIP's end token where it names none."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            token = _read_json(folder / name).get("pad_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str):
+                return token
+    return OPENAI_PAD
 
 
 def _load_component(components: Components, name: str, folder: Path) -> None:
@@ -102,9 +126,16 @@ def unet_config_from_diffusers(c: dict[str, Any]) -> UNetConfig:
         if key in c and c[key] != value:
             raise WeightsError(f"{key}={c[key]!r} is not supported (only {value!r})")
     channels = tuple(c["block_out_channels"])
-    heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)  # diffusers' SD 1.x naming quirk
+    # diffusers' naming quirk: `attention_head_dim` holds the number of heads (per level where it is a list; the
+    # middle block takes the last level's)
+    heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)
     heads = [heads] * len(channels) if isinstance(heads, int) else list(heads)
+    if len(heads) != len(channels):
+        raise ValueError(f"attention_head_dim={heads} does not give one head count per level of {list(channels)}")
     per_head = {ch // h for ch, h in zip(channels, heads)}
+    if len(set(heads)) > 1 and (len(per_head) > 1 or any(ch % h for ch, h in zip(channels, heads))):
+        raise ValueError(f"attention_head_dim={heads} over block_out_channels={list(channels)}: head counts that "
+                         "differ by level are supported where every level has the same channels per head")
     layers = c.get("transformer_layers_per_block", 1)
     if not isinstance(layers, int):
         raise WeightsError(f"transformer_layers_per_block={layers!r}: only one depth for every level is supported")
@@ -117,6 +148,7 @@ def unet_config_from_diffusers(c: dict[str, Any]) -> UNetConfig:
         head_dim=per_head.pop() if len(set(heads)) > 1 and len(per_head) == 1 else None,
         context_dim=c.get("cross_attention_dim", 768), norm_groups=c.get("norm_num_groups", 32),
         linear_projection=c.get("use_linear_projection", False), sample_size=c.get("sample_size", 64),
+        upcast_attention=bool(c.get("upcast_attention", False)),
     )
 
 
@@ -137,15 +169,38 @@ def text_config_from_transformers(c: dict[str, Any]) -> TextEncoderConfig:
     return TextEncoderConfig.from_clip_config(CLIPTextConfig(**{k: v for k, v in c.items() if not k.startswith("_")}))
 
 
-def scheduler_config_from_diffusers(c: dict[str, Any]) -> SchedulerConfig:
-    """The schedule a diffusers scheduler config describes (its class only picks a default sampler there)."""
+def scheduler_config_from_diffusers(c: dict[str, Any], source: Path | str = "scheduler_config.json") -> SchedulerConfig:
+    """The schedule a diffusers scheduler config describes (its class only picks a default sampler there). Outdated
+    values that diffusers' StableDiffusionPipeline corrects are corrected alike, with one message per key; keys
+    that change nothing here pass, and any other key is named in a message rather than dropped silently."""
     if c.get("trained_betas") is not None:
-        raise WeightsError("scheduler config with trained_betas is not supported")
+        raise WeightsError(f"{source}: trained_betas is not supported")
     known = {f.name for f in dataclasses.fields(SchedulerConfig)}
     values = {k: v for k, v in c.items() if k in known}
-    if values.get("variance_type") not in (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"):
+    for key, right in (("steps_offset", 1), ("clip_sample", False)):  # early SD uploads: 0 and true
+        if key in values and values[key] != right:
+            logger.warning("%s: %s=%r is outdated; using %s=%r, as diffusers' StableDiffusionPipeline does", source,
+                           key, values[key], key, right)
+            values[key] = right
+    unused = [k for k, v in c.items() if not k.startswith("_") and k not in known and not _idle(k, v, c)]
+    if values.get("variance_type") not in (None, *VARIANCE_TYPES):
+        unused.append("variance_type")
         values.pop("variance_type")
-    return SchedulerConfig(**values)
+    if unused:
+        logger.warning("%s: not used here: %s", source, ", ".join(f"{k}={c[k]!r}" for k in unused))
+    try:
+        return SchedulerConfig(**values)
+    except TypeError as e:
+        raise WeightsError(f"{source}: {e}") from None
+
+
+def _idle(key: str, value: Any, config: dict[str, Any]) -> bool:
+    """Whether a scheduler config key we do not read changes nothing here."""
+    if key not in _SCHEDULER_IDLE:
+        return False
+    if key in ("dynamic_thresholding_ratio", "sample_max_value"):
+        return not config.get("thresholding", False)
+    return _SCHEDULER_IDLE[key] is None or value == _SCHEDULER_IDLE[key] or value is None
 
 
 # ----------------------------------------------------------------------------------------------------- writing
@@ -161,14 +216,19 @@ def save_components(path: str | Path, components: Components) -> None:
     write_safetensors(components.weights["unet"], path / "unet" / "diffusion_pytorch_model.safetensors")
     _write_json(path / "vae" / "config.json", vae_config_to_diffusers(configs["vae"]))
     write_safetensors(components.weights["vae"], path / "vae" / "diffusion_pytorch_model.safetensors")
-    clip = configs["text_encoder"].to_clip_config().to_dict()
+    text_cfg, text_weights = configs["text_encoder"], components.weights["text_encoder"]
+    if text_cfg.layer == "penultimate":  # a CLIPTextModel is read to its last layer: leave out the unused final block
+        unused = f"encoder.layers.{text_cfg.num_layers - 1}."
+        text_weights = {k: v for k, v in text_weights.items() if unused not in k}
+        text_cfg = dataclasses.replace(text_cfg, num_layers=text_cfg.num_layers - 1, layer="last")
+    clip = text_cfg.to_clip_config().to_dict()
     _write_json(path / "text_encoder" / "config.json", {**clip, "architectures": ["CLIPTextModel"]})
-    text_weights = {f"text_model.{k.removeprefix('text_model.')}": v for k, v in components.weights["text_encoder"].items()}
+    text_weights = {f"text_model.{k.removeprefix('text_model.')}": v for k, v in text_weights.items()}
     write_safetensors(text_weights, path / "text_encoder" / "model.safetensors")  # the canonical transformers keys
     scheduler = dataclasses.asdict(configs.get("scheduler", SchedulerConfig()))
     scheduler.pop("variance_type")
     _write_json(path / "scheduler" / "scheduler_config.json", {"_class_name": "DDIMScheduler", **scheduler})
-    shutil.copytree(components.tokenizer_dir or TOKENIZER_DIR, path / "tokenizer", dirs_exist_ok=True)
+    _write_tokenizer(Path(components.tokenizer_dir or TOKENIZER_DIR), path / "tokenizer", text_cfg.pad_token)
     inpainting = configs["unet"].in_channels == 2 * configs["vae"].latent_channels + 1  # mask + masked-image latents
     _write_json(path / MODEL_INDEX, {
         "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
@@ -178,6 +238,15 @@ def save_components(path: str | Path, components: Components) -> None:
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     })
+
+
+def _write_tokenizer(source: Path, folder: Path, pad_token: str) -> None:
+    """A copy of the tokenizer folder that names the pad token the model was used with (SD 2.x: "!")."""
+    shutil.copytree(source, folder, dirs_exist_ok=True)
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        data = _read_json(folder / name) if (folder / name).is_file() else {}
+        if data.get("pad_token") != pad_token:
+            _write_json(folder / name, {**data, "pad_token": pad_token})
 
 
 def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
@@ -190,7 +259,8 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
         "block_out_channels": list(cfg.block_channels), "layers_per_block": cfg.layers_per_block,
         "cross_attention_dim": cfg.context_dim, "attention_head_dim": heads[0] if cfg.num_heads else heads,
         "transformer_layers_per_block": cfg.transformer_depth, "use_linear_projection": cfg.linear_projection,
-        "norm_num_groups": cfg.norm_groups, **{k: v for k, v in _UNET_FIXED.items() if v is not None},
+        "upcast_attention": cfg.upcast_attention, "norm_num_groups": cfg.norm_groups,
+        **{k: v for k, v in _UNET_FIXED.items() if v is not None},
     }
 
 

@@ -1,5 +1,9 @@
-"""The original Stable Diffusion (CompVis) checkpoint layout: one key map per component, written once as a function
-of the config and used both ways, and the configs read back from the tensor shapes of a file."""
+"""The original Stable Diffusion (CompVis / Stability) checkpoint layout: one key map per component, written once as a
+function of the config and used both ways, and the configs read back from the tensor shapes of a file.
+
+SD 1.x holds OpenAI's CLIP text tower in transformers' layout (`cond_stage_model.transformer.*`); SD 2.x holds the
+OpenCLIP ViT-H text tower in open_clip's own layout (`cond_stage_model.model.*`: one fused `in_proj` per attention,
+`positional_embedding`, `ln_final`), of which it uses the penultimate block's output."""
 
 from __future__ import annotations
 
@@ -11,15 +15,23 @@ import torch
 from transformers import CLIPTextModel
 
 from ..errors import WeightsError
-from ..text_encoder import TextEncoderConfig
+from ..text_encoder import OPENCLIP_PAD, TextEncoderConfig
 from ..unet import UNetConfig
 from ..vae import VAEConfig
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+OPENCLIP_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
 TEXT_POSITION_IDS = "text_model.embeddings.position_ids"  # a constant buffer: dropped on load, written on export
+VIT_H_WIDTH, VIT_H_LAYERS = 1024, 24  # SD 2.x's OpenCLIP text tower
+OPENCLIP_UNUSED = ("text_projection", "logit_scale")  # the contrastive head: no part of the text conditioning
+VAE_KEYS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")  # a standalone VAE file's keys start so
+SDXL_KEYS = ("conditioner.embedders.", f"{UNET_PREFIX}label_emb.0.0.weight")
+# The VAE's middle attention as some tools write it: diffusers' names (2-D weights) for the original q/k/v/proj_out.
+_VAE_ATTENTION_ALIAS = re.compile(r"^(.*\.mid\.attn_1\.)(to_q|to_k|to_v|to_out\.0)\.(weight|bias)$")
+_VAE_ATTENTION_NAMES = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 Shape = tuple[int, ...]
 Shapes = Mapping[str, Shape]
@@ -31,14 +43,16 @@ class KeyPair(NamedTuple):
     original: str
     ours: str
     shape: Shape  # in our module
-    original_shape: Shape  # in the file: differs only for the VAE attention's 1x1 convs, stored as (C, C, 1, 1)
+    original_shape: Shape  # in the file: the VAE attention's 1x1 convs (C, C, 1, 1); OpenCLIP's fused in_proj (3C, C)
+    part: int | None = None  # this tensor is chunk `part` of the file's tensor along dim 0 (OpenCLIP's q, k, v)
 
 
 class _Pairs(list):
     """A growing key map with one helper per layer kind."""
 
-    def tensor(self, original: str, ours: str, shape: Shape, original_shape: Shape | None = None) -> None:
-        self.append(KeyPair(original, ours, shape, original_shape or shape))
+    def tensor(self, original: str, ours: str, shape: Shape, original_shape: Shape | None = None,
+               part: int | None = None) -> None:
+        self.append(KeyPair(original, ours, shape, original_shape or shape, part))
 
     def norm(self, original: str, ours: str, channels: int) -> None:
         self.tensor(f"{original}.weight", f"{ours}.weight", (channels,))
@@ -208,21 +222,51 @@ def text_encoder_key_map(cfg: TextEncoderConfig) -> list[KeyPair]:
     return m
 
 
+def openclip_key_map(cfg: TextEncoderConfig) -> list[KeyPair]:
+    """Every CLIPTextModel tensor against open_clip's text tower (the file side under cond_stage_model.model.)."""
+    m, h, ours = _Pairs(), cfg.hidden_size, clip_key_prefix()
+    m.tensor("token_embedding.weight", f"{ours}embeddings.token_embedding.weight", (cfg.vocab_size, h))
+    m.tensor("positional_embedding", f"{ours}embeddings.position_embedding.weight", (cfg.max_length, h))
+    for layer in range(cfg.num_layers):
+        o, u = f"transformer.resblocks.{layer}", f"{ours}encoder.layers.{layer}"
+        for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):  # one fused (3h, h) in_proj in open_clip
+            m.tensor(f"{o}.attn.in_proj_weight", f"{u}.self_attn.{proj}.weight", (h, h), (3 * h, h), part=i)
+            m.tensor(f"{o}.attn.in_proj_bias", f"{u}.self_attn.{proj}.bias", (h,), (3 * h,), part=i)
+        m.linear(f"{o}.attn.out_proj", f"{u}.self_attn.out_proj", h, h)
+        m.norm(f"{o}.ln_1", f"{u}.layer_norm1", h)
+        m.linear(f"{o}.mlp.c_fc", f"{u}.mlp.fc1", cfg.intermediate_size, h)
+        m.linear(f"{o}.mlp.c_proj", f"{u}.mlp.fc2", h, cfg.intermediate_size)
+        m.norm(f"{o}.ln_2", f"{u}.layer_norm2", h)
+    m.norm("ln_final", f"{ours}final_layer_norm", h)
+    return m
+
+
+def is_openclip(cfg: TextEncoderConfig) -> bool:
+    """Whether a text encoder is stored in open_clip's layout: OpenCLIP's towers use exact GELU, OpenAI's QuickGELU."""
+    return cfg.hidden_act == "gelu"
+
+
+def canonical_key(key: str) -> str:
+    """The key a tensor has in the original layout: the VAE attention's to_q/to_k/to_v/to_out.0 -> q/k/v/proj_out."""
+    found = _VAE_ATTENTION_ALIAS.match(key)
+    if found is None:
+        return key
+    head, name, kind = found.groups()
+    return f"{head}{_VAE_ATTENTION_NAMES[name]}.{kind}"
+
+
 # ---------------------------------------------------------------- architecture from tensor shapes
 
 
 def check_supported(keys: Shapes, source: str) -> None:
-    """WeightsError for checkpoints of other model families (SD 2.x, SDXL, ...) or of no known layout."""
-    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{UNET_PREFIX}label_emb.0.0.weight" in keys:
+    """WeightsError for checkpoints of other model families (SDXL, ...) or of no known layout."""
+    if any(k.startswith(SDXL_KEYS) for k in keys):
         raise WeightsError(f"{source}: not supported: looks like SDXL (conditioner.embedders / label_emb keys); "
-                           "only Stable Diffusion 1.x single files can be loaded")
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise WeightsError(f"{source}: not supported: looks like SD 2.x (OpenCLIP text encoder, "
-                           "cond_stage_model.model.* keys); only Stable Diffusion 1.x single files can be loaded")
-    if f"{UNET_PREFIX}input_blocks.0.0.weight" not in keys:
-        raise WeightsError(f"{source}: not a Stable Diffusion 1.x single file: no "
-                           f"'{UNET_PREFIX}input_blocks.0.0.weight' (expected the original layout: model.diffusion_model.*, first_stage_model.*, "
-                           "cond_stage_model.transformer.*)")
+                           "Stable Diffusion 1.x and 2.x single files and standalone VAE files can be loaded")
+    if not any(k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, OPENCLIP_PREFIX, *VAE_KEYS)) for k in keys):
+        raise WeightsError(f"{source}: not a Stable Diffusion single file nor a VAE file: no key starts with "
+                           f"'{UNET_PREFIX}', '{VAE_PREFIX}', 'cond_stage_model.' or 'encoder.' / 'decoder.' "
+                           "(the original layouts)")
 
 
 def strip(shapes: Shapes, prefix: str) -> dict[str, Shape]:
@@ -243,8 +287,9 @@ def _indices(shapes: Shapes, pattern: str) -> list[int]:
     return sorted({int(mt.group(1)) for k in shapes if (mt := rx.match(k))})
 
 
-def infer_unet_config(shapes: Shapes, source: str) -> UNetConfig:
-    """UNetConfig from the shapes under model.diffusion_model. (prefix removed)."""
+def infer_unet_config(shapes: Shapes, source: str, sd2: bool) -> UNetConfig:
+    """UNetConfig from the shapes under model.diffusion_model. (prefix removed). Heads leave no trace in shapes:
+    SD 1.x has 8 per level, SD 2.x 64 channels per head (and its attention upcast to float32, as SD 2.1 needs)."""
     need = functools.partial(_need, shapes, prefix=UNET_PREFIX, source=source)
     n_blocks = len(_indices(shapes, "input_blocks.{}."))
     downs = _indices(shapes, "input_blocks.{}.0.op.weight")
@@ -253,10 +298,6 @@ def infer_unet_config(shapes: Shapes, source: str) -> UNetConfig:
     if per < 1 or n_blocks != levels * (per + 1):
         raise WeightsError(f"{source}: {n_blocks} input_blocks with downsamplers at {downs} do not form a UNet")
     first = [1 + i * (per + 1) for i in range(levels)]  # the first input block of every level
-    context_dim = need("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
-    if context_dim == 1024:
-        raise WeightsError(f"{source}: not supported: looks like SD 2.x (cross-attention context_dim 1024); "
-                           "only Stable Diffusion 1.x single files can be loaded")
     return UNetConfig(
         in_channels=need("input_blocks.0.0.weight")[1],
         out_channels=need("out.2.weight")[0],
@@ -264,15 +305,17 @@ def infer_unet_config(shapes: Shapes, source: str) -> UNetConfig:
         layers_per_block=per,
         cross_attention=tuple(f"input_blocks.{k}.1.proj_in.weight" in shapes for k in first),
         transformer_depth=len(_indices(shapes, "middle_block.1.transformer_blocks.{}.")),
-        num_heads=8,
-        context_dim=context_dim,
+        num_heads=None if sd2 else 8,
+        head_dim=64 if sd2 else None,
+        context_dim=need("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
         linear_projection=len(need("middle_block.1.proj_in.weight")) == 2,
+        upcast_attention=sd2,
     )
 
 
-def infer_vae_config(shapes: Shapes, source: str) -> VAEConfig:
-    """VAEConfig from the shapes under first_stage_model. (prefix removed)."""
-    need = functools.partial(_need, shapes, prefix=VAE_PREFIX, source=source)
+def infer_vae_config(shapes: Shapes, source: str, prefix: str = VAE_PREFIX) -> VAEConfig:
+    """VAEConfig from the shapes under `prefix` (removed)."""
+    need = functools.partial(_need, shapes, prefix=prefix, source=source)
     levels = _indices(shapes, "encoder.down.{}.")
     return VAEConfig(
         in_channels=need("encoder.conv_in.weight")[1],
@@ -287,13 +330,29 @@ def infer_text_encoder_config(shapes: Shapes, source: str) -> TextEncoderConfig:
     """TextEncoderConfig from the shapes under cond_stage_model.transformer.text_model. (prefix removed)."""
     need = functools.partial(_need, shapes, prefix=f"{TEXT_PREFIX}text_model.", source=source)
     vocab, hidden = need("embeddings.token_embedding.weight")
-    if hidden % 64:
-        raise WeightsError(f"{source}: text encoder width {hidden} is not a multiple of CLIP's 64 channels per head")
-    return TextEncoderConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_layers=len(_indices(shapes, "encoder.layers.{}.")),
-        num_heads=hidden // 64,
-        intermediate_size=need("encoder.layers.0.mlp.fc1.weight")[0],
-        max_length=need("embeddings.position_embedding.weight")[0],
-    )
+    return _clip_config(source, vocab_size=vocab, hidden_size=hidden,
+                        num_layers=len(_indices(shapes, "encoder.layers.{}.")),
+                        intermediate_size=need("encoder.layers.0.mlp.fc1.weight")[0],
+                        max_length=need("embeddings.position_embedding.weight")[0])
+
+
+def infer_openclip_config(shapes: Shapes, source: str) -> TextEncoderConfig:
+    """TextEncoderConfig from the shapes under cond_stage_model.model. (prefix removed): open_clip's GELU text tower,
+    read to its penultimate block and padded with token 0 ("!"), as SD 2.x uses it."""
+    need = functools.partial(_need, shapes, prefix=OPENCLIP_PREFIX, source=source)
+    vocab, hidden = need("token_embedding.weight")
+    layers = len(_indices(shapes, "transformer.resblocks.{}."))
+    # ViT-H/14's tower has 24 blocks; a file with 23 lacks the final one SD 2.x never uses (diffusers' conversion
+    # script writes them so), and is read to its last block
+    layer = "last" if (hidden, layers) == (VIT_H_WIDTH, VIT_H_LAYERS - 1) else "penultimate"
+    return _clip_config(source, vocab_size=vocab, hidden_size=hidden, num_layers=layers,
+                        intermediate_size=need("transformer.resblocks.0.mlp.c_fc.weight")[0],
+                        max_length=need("positional_embedding")[0], hidden_act="gelu", layer=layer,
+                        pad_token=OPENCLIP_PAD)
+
+
+def _clip_config(source: str, hidden_size: int, **fields: object) -> TextEncoderConfig:
+    """Both CLIP families have 64 channels per head."""
+    if hidden_size % 64:
+        raise WeightsError(f"{source}: text encoder width {hidden_size} is not a multiple of CLIP's 64 channels per head")
+    return TextEncoderConfig(hidden_size=hidden_size, num_heads=hidden_size // 64, **fields)

@@ -62,12 +62,14 @@ class WeightsFile:
             try:
                 self._file = safe_open(str(self.path), framework="pt", device="cpu")
                 self.shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in self._file.keys()}
+                self.metadata: dict[str, str] = dict(self._file.metadata() or {})  # the header's __metadata__
             except (SafetensorError, OSError, ValueError) as e:
                 raise WeightsError(
                     f"{self.path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
         else:
             self._tensors = _load_pickle(self.path)
             self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
+            self.metadata = {}
 
     def tensor(self, key: str) -> Tensor:
         """The tensor under `key`: memory-mapped copy-on-write, paged in when used (legacy pickles: read whole)."""
@@ -103,7 +105,7 @@ def _load_pickle(path: Path) -> dict[str, Tensor]:
                            f"containers, which could run code on load ({str(e).splitlines()[0]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise WeightsError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {e}") from None
-    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+    while isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):  # Lightning: {"state_dict": ...}
         data = data["state_dict"]
     if not isinstance(data, Mapping):
         raise WeightsError(f"{path} holds a {type(data).__name__}, not a state dict")
