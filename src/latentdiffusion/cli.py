@@ -159,7 +159,7 @@ def run_sample(args: argparse.Namespace) -> int:
     pipe = pipe.to(device, getattr(torch, args.dtype))
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
     if args.mask is not None and args.image is None:
-        raise ValueError("--mask needs --image: the image to inpaint")
+        raise ArgumentError("--mask needs --image: the image to inpaint")
     image = None if args.image is None else _open_image(args.image, "--image")
     mask = None if args.mask is None else _open_image(args.mask, "--mask")
     images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
@@ -181,13 +181,13 @@ def _open_image(path: str, flag: str) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{flag} file not found: {path}")
+        raise ArgumentError(f"{flag} file not found: {path}")
     try:
         with Image.open(path) as image:
             image.load()
             return image
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{flag} {path} is not a readable image: {e}") from None
+        raise ArgumentError(f"{flag} {path} is not a readable image: {e}") from None
 
 
 def add_convert(subparsers: SubParsers) -> None:

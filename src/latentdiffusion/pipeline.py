@@ -295,7 +295,7 @@ class LatentDiffusion(nn.Module):
         at latent size and the latents of the image (B,3,H,W) in [0,1] with that region grey, (B, 1 + C, h, w), as
         SD 1.5 inpainting. No image: all repainted from a grey image (text-to-image, as whole-image masks teach)."""
         if self.concat_channels != self.vae.config.latent_channels + 1:
-            raise ValueError(f"unet.in_channels {self.unet.config.in_channels}: a UNet with {self.concat_channels} "
+            raise ConfigError(f"unet.in_channels {self.unet.config.in_channels}: a UNet with {self.concat_channels} "
                              "extra input channels is not an inpainting UNet (latent channels + mask + masked latents)")
         if pixels is None:
             b, _, h, w = shape

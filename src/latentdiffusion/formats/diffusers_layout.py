@@ -131,10 +131,10 @@ def unet_config_from_diffusers(c: dict[str, Any]) -> UNetConfig:
     heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)
     heads = [heads] * len(channels) if isinstance(heads, int) else list(heads)
     if len(heads) != len(channels):
-        raise ValueError(f"attention_head_dim={heads} does not give one head count per level of {list(channels)}")
+        raise WeightsError(f"attention_head_dim={heads} does not give one head count per level of {list(channels)}")
     per_head = {ch // h for ch, h in zip(channels, heads)}
     if len(set(heads)) > 1 and (len(per_head) > 1 or any(ch % h for ch, h in zip(channels, heads))):
-        raise ValueError(f"attention_head_dim={heads} over block_out_channels={list(channels)}: head counts that "
+        raise WeightsError(f"attention_head_dim={heads} over block_out_channels={list(channels)}: head counts that "
                          "differ by level are supported where every level has the same channels per head")
     layers = c.get("transformer_layers_per_block", 1)
     if not isinstance(layers, int):
