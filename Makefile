@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-quick test-slow bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,11 +18,14 @@ demo: $(STAMP)  # starts afresh: the previous demo's outputs/demo is replaced
 	rm -rf outputs/demo
 	$(BIN)/ldm demo --output outputs/demo
 
-test: $(STAMP)
+test: $(STAMP)  # everything but the full-size SD models, the demo included
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
-	RUN_SLOW=1 $(BIN)/python -m pytest -q -m slow
+test-quick: $(STAMP)  # the quick loop: without the tests marked slow
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)  # the full-size SD models
+	RUN_SLOW=1 $(BIN)/python -m pytest -q -m fullsize
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_cpu.py

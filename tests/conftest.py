@@ -15,10 +15,13 @@ def perturb_(*modules: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> N
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("RUN_SLOW") or config.getoption("-m") == "slow":
-        return
-    skip = pytest.mark.skip(reason="slow: set RUN_SLOW=1")
+    """`slow` (over ~5 s): runs in `make test`, left out of the quick loop `pytest -m "not slow"`. `fullsize` (full-size
+    SD models, GBs and minutes): also slow, and skipped unless RUN_SLOW=1 (`make test-slow`)."""
+    skip = None if os.environ.get("RUN_SLOW") else pytest.mark.skip(reason="full-size SD model: set RUN_SLOW=1")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if "fullsize" in item.keywords:
+            item.add_marker(pytest.mark.slow)
+            if skip is not None:
+                item.add_marker(skip)

@@ -63,6 +63,7 @@ def test_every_subcommand_has_help(capsys, command):
     assert "usage: ldm" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_python_dash_m_is_the_ldm_command():
     result = subprocess.run([sys.executable, "-m", "latentdiffusion", "train", "--help"], env=ENV,
                             capture_output=True, text=True)

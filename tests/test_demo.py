@@ -5,6 +5,7 @@ term, half the colours were still wrong.)"""
 
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from latentdiffusion.data.shapes import COLOURS, SHAPES, all_combinations
@@ -13,6 +14,7 @@ from latentdiffusion.demo import COLUMNS, run_demo
 CHANCE = 1 / (len(COLOURS) * len(SHAPES))  # colour and shape both right
 
 
+@pytest.mark.slow  # 9 minutes
 def test_demo_learns_the_prompt(tmp_path):
     result = run_demo(tmp_path, progress=False)
     # measured here: guided adherence 94%, colour 100%; unguided 71%, colour 84%

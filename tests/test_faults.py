@@ -128,6 +128,7 @@ def test_cli_bug_keeps_its_traceback(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ messages
+@pytest.mark.slow
 def test_skipped_file_is_named_whatever_pythonwarnings_says(tmp_path):
     """The reported case: `ldm train` on a folder with an unreadable image under PYTHONWARNINGS=ignore printed only
     "(1 skipped)". The run stops early at a config error after the data is read; the name must be printed."""

@@ -92,6 +92,7 @@ def test_unet_matches_diffusers(overrides):
     assert max_abs(got, expected) < TOL
 
 
+@pytest.mark.slow
 def test_pooled_context_matches_diffusers_projection_class_embedding():
     """pooled_context is diffusers' class_embed_type="projection" fed class_labels = the context's token mean."""
     cfg = dataclasses.replace(TINY_UNET, pooled_context=True)
@@ -158,6 +159,7 @@ def test_unet_odd_size_and_scalar_timestep_match_diffusers():
     assert torch.equal(got_int, got_0d) and torch.equal(got_int, got_b)
 
 
+@pytest.mark.slow
 def test_unet_timesteps_change_output_per_sample():
     ours, _ = twin(UNet, reference_unet, TINY_UNET)
     sample, _, context = unet_inputs(TINY_UNET)
@@ -177,6 +179,7 @@ def test_unet_rejects_bad_inputs():
         model(sample, torch.tensor([1, 2, 3]), context)
 
 
+@pytest.mark.slow
 def test_unet_bfloat16_keeps_dtype_and_tracks_float32():
     ours, _ = twin(UNet, reference_unet, TINY_UNET)
     sample, t, context = unet_inputs(TINY_UNET)
@@ -187,6 +190,7 @@ def test_unet_bfloat16_keeps_dtype_and_tracks_float32():
     assert (half.float() - full).abs().mean() < 0.05 * full.abs().mean()
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_same_gradients():
     ours, _ = twin(UNet, reference_unet, TINY_UNET)
     ours.train()
@@ -224,6 +228,7 @@ def test_vae_matches_diffusers():
     assert max_abs(recon, ref_recon) < TOL
 
 
+@pytest.mark.slow
 def test_vae_forward_sample_posterior_uses_generator():
     vae = AutoencoderKL(TINY_VAE).eval()
     x = torch.zeros(1, 3, 32, 32)
@@ -304,7 +309,7 @@ def test_configs_from_dict():
 
 # ------------------------------------------------------------------------------------------------- full SD 1.x
 
-@pytest.mark.slow
+@pytest.mark.fullsize
 def test_full_sd1_unet_matches_diffusers():
     ours, ref = twin(UNet, reference_unet, UNetConfig())
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
@@ -318,7 +323,7 @@ def test_full_sd1_unet_matches_diffusers():
     assert max_abs(got, expected) < 1e-3 * expected.abs().max().item()
 
 
-@pytest.mark.slow
+@pytest.mark.fullsize
 def test_full_sd1_vae_matches_diffusers():
     ours, ref = twin(AutoencoderKL, reference_vae, VAEConfig())
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}

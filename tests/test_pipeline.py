@@ -67,6 +67,7 @@ def start_latents(batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 def test_components_match_reference(pipe, reference):
     ids = pipe.text_encoder.tokenize(PROMPTS)
     ref_ids = reference.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True,
@@ -89,6 +90,7 @@ def test_scheduler_config_is_honoured(pipe, reference):
     assert torch.allclose(pipe.scheduler.alphas_cumprod, reference.scheduler.alphas_cumprod)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_guided_ddim_run_matches_reference(pipe, reference):
     kwargs = dict(negative_prompt=NEGATIVES, num_inference_steps=8, guidance_scale=7.5, latents=start_latents(),
@@ -99,6 +101,7 @@ def test_guided_ddim_run_matches_reference(pipe, reference):
     assert (ours - theirs).abs().max() < 5e-4
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_ddim_with_eta_matches_reference(pipe, reference):
     kwargs = dict(num_inference_steps=5, guidance_scale=3.0, latents=start_latents(), output_type="pt", eta=1.0)
@@ -107,6 +110,7 @@ def test_ddim_with_eta_matches_reference(pipe, reference):
     assert (ours - theirs).abs().max() < 5e-4
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_guidance_scale_one_is_the_conditional_output(pipe):
     calls = []
@@ -152,6 +156,7 @@ def test_guidance_doubles_every_tensor_of_the_bundle():
     assert torch.equal(out, torch.full_like(out, 2.0 + 3.0 * (4.0 - 2.0)))  # uncond 1+1, cond 2+2
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_guidance_rescale_matches_reference(pipe, reference):
     kwargs = dict(num_inference_steps=4, guidance_scale=5.0, latents=start_latents(), output_type="pt",
@@ -159,6 +164,7 @@ def test_guidance_rescale_matches_reference(pipe, reference):
     assert (pipe(PROMPTS, **kwargs) - reference(PROMPTS, **kwargs).images).abs().max() < 5e-4
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_save_load_round_trip_is_bit_exact(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "model")
@@ -171,6 +177,7 @@ def test_save_load_round_trip_is_bit_exact(pipe, tmp_path):
     assert loaded.config == pipe.config
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_export_to_diffusers_layout_loads_in_diffusers(pipe, tmp_path):
     from latentdiffusion.formats import Components, diffusers_layout
@@ -181,6 +188,7 @@ def test_export_to_diffusers_layout_loads_in_diffusers(pipe, tmp_path):
     assert (pipe(PROMPTS, **kwargs) - theirs(PROMPTS, **kwargs).images).abs().max() < 5e-4
 
 
+@pytest.mark.slow
 def test_pil_and_latent_outputs(pipe):
     images = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                   num_images_per_prompt=3)
@@ -190,6 +198,7 @@ def test_pil_and_latent_outputs(pipe):
     assert latents.shape == (2, 4, 16, 12)
 
 
+@pytest.mark.slow
 def test_seeded_generation_is_reproducible(pipe):
     def run():
         return pipe("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(3), output_type="pt")
@@ -242,6 +251,7 @@ def test_bad_files_name_the_culprit(pipe, tmp_path):
         LatentDiffusion.from_pretrained(tmp_path / "m3")
 
 
+@pytest.mark.slow
 @torch.no_grad()
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
 def test_single_file_round_trip_through_from_pretrained(tmp_path, suffix):
@@ -262,6 +272,7 @@ def test_single_file_round_trip_through_from_pretrained(tmp_path, suffix):
     assert torch.equal(pipe(PROMPTS, **kwargs), loaded(PROMPTS, **kwargs))
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_pooled_context_round_trips_natively_and_is_refused_by_other_layouts(tmp_path):
     from latentdiffusion import LatentDiffusionConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, VAEConfig
@@ -287,7 +298,7 @@ def test_pooled_context_round_trips_natively_and_is_refused_by_other_layouts(tmp
         pipe.save_pretrained(tmp_path / "model.safetensors", format="single-file")
 
 
-@pytest.mark.slow
+@pytest.mark.fullsize
 @torch.no_grad()
 def test_full_size_sd1_loads_from_the_diffusers_layout(tmp_path):
     """The SD 1.x UNet (860M) and VAE, random weights saved by diffusers, load through our diffusers-layout reader."""

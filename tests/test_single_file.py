@@ -188,6 +188,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     assert (a - b).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow
 def test_diffusers_single_file_loaders_agree_with_ours(sd_file, diffusers_dir, monkeypatch):
     from diffusers import AutoencoderKL as DiffusersVAE
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -379,7 +380,7 @@ def test_save_checks_state_dicts_and_keeps_the_old_file(parts, sd_file, tmp_path
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
-@pytest.mark.slow
+@pytest.mark.fullsize
 def test_full_size_sd1_round_trip(tmp_path):
     """A random full-size SD 1.x file (about 4.3 GB) loads with the SD 1.x configs, bit-exact, into our modules."""
     cfgs = {"unet": UNetConfig(), "vae": VAEConfig(), "text_encoder": TextEncoderConfig()}

@@ -95,6 +95,7 @@ def metrics(run: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------- learning
+@pytest.mark.slow
 def test_ldm_loss_falls_and_run_folder_samples_directly(tmp_path, vae_dir):
     config, raw = ldm_config(tmp_path, max_steps=40, batch_size=8, learning_rate=2e-3, checkpoint_every=20,
                              caption_dropout=0.1, sample_every=40, sample_steps=2,
@@ -118,6 +119,7 @@ def test_ldm_loss_falls_and_run_folder_samples_directly(tmp_path, vae_dir):
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
 
 
+@pytest.mark.slow
 def test_vae_loss_falls_with_discriminator_and_resumes_exactly(tmp_path):
     config, raw = load_run_config(VAERunConfig, write_config(tmp_path / "vae.yaml", TINY_VAE_RUN))
     full = train_vae(config, tmp_path / "full", raw=raw, progress=False)
@@ -192,6 +194,7 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "latentdiffusion", *args]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tmp_path, vae_dir):
     cfg = write_config(tmp_path / "ldm.yaml", TINY_LDM)
     common = ["--config", str(cfg), "--vae", str(vae_dir), "--data", "builtin:shapes"]
@@ -226,6 +229,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, vae_dir):
     assert [p.name for _, p in list_checkpoints(killed)] == ["step-00000004", "step-00000006"]  # keep_checkpoints=2
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_make_the_same_update_as_one(tmp_path, vae_dir):
     """2 processes x batch 2 and 1 process x batch 2 x 2 accumulation steps see the same global batch of 4, each
     image with the same noise, timestep and caption dropout: the updates agree to float32 rounding."""
@@ -311,6 +315,7 @@ def test_batch_order_shards_global_batches_and_resumes_mid_epoch():
         BatchOrder(7, 4, world_size=2)
 
 
+@pytest.mark.slow
 def test_fine_tuning_from_init_takes_its_weights_and_only_the_flags_the_config_sets(tmp_path, vae_dir):
     config, raw = ldm_config(tmp_path, max_steps=1, checkpoint_every=1)
     base = train_ldm(config, tmp_path / "base", vae=vae_dir, raw=raw, progress=False)
@@ -335,6 +340,7 @@ def test_fine_tuning_from_init_takes_its_weights_and_only_the_flags_the_config_s
         train_ldm(bad_config, tmp_path / "bad", init=base, raw=bad_raw, progress=False)
 
 
+@pytest.mark.slow
 def test_fine_tuning_an_sd_single_file_exports_back(tmp_path):
     """`ldm train --init model.safetensors` trains the file's UNet only; the result goes back to a single file."""
     from latentdiffusion import LatentDiffusionConfig, TextEncoderConfig, UNetConfig

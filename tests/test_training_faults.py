@@ -38,6 +38,7 @@ def final_weights(run: Path, step: int = 2) -> dict[str, torch.Tensor]:
             load_file(folder / f"{name}.safetensors").items()}
 
 
+@pytest.mark.slow
 def test_float16_file_loads_as_asked_and_trains_as_float32(tmp_path):
     """The reported case: `ldm train --init FILE` with float16 weights died on 'Float and Half'."""
     torch.manual_seed(0)
@@ -102,6 +103,7 @@ def split_runs(tmp_path_factory):
     return folder, runs
 
 
+@pytest.mark.slow
 def test_one_by_four_equals_two_accumulation_steps_by_two(split_runs, tmp_path, monkeypatch):
     folder, runs = split_runs
     assert _gap(runs["1x4"], runs["2acc x 2"]) < 1e-4
