@@ -38,7 +38,8 @@ def test_sampler_matches_diffusers(pipe, reference, name, karras, overrides):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name,karras", [("dpmpp_2m", False), pytest.param("dpmpp_2m", True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name,karras", [pytest.param("dpmpp_2m", False, marks=pytest.mark.slow),
+                                         pytest.param("dpmpp_2m", True, marks=pytest.mark.slow)])
 def test_img2img_matches_diffusers(pipe, reference, name, karras):
     theirs = with_scheduler(reference, SAMPLERS[name].reference, diffusers.StableDiffusionImg2ImgPipeline)
     theirs.scheduler = type(theirs.scheduler).from_config(theirs.scheduler.config, use_karras_sigmas=karras,

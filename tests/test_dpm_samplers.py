@@ -176,7 +176,9 @@ def test_levels_match_diffusers_for_many_step_counts(name, spacing, offset):
         assert levels.init_noise_sigma == pytest.approx(scale, rel=1e-6)
 
 
-def test_bad_step_count_names_the_argument():
+@pytest.mark.parametrize("karras", [False, True])
+def test_bad_step_count_names_the_argument(karras):
     for name in NAMES:
-        with pytest.raises(ConfigError, match="num_inference_steps"):
-            SAMPLERS[name].levels(SchedulerConfig(), 0, False)
+        for steps in (0, 1001, 2.5):
+            with pytest.raises(ConfigError, match="num_inference_steps"):
+                SAMPLERS[name].levels(SchedulerConfig(steps_offset=0), steps, karras)

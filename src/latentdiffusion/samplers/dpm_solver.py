@@ -21,13 +21,12 @@ def dpm_solver_levels(config: SchedulerConfig, steps: int, karras: bool) -> Nois
     rounded (the cosine schedule's truncated, as its int64 cast does); then 0. Unit-variance latents are the
     variance-preserving x_T: init_noise_sigma = sqrt(sigma_0^2 + 1)."""
     table = training_sigmas(config)  # (T,) ascending, finite
+    timesteps = inference_timesteps(config, steps, exclude_zero=True).double()  # validates steps for both paths
+    sigmas = interp_sigma(timesteps, table)
     if karras:
         sigmas = karras_sigmas(float(table[0]), float(table[-1]), steps)
         timesteps = sigma_to_timestep(sigmas, table)
         timesteps = timesteps.floor() if config.beta_schedule == "squaredcos_cap_v2" else timesteps.round()
-    else:
-        timesteps = inference_timesteps(config, steps, exclude_zero=True).double()
-        sigmas = interp_sigma(timesteps, table)
     return NoiseLevels(torch.cat([sigmas, sigmas.new_zeros(1)]), timesteps, vp_to_k_scale(float(sigmas[0])))
 
 

@@ -39,8 +39,8 @@ def _corrector_weights(h: float, rk: float | None) -> tuple[float, float]:
 
 def sample_unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None,
                  callback: StepCallback | None = None) -> Tensor:
-    """UniPC-2 (Zhao et al. 2023, UniC-2 after UniP-2, B(h) = e^h - 1, data prediction): each step first corrects the current x
-    with the model output just computed there (UniC), then predicts the next x (UniP, which equals DPM-Solver++(2M));
+    """UniPC-2 (Zhao et al. 2023; B(h) = e^h - 1, data prediction): each step first corrects the current x with the
+    model output just computed there (UniC), then predicts the next x (UniP-2, the same update as DPM-Solver++(2M));
     one model call a step. The first predictor is order 1, as is the last (diffusers' lower_order_final). x (B,C,h,w)
     at noise level sigmas[0]; sigmas (N+1,) float64 CPU, descending. Deterministic: `generator` is unused."""
     n = len(sigmas) - 1
