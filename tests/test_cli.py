@@ -181,7 +181,7 @@ def test_convert_round_trips_through_every_format(capsys, run_dir, tmp_path):
     assert code == 2 and "unknown format 'onnx'" in one_line_error(err)
     # An SD 1.x single file stores only what SD's layout can (GroupNorm of 32, 64-wide CLIP heads) ...
     code, _, err = run_cli(capsys, "convert", str(run_dir), str(tmp_path / "tiny.safetensors"), "--to", "single-file")
-    assert code == 2 and "cannot save as a Stable Diffusion single file" in one_line_error(err)
+    assert code == 2 and "has no place in an SD 1.x file" in one_line_error(err)
     # ... and a model that fits it goes there and back.
     sd_like = LatentDiffusion.from_config(LatentDiffusionConfig(
         vae=VAEConfig(block_channels=(32, 64), layers_per_block=1, sample_size=16),

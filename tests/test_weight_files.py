@@ -18,7 +18,7 @@ from conftest import perturb_  # noqa: E402
 from latentdiffusion import (AutoencoderKL, LatentDiffusion, LatentDiffusionConfig, TextEncoderConfig,  # noqa: E402
                              UNetConfig, VAEConfig)
 from latentdiffusion.cli import main  # noqa: E402
-from latentdiffusion.errors import WeightsError  # noqa: E402
+from latentdiffusion.errors import ConfigError, WeightsError  # noqa: E402
 from latentdiffusion.formats import load_components  # noqa: E402
 from latentdiffusion.formats.diffusers_layout import vae_config_to_diffusers  # noqa: E402
 from latentdiffusion.formats.single_file import load_single_file  # noqa: E402
@@ -154,6 +154,8 @@ def test_a_file_without_text_encoder_takes_one_from_elsewhere(model, sd_file, tm
     from latentdiffusion.training import LDMRunConfig
     from latentdiffusion.training.train_ldm import build_pipeline
 
+    with pytest.raises(ConfigError, match="holds no text encoder: pass --text-encoder MODEL"):
+        build_pipeline(LDMRunConfig(), {}, vae=None, init=path, text_encoder=None)
     built = build_pipeline(LDMRunConfig(), {}, vae=None, init=path, text_encoder=tmp_path / "full")
     assert same_state(built.text_encoder.model.state_dict(), model.text_encoder.model.state_dict())
     assert same_state(built.unet.state_dict(), model.unet.state_dict())

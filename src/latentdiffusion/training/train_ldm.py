@@ -154,6 +154,9 @@ def build_pipeline(config: LDMRunConfig, raw: dict[str, Any], vae: Any, init: An
             parts.configs[name], parts.weights[name] = given.configs[name], given.weights[name]
             if name == "text_encoder":
                 parts.tokenizer_dir = given.tokenizer_dir
+    if init is not None and "text_encoder" not in parts.configs and not config.model.text_encoder.trainable:
+        raise ConfigError(f"--init {init} holds no text encoder: pass --text-encoder MODEL, or train one from scratch "
+                          "(model.text_encoder.trainable: true)")
     if "vae" not in parts.configs:
         raise ConfigError("no VAE to train with: pass --vae VAE (a VAE training run or any model folder or file), "
                           "or --init MODEL")
