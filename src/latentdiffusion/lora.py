@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -30,31 +30,6 @@ UNET_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
 UNET_PROJECTIONS = ("proj_in", "proj_out")
 TEXT_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 COMPONENTS = ("unet", "text_encoder")
-
-
-@dataclass
-class LoraConfig:
-    """What a LoRA run adds: rank r, alpha (the update is scaled by alpha / r; None: alpha = r), dropout on the
-    adapter's input, the UNet module names it targets (suffixes: the defaults, plus "ff.net.0.proj", "ff.net.2",
-    "proj_in", "proj_out" if wanted) and, with text_encoder: true, the text encoder's attention."""
-
-    rank: int = 4
-    alpha: float | None = None
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: list(UNET_ATTENTION))
-    text_encoder: bool = False
-    text_targets: list[str] = field(default_factory=lambda: list(TEXT_ATTENTION))
-
-    def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError(f"train.lora.rank must be a positive integer, got {self.rank!r}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise ConfigError(f"train.lora.alpha must be > 0 (or null: alpha = rank), got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"train.lora.dropout must be in [0, 1), got {self.dropout}")
-        for key in ("targets", "text_targets"):
-            if not getattr(self, key) or not all(isinstance(t, str) and t for t in getattr(self, key)):
-                raise ConfigError(f"train.lora.{key} must be a non-empty list of module names, got {getattr(self, key)!r}")
 
 
 @dataclass

@@ -3,6 +3,7 @@ its keys, translated by formats/lora_keys.py), checked against the pipeline it g
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 from ..errors import WeightsError
 from ..lora import AdapterWeights, adapted_modules
 from . import lora_keys
+from .native import list_checkpoints
 
 log = logging.getLogger("latentdiffusion")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers gives an adapter in a folder
@@ -84,3 +86,67 @@ def save_lora_weights(weights: AdapterWeights, path: str | Path, layout: str = "
     save_file(tensors, str(tmp), metadata=metadata or None)
     tmp.replace(path)
     return path
+
+
+# ------------------------------------------------------------------------------------------------- LoRA runs
+RUN_FILE = "lora_run.json"  # in a LoRA run's checkpoint: {"base": the base model's path, "adapter": file name}
+
+
+def write_lora_checkpoint(folder: Path, weights: AdapterWeights, base: Path) -> None:
+    """A LoRA run's checkpoint models: the adapter file (diffusers layout) and where its base model is."""
+    save_lora_weights(weights, folder / LORA_FILE)
+    (folder / RUN_FILE).write_text(json.dumps({"base": str(base), "adapter": LORA_FILE}, indent=2) + "\n")
+
+
+def lora_checkpoint(path: Path) -> Path | None:
+    """The LoRA checkpoint `path` is (or, for a run folder, its newest checkpoint), or None."""
+    if (path / RUN_FILE).is_file():
+        return path
+    checkpoints = list_checkpoints(path) if path.is_dir() else []
+    if checkpoints and (checkpoints[-1][1] / RUN_FILE).is_file():
+        return checkpoints[-1][1]
+    return None
+
+
+def lora_base(checkpoint: Path) -> Path:
+    """The base model a LoRA checkpoint was trained on; WeightsError naming the path if it is not there."""
+    try:
+        base = Path(json.loads((checkpoint / RUN_FILE).read_text())["base"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"cannot read {checkpoint / RUN_FILE}: {e}") from None
+    if not base.exists():
+        raise WeightsError(f"{checkpoint} is a LoRA adapter on the base model {base}, which is not there any more: "
+                           "put the base back at that path, or load it yourself and call pipe.load_lora("
+                           f"'{checkpoint / LORA_FILE}')")
+    return base
+
+
+def load_lora_run(checkpoint: Path, fuse: bool = False):
+    """The pipeline of a LoRA checkpoint: its base model with the adapter "lora" loaded (scale 1), or fused into
+    the weights (a merged model, adapter gone) with fuse=True."""
+    from . import load_pipeline  # the base may be any format
+
+    pipe = load_pipeline(lora_base(checkpoint))
+    pipe.load_lora(checkpoint / LORA_FILE, adapter_name="lora")
+    if fuse:
+        pipe.fuse_lora()
+        pipe.unload_lora(keep_fused=True)
+    return pipe
+
+
+def convert_lora(src: str | Path, dst: str | Path, layout: str, model: str | Path | None = None) -> Path:
+    """Rewrite an adapter file in `layout`, its modules named against `model`'s UNet and text encoder (any model
+    from_pretrained accepts) or, without one, against the Stable Diffusion 1.x architecture."""
+    if model is not None:
+        from . import load_pipeline
+
+        pipe = load_pipeline(model)
+        unet, clip = pipe.unet, pipe.text_encoder.model
+    else:
+        from ..text_encoder import TextEncoderConfig
+        from ..unet import UNet, UNetConfig
+        from transformers import CLIPTextModel
+
+        with torch.device("meta"):  # names and shapes only
+            unet, clip = UNet(UNetConfig()), CLIPTextModel(TextEncoderConfig().to_clip_config())
+    return save_lora_weights(load_lora_weights(src, unet, clip), dst, layout)

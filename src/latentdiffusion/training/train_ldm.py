@@ -55,6 +55,11 @@ def train_ldm(config: LDMRunConfig, output: str | Path, vae: str | Path | None =
     if cfg.cache_latents and (not config.data.center_crop or config.data.random_flip):
         raise ConfigError("train.cache_latents needs the same image every epoch: set data.center_crop: true and "
                           "data.random_flip: false")
+    if cfg.lora.rank:
+        from .train_lora import LoraTask  # a subclass of LDMTask
+
+        return fit(lambda setup: LoraTask(config, setup, vae, init, text_encoder, raw or {}), config, output, resume,
+                   "lora", progress)
     return fit(lambda setup: LDMTask(config, setup, vae, init, text_encoder, raw or {}), config, output, resume,
                "ldm", progress)
 
@@ -65,29 +70,38 @@ class LDMTask(Task):
     def __init__(self, config: LDMRunConfig, setup: Setup, vae_source: Any, init: Any, text_encoder_source: Any,
                  raw: dict[str, Any]):
         cfg, run, runtime = config.train, setup.run, setup.runtime
+        self.cfg, self.run, self.runtime = cfg, run, runtime
+        self.setup_models(config, raw, vae_source, init, text_encoder_source)
+        pipe = self.pipe
+        self.items = cache_latents(pipe.vae, setup.dataset, cfg.batch_size, runtime) if cfg.cache_latents \
+            else setup.dataset
+        module = distributed.wrap(DiffusionLoss(pipe, cfg.snr_gamma, cfg.noise_offset), runtime)
+        self.stages = [Stage(self.param_groups(), self.loss, module, prepare=self.inputs)]
+        self.curve = ("loss", f"{run.path.name}: diffusion loss")
+
+    def setup_models(self, config: LDMRunConfig, raw: dict[str, Any], vae_source: Any, init: Any,
+                     text_encoder_source: Any) -> None:
+        """self.pipe on the device in train mode, self.ema and self.ema_pipe (the pipeline of averaged weights)."""
+        cfg, run = self.cfg, self.run
         pipe = load_native(run.checkpoint).pipeline() if run.checkpoint else \
             build_pipeline(config, raw, vae_source, init, text_encoder_source)
-        pipe.to(runtime.device)
+        pipe.to(self.runtime.device)
         unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
         self.train_text = text_encoder.config.trainable
-        self.trained: list[nn.Module] = [unet, text_encoder] if self.train_text else [unet]
-        for module in self.trained:
+        trained: list[nn.Module] = [unet, text_encoder] if self.train_text else [unet]
+        for module in trained:
             module.train()
         unet.gradient_checkpointing = cfg.gradient_checkpointing
         if not self.train_text and text_encoder_source is None and init is None and not run.checkpoint:
             run.say("note: the text encoder is frozen at its random initialisation; set model.text_encoder.trainable: "
                     "true or pass --text-encoder MODEL")
-        self.ema = [(EMA(m, cfg.ema_decay), m) for m in self.trained] if cfg.ema_decay else []
+        self.ema = [(EMA(m, cfg.ema_decay), m) for m in trained] if cfg.ema_decay else []
         averaged = [average.model for average, _ in self.ema]
         self.ema_pipe = LatentDiffusion(vae, averaged[0], averaged[1] if self.train_text else text_encoder,
                                         pipe.scheduler.config) if self.ema else pipe
-        for module in self.trained:  # building ema_pipe put the shared modules in eval mode
+        for module in trained:  # building ema_pipe put the shared modules in eval mode
             module.train()
-        self.cfg, self.run, self.runtime, self.pipe = cfg, run, runtime, pipe
-        self.items = cache_latents(vae, setup.dataset, cfg.batch_size, runtime) if cfg.cache_latents else setup.dataset
-        module = distributed.wrap(DiffusionLoss(pipe, cfg.snr_gamma, cfg.noise_offset), runtime)
-        self.stages = [Stage(self.param_groups(), self.loss, module, prepare=self.inputs)]
-        self.curve = ("loss", f"{run.path.name}: diffusion loss")
+        self.pipe = pipe
 
     def param_groups(self) -> list[tuple[list[nn.Parameter], float]]:
         """The UNet at train.learning_rate; a trained text encoder at train.text_encoder_lr where set."""
