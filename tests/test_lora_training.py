@@ -98,6 +98,35 @@ def test_lora_needs_a_base_and_takes_no_architecture(tmp_path, base):
         train_ldm(config, tmp_path / "c", init=base, raw=raw, progress=False)
 
 
+def test_cli_samples_with_adapters_and_converts_them(tmp_path, base, capsys):
+    """ldm train --lora-rank, ldm sample --lora FILE[:SCALE] (repeatable), ldm convert of an adapter to kohya
+    (loads back to the same outputs) and of a LoRA run to a full model (the fused weights)."""
+    from latentdiffusion.cli import main
+
+    cfg = lora_config(tmp_path, max_steps=2, checkpoint_every=2)
+    assert main(["train", "--config", str(cfg), "--init", str(base), "--lora-rank", "2", "--output",
+                 str(tmp_path / "run")]) == 0
+    adapter = list_checkpoints(tmp_path / "run")[-1][1] / LORA_FILE
+    assert main(["convert", str(adapter), str(tmp_path / "kohya.safetensors"), "--to", "kohya", "--model",
+                 str(base)]) == 0
+    assert all(k.startswith("lora_unet_") for k in load_file(tmp_path / "kohya.safetensors"))
+    assert main(["convert", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0  # --to single-file alike (SD sizes)
+    assert main(["sample", "--model", str(base), "--lora", f"{adapter}:0.5", "--lora", str(tmp_path / "kohya.safetensors"),
+                 "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "x.png")]) == 0
+    assert (tmp_path / "x.png").is_file()
+
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    run, merged = LatentDiffusion.from_pretrained(tmp_path / "run"), LatentDiffusion.from_pretrained(tmp_path / "merged")
+    kohya = LatentDiffusion.from_pretrained(base)
+    kohya.load_lora(tmp_path / "kohya.safetensors")
+    with torch.no_grad():
+        context = run.text_encoder(["a red circle"])
+        expected = run.unet(x, t, context)
+        assert (merged.unet(x, t, context) - expected).abs().max() < 1e-5
+        assert (kohya.unet(x, t, context) - expected).abs().max() < 1e-6
+        assert (LatentDiffusion.from_pretrained(base).unet(x, t, context) - expected).abs().max() > 1e-4
+
+
 @pytest.mark.slow
 def test_lora_resume_after_sigkill_is_bit_identical(tmp_path, base):
     cfg = lora_config(tmp_path)
