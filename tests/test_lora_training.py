@@ -128,6 +128,17 @@ def test_cli_samples_with_adapters_and_converts_them(tmp_path, base, capsys):
 
 
 @pytest.mark.slow
+def test_a_lora_run_on_builtin_shapes_star_lowers_the_loss(tmp_path, base):
+    """Only the rank-8 adapters train, on the data set with the new shape: the denoising loss falls."""
+    config, raw = load_run_config(LDMRunConfig, lora_config(tmp_path, max_steps=60, batch_size=8, checkpoint_every=60,
+                                                            learning_rate=5e-3),
+                                  values={"train.lora.rank": 8, "data.source": "builtin:shapes-star"})
+    losses = [r["loss"] for r in metrics(train_ldm(config, tmp_path / "run", init=base, raw=raw, progress=False))]
+    first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15
+    assert last < 0.8 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
+
+
+@pytest.mark.slow
 def test_lora_resume_after_sigkill_is_bit_identical(tmp_path, base):
     cfg = lora_config(tmp_path)
     common = ["--config", str(cfg), "--init", str(base), "--lora-rank", "4", "--data", "builtin:shapes",
