@@ -37,9 +37,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..errors import LatentDiffusionError
+from ..errors import ConfigError, LatentDiffusionError
 from . import distributed
-from .batches import BatchOrder, open_data, sample_generators
+from .batches import BatchOrder, batch_order, open_dataset, sample_generators
 from .distributed import Runtime, all_reduce_mean
 from .ema import EMA
 from .optim import clip_gradients, lr_at, make_optimizer
@@ -188,6 +188,7 @@ class Task:
     stages: list[Stage]  # stage 0 is the model; later ones (a discriminator) step after it, on their own optimizer
     ema: tuple[tuple[EMA, nn.Module], ...] | list[tuple[EMA, nn.Module]] = ()  # (average, the module it follows), updated after each step of stage 0
     items: Dataset  # what the batches are drawn from (the data set, cached latents, instance + class pairs)
+    pixel_multiple: int = 8  # image sides must be multiples of this (aspect-ratio buckets follow it)
     curve: tuple[str, str] = ("loss", "loss")  # the metric drawn into RUN/loss.png, and its title
 
     def describe(self) -> str:
@@ -225,7 +226,6 @@ class Setup:
     run: RunFolder
     runtime: Runtime
     dataset: Dataset
-    order: BatchOrder
 
 
 def fit(make_task: Callable[[Setup], Task], config: Any, output: str | Path, resume: bool, kind: str,
@@ -238,9 +238,12 @@ def fit(make_task: Callable[[Setup], Task], config: Any, output: str | Path, res
     runtime = distributed.setup(cfg.device)
     try:
         run = RunFolder(output, runtime, resume, kind)
-        dataset, order = open_data(config.data, cfg, runtime, run.start_step, run.say)
+        dataset = open_dataset(config.data, run.say)
         torch.manual_seed(cfg.seed)
-        task = make_task(Setup(run, runtime, dataset, order))
+        task = make_task(Setup(run, runtime, dataset))
+        if config.data.buckets and task.items is not dataset:
+            raise ConfigError("data.buckets needs the images themselves: it does not combine with train.cache_latents")
+        order = batch_order(dataset, config.data, cfg, runtime, run.start_step, task.pixel_multiple, run.say)
         run.save_config(config)
         return _loop(task, kind, cfg, config.data.num_workers, run, runtime, order, progress)
     finally:

@@ -73,6 +73,7 @@ class LDMTask(Task):
         self.cfg, self.run, self.runtime = cfg, run, runtime
         self.setup_models(config, raw, vae_source, init, text_encoder_source)
         pipe = self.pipe
+        self.pixel_multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_channels) - 1)
         self.items = cache_latents(pipe.vae, setup.dataset, cfg.batch_size, runtime) if cfg.cache_latents \
             else setup.dataset
         module = distributed.wrap(DiffusionLoss(pipe, cfg.snr_gamma, cfg.noise_offset), runtime)
