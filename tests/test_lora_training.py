@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 from latentdiffusion import LatentDiffusion, LatentDiffusionConfig, TextEncoderConfig, UNetConfig
@@ -125,6 +126,38 @@ def test_cli_samples_with_adapters_and_converts_them(tmp_path, base, capsys):
         assert (merged.unet(x, t, context) - expected).abs().max() < 1e-5
         assert (kohya.unet(x, t, context) - expected).abs().max() < 1e-6
         assert (LatentDiffusion.from_pretrained(base).unet(x, t, context) - expected).abs().max() > 1e-4
+
+
+def test_dreambooth_generates_the_missing_class_images_and_trains_on_both(tmp_path, base, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("latentdiffusion.training.train_ldm")
+    calls, original = [], module.DiffusionLoss._loss
+
+    def recording(self, latents, captions, generators):
+        calls.append((tuple(latents.shape), list(captions)))
+        return original(self, latents, captions, generators)
+
+    monkeypatch.setattr(module.DiffusionLoss, "_loss", recording)
+    classes = tmp_path / "class"
+    classes.mkdir()
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(classes / "mine.png")  # one there already: 2 to generate
+    config, raw = load_run_config(LDMRunConfig, lora_config(tmp_path, max_steps=2, checkpoint_every=2,
+                                                            caption_dropout=0.0),
+                                  values={"train.lora.rank": 2, "train.prior.data": str(classes),
+                                          "train.prior.prompt": "a circle", "train.prior.num_images": 3,
+                                          "train.prior.weight": 0.5, "train.prior.sample_steps": 2})
+    run = train_ldm(config, tmp_path / "run", init=base, raw=raw, progress=False)
+    assert sorted(p.name for p in classes.iterdir()) == ["class-00001.png", "class-00002.png", "mine.png"]
+    assert len(calls) == 4  # per step: the instance images, then the class images
+    for (inst_shape, inst_captions), (class_shape, class_captions) in zip(calls[::2], calls[1::2]):
+        assert inst_shape == class_shape == (2, 4, 8, 8)
+        assert class_captions == ["a circle"] * 2 and all(c.startswith("a ") and c != "a circle" for c in inst_captions)
+    for record in metrics(run):
+        assert record["loss"] == pytest.approx(record["instance_loss"] + 0.5 * record["prior_loss"], rel=1e-5)
+    before = {p.name: p.stat().st_mtime_ns for p in classes.iterdir()}
+    train_ldm(config, tmp_path / "again", init=base, raw=raw, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in classes.iterdir()} == before  # nothing generated twice
 
 
 @pytest.mark.slow

@@ -131,8 +131,8 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
 @dataclass
 class MicroBatch:
     """One micro-batch as the loop hands it to a stage: the collated `batch`, optimizer step `step`, accumulation
-    index `index` (of `count`), and where its images sit in the step's global batch (`first`), so that
-    `generators()` gives each image its own random stream wherever it runs."""
+    index `index` (of `count`), and where its images sit in the step's global batch (`first`, of `global_batch`),
+    so that `generators()` gives each image its own random stream wherever it runs."""
 
     batch: Any
     step: int
@@ -140,10 +140,12 @@ class MicroBatch:
     count: int
     first: int
     seed: int
+    global_batch: int
 
-    def generators(self, size: int) -> list[torch.Generator]:
-        """One generator per image of the micro-batch (`size` images), from (seed, step, place in the global batch)."""
-        return sample_generators(self.seed, self.step, self.first, size)
+    def generators(self, size: int, group: int = 0) -> list[torch.Generator]:
+        """One generator per image of the micro-batch (`size` images), from (seed, step, place in the global batch);
+        group g > 0 gives a second set of images in each item (DreamBooth's class images) streams of their own."""
+        return sample_generators(self.seed, self.step, self.first + group * self.global_batch, size)
 
 
 @dataclass
@@ -271,7 +273,7 @@ def _loop(task: Task, kind: str, cfg: Any, num_workers: int, run: RunFolder, run
     started, skipped = time.perf_counter(), run.state.get("skipped", 0)
     accumulation = cfg.gradient_accumulation
     for step in range(run.start_step, cfg.max_steps):
-        micro = [MicroBatch(next(data), step, i, accumulation, order.first_position(i), cfg.seed)
+        micro = [MicroBatch(next(data), step, i, accumulation, order.first_position(i), cfg.seed, order.global_batch)
                  for i in range(accumulation)]
         active = [i for i, stage in enumerate(stages) if stage.active(step)]
         terms: dict[str, torch.Tensor] = {}
