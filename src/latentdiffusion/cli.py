@@ -50,12 +50,13 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
 
 _FLAG_KEYS = {"data": "data.source", "resolution": "data.resolution", "batch_size": "train.batch_size",
               "max_steps": "train.max_steps", "checkpoint_every": "train.checkpoint_every", "seed": "train.seed",
-              "image_column": "data.image_column", "caption_column": "data.caption_column"}
+              "image_column": "data.image_column", "caption_column": "data.caption_column",
+              "lora_rank": "train.lora.rank"}
 
 
 def _flag_values(args: argparse.Namespace) -> dict[str, object]:
     """The dedicated flags that were given, as {config key: value}; they win over --set."""
-    return {key: getattr(args, name) for name, key in _FLAG_KEYS.items() if getattr(args, name) is not None}
+    return {key: getattr(args, name) for name, key in _FLAG_KEYS.items() if getattr(args, name, None) is not None}
 
 
 def add_train_vae(subparsers: SubParsers) -> None:
@@ -86,6 +87,9 @@ def add_train(subparsers: SubParsers) -> None:
     p.add_argument("--text-encoder", metavar="MODEL", help="use MODEL's pretrained text encoder and tokenizer "
                    "(also fills in for an --init file that holds none)")
     _prediction_type_option(p)
+    p.add_argument("--lora-rank", type=int, metavar="R", help="LoRA fine-tuning of --init: rank-R adapters train, the "
+                   "base stays frozen; checkpoints hold the adapter file (train.lora.rank; see train.lora.alpha, "
+                   "train.lora.targets, train.lora.text_encoder)")
     p.set_defaults(run=run_train)
 
 
@@ -140,6 +144,8 @@ def add_sample(subparsers: SubParsers) -> None:
                    "(.safetensors/.ckpt), a diffusers vae/ folder or any model")
     p.add_argument("--text-encoder", metavar="MODEL", help="use MODEL's text encoder (for a file without one)")
     _prediction_type_option(p)
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="a LoRA adapter file "
+                   "(diffusers or kohya layout) at SCALE (default 1); repeatable")
     p.add_argument("--out", metavar="FILE.png", default="sample.png", help="output image; several images are saved "
                    "as one grid (default sample.png)")
     p.set_defaults(run=run_sample)
@@ -156,6 +162,9 @@ def run_sample(args: argparse.Namespace) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None, vae=args.vae,
                                            text_encoder=args.text_encoder, prediction_type=args.prediction_type)
+    for spec in args.lora:
+        path, scale = _lora_spec(spec)
+        pipe.load_lora(path, scale=scale)
     pipe = pipe.to(device, getattr(torch, args.dtype))
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
     if args.mask is not None and args.image is None:
@@ -190,6 +199,17 @@ def _open_image(path: str, flag: str) -> Any:
         raise ArgumentError(f"{flag} {path} is not a readable image: {e}") from None
 
 
+def _lora_spec(spec: str) -> tuple[str, float]:
+    """"FILE" or "FILE:SCALE" -> (file, scale)."""
+    path, sep, scale = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
 def add_convert(subparsers: SubParsers) -> None:
     p = subparsers.add_parser("convert", help="convert a model to our folder format (or the diffusers layout, or an "
                               "SD single file)",
@@ -197,7 +217,11 @@ def add_convert(subparsers: SubParsers) -> None:
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST", help="a new folder (or, --to single-file, a .safetensors/.ckpt file)")
     p.add_argument("--to", default="latentdiffusion", metavar="FORMAT", help="latentdiffusion: a save_pretrained "
-                   "folder (default); diffusers: the diffusers folder layout; single-file: an SD 1.x / 2.x checkpoint file")
+                   "folder (default); diffusers: the diffusers folder layout; single-file: an SD 1.x / 2.x checkpoint file "
+                   "(a LoRA run: its base with the adapter fused in). For a LoRA adapter file SRC: kohya or diffusers, "
+                   "the adapter in that layout")
+    p.add_argument("--model", metavar="MODEL", help="a LoRA adapter's base model, whose module names a kohya file is "
+                   "read against (default: the SD 1.x architecture)")
     p.add_argument("--no-ema", action="store_true", help="take a checkpoint's raw weights, not its EMA weights")
     _prediction_type_option(p)
     p.set_defaults(run=run_convert)
@@ -209,11 +233,29 @@ def run_convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
         raise ArgumentError(f"DST {dst} already exists: choose a new destination")
+    if args.to == "kohya" or (args.to == "diffusers" and _is_lora_file(Path(args.src))):
+        from .formats.lora import convert_lora
+
+        print(f"wrote {convert_lora(args.src, dst, args.to, args.model)} (LoRA adapter, {args.to} layout)")
+        return 0
     components = load_components(args.src, use_ema=False if args.no_ema else None,
                                  prediction_type=args.prediction_type)
     save_components(dst, components, args.to)
     print(f"wrote {dst} ({args.to}: {', '.join(components.configs)})")
     return 0
+
+
+def _is_lora_file(path: Path) -> bool:
+    """A .safetensors file of LoRA tensors (lora_A/lora_B, lora_down/lora_up)."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return any(".lora" in key for key in f.keys())
+    except Exception:  # not a safetensors file: the model readers report it
+        return False
 
 
 # --------------------------------------------------------------------------------------------------------- main

@@ -13,7 +13,7 @@ from ..schedulers import SchedulerConfig
 from ..schedulers.schedule import PREDICTION_TYPES
 from ..text_encoder import TextEncoder
 from ..vae import AutoencoderKL
-from . import diffusers_layout, native, single_file
+from . import diffusers_layout, lora, native, single_file
 from .components import Components
 
 
@@ -24,6 +24,9 @@ def load_components(path: str | Path, use_ema: bool | None = None, prediction_ty
     path = Path(path)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ConfigError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    checkpoint = lora.lora_checkpoint(path)
+    if checkpoint is not None:
+        return Components.of(lora.load_lora_run(checkpoint, fuse=True))
     if path.is_file():
         components = single_file.load_components(path, use_ema=bool(use_ema), prediction_type=prediction_type)
     elif not path.exists():
@@ -61,6 +64,10 @@ def load_pipeline(path: str | Path, use_ema: bool | None = None, prediction_type
                   dtype: torch.dtype | None = torch.float32) -> LatentDiffusion:
     """A pipeline from any supported location; `text_encoder` / `vae` (a module, or any location holding one)
     replace the model's own or fill in for a file that has none."""
+    checkpoint = lora.lora_checkpoint(Path(path))
+    if checkpoint is not None and text_encoder is None and vae is None:
+        pipe = lora.load_lora_run(checkpoint)
+        return pipe if dtype is None else pipe.to(dtype)
     components = load_components(path, use_ema, prediction_type)
     given = {}
     for name, part, load in (("text_encoder", text_encoder, load_text_encoder), ("vae", vae, load_vae)):

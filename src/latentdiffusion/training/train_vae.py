@@ -72,6 +72,7 @@ class VAETask(Task):
         self.items = self.dataset = setup.dataset
         self.ema = [(EMA(vae, cfg.ema_decay), vae)] if cfg.ema_decay else []
         self.pixels = vae.config.in_channels * config.data.resolution ** 2
+        self.pixel_multiple = vae.downsample_factor
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (real, reconstruction) per micro-batch
         self.stages = [
             Stage([(vae.parameters(), cfg.learning_rate)], self.vae_loss, distributed.wrap(Reconstruction(vae), runtime),
