@@ -134,9 +134,9 @@ def test_dreambooth_generates_the_missing_class_images_and_trains_on_both(tmp_pa
     module = importlib.import_module("latentdiffusion.training.train_ldm")
     calls, original = [], module.DiffusionLoss._loss
 
-    def recording(self, latents, captions, generators):
+    def recording(self, latents, captions, generators, pixels=None):
         calls.append((tuple(latents.shape), list(captions)))
-        return original(self, latents, captions, generators)
+        return original(self, latents, captions, generators, pixels)
 
     monkeypatch.setattr(module.DiffusionLoss, "_loss", recording)
     classes = tmp_path / "class"
