@@ -142,15 +142,17 @@ def test_half_precision_files_load_in_the_dtype_asked_for(model, sd_file, tmp_pa
     assert AutoencoderKL.from_pretrained(path).quant_conv.weight.dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_a_file_without_text_encoder_takes_one_from_elsewhere(model, sd_file, tmp_path):
     path = tmp_path / "no-text.safetensors"
     save_file({k: v for k, v in load_file(sd_file).items() if not k.startswith("cond_stage_model.")}, path)
     with pytest.raises(WeightsError, match=r"holds no text_encoder: pass text_encoder=MODEL .*--text-encoder MODEL"):
         LatentDiffusion.from_pretrained(path)
     model.save_pretrained(tmp_path / "full")
+    expected = run(model)
     for text_encoder in (tmp_path / "full", model.text_encoder):
         pipe = LatentDiffusion.from_pretrained(path, text_encoder=text_encoder)
-        assert torch.equal(run(pipe), run(model))
+        assert torch.equal(run(pipe), expected)
     from latentdiffusion.training import LDMRunConfig
     from latentdiffusion.training.train_ldm import build_pipeline
 
@@ -161,6 +163,7 @@ def test_a_file_without_text_encoder_takes_one_from_elsewhere(model, sd_file, tm
     assert same_state(built.unet.state_dict(), model.unet.state_dict())
 
 
+@pytest.mark.slow
 def test_outdated_scheduler_config_gives_diffusers_images_with_one_message_per_key(tmp_path, caplog):
     from test_pipeline import tiny_reference
 
@@ -184,6 +187,7 @@ def test_outdated_scheduler_config_gives_diffusers_images_with_one_message_per_k
         assert (ours(PROMPTS, **kwargs) - theirs(PROMPTS, **kwargs).images).abs().max() < 5e-4
 
 
+@pytest.mark.slow
 def test_cli_takes_a_vae_file_and_a_text_encoder_from_elsewhere(model, sd_file, vae_file, tmp_path, capsys):
     save_file({k: v for k, v in load_file(sd_file).items() if not k.startswith("cond_stage_model.")},
               tmp_path / "no-text.safetensors")
