@@ -99,6 +99,7 @@ def test_lora_needs_a_base_and_takes_no_architecture(tmp_path, base):
         train_ldm(config, tmp_path / "c", init=base, raw=raw, progress=False)
 
 
+@pytest.mark.slow
 def test_cli_samples_with_adapters_and_converts_them(tmp_path, base, capsys):
     """ldm train --lora-rank, ldm sample --lora FILE[:SCALE] (repeatable), ldm convert of an adapter to kohya
     (loads back to the same outputs) and of a LoRA run to a full model (the fused weights)."""
@@ -128,6 +129,7 @@ def test_cli_samples_with_adapters_and_converts_them(tmp_path, base, capsys):
         assert (LatentDiffusion.from_pretrained(base).unet(x, t, context) - expected).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_dreambooth_generates_the_missing_class_images_and_trains_on_both(tmp_path, base, monkeypatch):
     import importlib
 

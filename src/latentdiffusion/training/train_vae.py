@@ -54,6 +54,8 @@ class VAETask(Task):
 
     def __init__(self, config: VAERunConfig, setup: Setup, init: Any, raw: dict[str, Any]):
         cfg, run, runtime = config.train, setup.run, setup.runtime
+        if config.data.buckets:
+            raise ConfigError("data.buckets applies to `ldm train`: the VAE trains on square crops")
         if run.checkpoint:
             vae = load_native(run.checkpoint).vae()
         elif init is not None:
