@@ -5,10 +5,12 @@ import dataclasses
 import pytest
 import torch
 from conftest import perturb_
+from safetensors.torch import save_file
 from test_models import TINY_UNET, max_abs, reference_unet, unet_inputs
 
 from latentdiffusion.controlnet import ControlNet, ControlNetConfig, hint_channels
-from latentdiffusion.errors import ConfigError
+from latentdiffusion.errors import ConfigError, WeightsError
+from latentdiffusion.formats.weights import WeightsFile, read_checkpoint
 from latentdiffusion.unet import UNet
 
 diffusers = pytest.importorskip("diffusers")
@@ -105,3 +107,82 @@ def test_hint_channels_and_config_checks():
         hint_channels(6)
     with pytest.raises(ConfigError, match="conditioning_embedding_channels"):
         ControlNetConfig(TINY_UNET, conditioning_embedding_channels=())
+
+
+# --------------------------------------------------------------------------------------------------- weights
+
+# SD 1.x's topology in small: 8 heads and 32 groups (an original file does not record them) and the (16, 32, 96, 256) hint network
+# (diffusers' single-file conversion knows no other)
+SD1_TINY = ControlNetConfig(dataclasses.replace(TINY_UNET, num_heads=8, norm_groups=32))
+
+
+@pytest.fixture(scope="module")
+def reference_folder(tmp_path_factory):
+    """diffusers' perturbed ControlNetModel, written by diffusers itself; and that model."""
+    torch.manual_seed(0)
+    ref = reference_controlnet(SD1_TINY).eval()
+    perturb_(ref, seed=3)
+    folder = tmp_path_factory.mktemp("cn") / "diffusers"
+    ref.save_pretrained(folder)
+    return folder, ref
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return set(sa) == set(sb) and all(torch.equal(v, sb[k]) for k, v in sa.items())
+
+
+def test_diffusers_folder_loads_and_saves_both_ways(reference_folder, tmp_path):
+    folder, ref = reference_folder
+    ours = ControlNet.from_pretrained(folder)
+    assert ours.config.unet.block_channels == SD1_TINY.unet.block_channels and same_weights(ours, ref)
+    ours.save_pretrained(tmp_path / "theirs", format="diffusers")
+    assert same_weights(diffusers.ControlNetModel.from_pretrained(tmp_path / "theirs"), ref)
+    ours.save_pretrained(tmp_path / "ours")
+    back = ControlNet.from_pretrained(tmp_path / "ours")
+    assert back.config == ours.config and same_weights(back, ours)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_original_single_file_equals_diffusers_loading(reference_folder, tmp_path, suffix):
+    folder, ref = reference_folder
+    path = tmp_path / f"control_sd15_tiny{suffix}"
+    ControlNet.from_pretrained(folder).save_pretrained(path, format="single-file")  # our inverse key map
+    assert any(k.startswith("zero_convs.") for k in WeightsFile(path).shapes)
+    ours = ControlNet.from_pretrained(path)
+    theirs = diffusers.ControlNetModel.from_single_file(str(path), config=str(folder), local_files_only=True)
+    assert same_weights(ours, theirs) and same_weights(ours, ref)
+    sample, t, context, image = control_inputs(ours.config)
+    with torch.no_grad():
+        down, mid = ours.eval()(sample, t, context, image)
+        want_down, want_mid = theirs.eval()(sample, t, context, image, return_dict=False)
+    assert max(max_abs(a, b) for a, b in zip(down, want_down)) < TOL and max_abs(mid, want_mid) < TOL
+
+
+def test_original_file_under_control_model_beside_the_sd_model(reference_folder, tmp_path):
+    """v1.0 files: the ControlNet under control_model., next to the whole SD model (which is left alone)."""
+    folder, ref = reference_folder
+    bare = tmp_path / "bare.safetensors"
+    ControlNet.from_pretrained(folder).save_pretrained(bare, format="single-file")
+    state = {f"control_model.{k}": v for k, v in read_checkpoint(bare).items()}
+    state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 4, 3, 3)
+    torch.save({"state_dict": state}, tmp_path / "control_sd15.pth")
+    assert same_weights(ControlNet.from_pretrained(tmp_path / "control_sd15.pth"), ref)
+
+
+def test_weights_errors_name_the_culprit(reference_folder, tmp_path):
+    folder, _ = reference_folder
+    path = tmp_path / "cn.safetensors"
+    ControlNet.from_pretrained(folder).save_pretrained(path, format="single-file")
+    state = read_checkpoint(path)
+    state["zero_convs.3.0.weight"] = state["zero_convs.3.0.weight"][:, :-1].contiguous()
+    save_file(state, tmp_path / "bad.safetensors")
+    with pytest.raises(WeightsError, match=r"zero_convs\.3\.0\.weight"):
+        ControlNet.from_pretrained(tmp_path / "bad.safetensors")
+    with pytest.raises(WeightsError, match="not a ControlNet file"):
+        save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+        ControlNet.from_pretrained(tmp_path / "other.safetensors")
+    with pytest.raises(WeightsError, match="num_heads=2"):  # a file would load back with SD's 8 heads
+        ControlNet(TINY).save_pretrained(tmp_path / "heads.pth", format="single-file")
+    with pytest.raises(WeightsError, match="not found"):
+        ControlNet.from_pretrained(tmp_path / "missing")
