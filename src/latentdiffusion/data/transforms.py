@@ -39,20 +39,27 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         """Transform one RGB image; the crop offset and the flip come from `rng` (always two draws)."""
+        return self.apply([image], rng)[0]
+
+    def apply(self, images: list[Image.Image], rng: np.random.Generator) -> list[torch.Tensor]:
+        """Transform a target image and the images tied to it (a ControlNet's conditioning image) with exactly the
+        same resize, crop and flip, drawn once from `rng` (two draws); a tied image of another size is first resized
+        to the target's."""
         res = self.resolution
         u_crop, u_flip = rng.random(2).tolist()
-        w, h = image.size
+        w, h = images[0].size
+        images = [images[0], *(im if im.size == (w, h) else im.resize((w, h), Image.BICUBIC) for im in images[1:])]
         if min(w, h) != res:
             scale = res / min(w, h)
             size = (max(res, round(w * scale)), max(res, round(h * scale)))
-            image = image.resize(size, Image.LANCZOS if scale < 1 else Image.BICUBIC)
-        w, h = image.size
+            images = [im.resize(size, Image.LANCZOS if scale < 1 else Image.BICUBIC) for im in images]
+        w, h = images[0].size
         if self.center_crop:
             left, top = (w - res) // 2, (h - res) // 2
         else:  # only the longer side has room to move
             left, top = int(u_crop * (w - res + 1)), int(u_crop * (h - res + 1))
         if (w, h) != (res, res):
-            image = image.crop((left, top, left + res, top + res))
+            images = [im.crop((left, top, left + res, top + res)) for im in images]
         if self.random_flip and u_flip < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_tensor(image)
+            images = [im.transpose(Image.FLIP_LEFT_RIGHT) for im in images]
+        return [to_tensor(im) for im in images]
