@@ -105,6 +105,7 @@ class LDMTrainConfig(TrainConfig):
     """Latent diffusion: the denoising loss with caption dropout, min-SNR weighting, offset noise, EMA."""
 
     ema_decay: float = 0.9999
+    text_encoder_lr: float | None = None  # a trained text encoder's learning rate; None: train.learning_rate
     caption_dropout: float = 0.1  # share of captions replaced by "" (learns the unconditional model for CFG)
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5.0 is the paper's choice); None: off
     noise_offset: float = 0.0
@@ -122,6 +123,8 @@ class LDMTrainConfig(TrainConfig):
             raise ConfigError(f"train.snr_gamma must be > 0 (or null), got {self.snr_gamma}")
         if self.noise_offset < 0:
             raise ConfigError(f"train.noise_offset must be >= 0, got {self.noise_offset}")
+        if self.text_encoder_lr is not None and not self.text_encoder_lr > 0:
+            raise ConfigError(f"train.text_encoder_lr must be > 0 (or null), got {self.text_encoder_lr}")
         if self.sample_steps < 1:
             raise ConfigError(f"train.sample_steps must be >= 1, got {self.sample_steps}")
 
