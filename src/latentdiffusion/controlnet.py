@@ -128,12 +128,12 @@ class ControlNet(nn.Module):
         return controlnet
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> ControlNet:
-        """A diffusers ControlNet folder, an original single file (.pth / .safetensors, `control_model.*` keys) or a
-        folder written by `save_pretrained`."""
+    def from_pretrained(cls, path: str | Path, use_ema: bool | None = None) -> ControlNet:
+        """A diffusers ControlNet folder, an original single file (.pth / .safetensors, `control_model.*` keys), a
+        folder written by `save_pretrained`, or a train-controlnet run (its newest checkpoint, EMA weights first)."""
         from .formats.controlnet import load_controlnet  # formats sit above the models
 
-        return load_controlnet(path)
+        return load_controlnet(path, use_ema)
 
     def save_pretrained(self, path: str | Path, format: str = "latentdiffusion") -> None:
         """Write a folder: ours ("latentdiffusion": controlnet.yaml + safetensors) or diffusers' layout."""

@@ -22,6 +22,7 @@ from ..controlnet import ControlNet, ControlNetConfig
 from ..errors import ConfigError, WeightsError
 from ..unet import UNetConfig
 from .diffusers_layout import unet_config_from_diffusers, unet_config_to_diffusers
+from .native import CHECKPOINTS_DIR, EMA_DIR, list_checkpoints
 from .single_file import NOT_STORED, _original, _read
 from .single_file_keys import KeyPair, Shape, _indices, _need, _Pairs, infer_unet_config, unet_key_map
 from .weights import SUFFIXES, WeightsFile, atomic_write, build_with_weights, read_weights, write_safetensors
@@ -160,9 +161,17 @@ def _load_diffusers(folder: Path) -> ControlNet:
 
 
 # ----------------------------------------------------------------------------------------------- ours, and dispatch
-def load_controlnet(path: str | Path) -> ControlNet:
-    """Any ControlNet location: an original single file, a diffusers folder, or a folder of ours."""
+def load_controlnet(path: str | Path, use_ema: bool | None = None) -> ControlNet:
+    """Any ControlNet location: an original single file, a diffusers folder, a folder of ours, or a train-controlnet
+    run (its newest checkpoint, EMA weights where they exist unless use_ema=False)."""
     path = Path(path)
+    if not (path / CONFIG_FILE).is_file() and (path / CHECKPOINTS_DIR).is_dir():
+        checkpoints = list_checkpoints(path)
+        if not checkpoints:
+            raise WeightsError(f"{path} is a training run without a whole checkpoint yet")
+        path = checkpoints[-1][1]
+    if use_ema is not False and (path / EMA_DIR / CONFIG_FILE).is_file():
+        path = path / EMA_DIR
     if path.is_file():
         if path.suffix.lower() not in SUFFIXES:
             raise WeightsError(f"{path}: unknown ControlNet file type '{path.suffix}' (expected {', '.join(SUFFIXES)})")
