@@ -59,6 +59,7 @@ def test_controlnet_matches_diffusers(overrides):
     cfg = dataclasses.replace(TINY, unet=dataclasses.replace(TINY_UNET, **overrides))
     ours, ref = twin_controlnet(cfg)
     sample, t, context, image = control_inputs(cfg)
+    # pooled_context is diffusers' projection class embedding of the context's mean, which ours takes itself
     kwargs = {"class_labels": context.mean(1)} if cfg.unet.pooled_context else {}
     with torch.no_grad():
         expected = ref(sample, t, context, image, conditioning_scale=0.7, return_dict=False, **kwargs)

@@ -104,7 +104,11 @@ class ControlNet(nn.Module):
         ch, cross, n = u.block_channels, u.cross_attention, len(u.block_channels)
         self.conv_in = nn.Conv2d(u.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], 4 * ch[0])
-        self.class_embedding = TimestepEmbedding(u.context_dim, 4 * ch[0]) if u.pooled_context else None
+        self.class_embedding: nn.Module | None = None  # as the UNet's
+        if u.pooled_context:
+            self.class_embedding = TimestepEmbedding(u.context_dim, 4 * ch[0])
+        elif u.num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(u.num_class_embeds, 4 * ch[0])
         self.controlnet_cond_embedding = ConditioningEmbedding(
             config.conditioning_channels, config.conditioning_embedding_channels, ch[0])
         self.down_blocks = nn.ModuleList(DownLevel(u, ch[max(i - 1, 0)], ch[i], cross[i], i < n - 1) for i in range(n))
@@ -151,7 +155,8 @@ class ControlNet(nn.Module):
         """Residuals for noisy latents `sample` (B, C, h, w) at `timesteps` given `context` (B, T, D) and
         `control_image` (B, 3, h * f, w * f) in [0, 1], each multiplied by `conditioning_scale`: a list of
         (B, C_i, h_i, w_i), one per UNet skip connection, and the middle block's (B, C_last, h_last, w_last).
-        `class_labels` feed the class embedding where the UNet has one (default: the context's token mean)."""
+        `class_labels` (B,) feed the class embedding where the UNet has num_class_embeds (with pooled_context, the
+        context's token mean does, as in the UNet)."""
         u = self.config.unet
         if context.dim() != 3 or context.shape[-1] != u.context_dim:
             raise ValueError(f"context must have shape (B, T, {u.context_dim}), got {tuple(context.shape)}")
@@ -160,9 +165,14 @@ class ControlNet(nn.Module):
         if tuple(control_image.shape) != expected:
             raise ValueError(f"control_image must have shape {expected} for latents of shape {tuple(sample.shape)}, "
                              f"got {tuple(control_image.shape)}")
+        if (class_labels is None) != (u.num_class_embeds is None):
+            raise ValueError(f"class_labels must be given exactly when the UNet has num_class_embeds "
+                             f"(num_class_embeds={u.num_class_embeds})")
         temb = embed_timesteps(self.time_embedding, timesteps, sample)
-        if self.class_embedding is not None:
-            temb = temb + self.class_embedding(context.mean(dim=1) if class_labels is None else class_labels)
+        if u.pooled_context:
+            temb = temb + self.class_embedding(context.mean(dim=1))
+        elif class_labels is not None:
+            temb = temb + self.class_embedding(class_labels.to(sample.device).long()).to(temb.dtype)
         x = self.conv_in(sample) + self.controlnet_cond_embedding(control_image.to(sample.dtype))  # (B, C0, h, w)
         skips = [x]
         for block in self.down_blocks:

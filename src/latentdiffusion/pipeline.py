@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -13,7 +13,8 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from .conditioning import Conditioning, run_unet
+from .conditioning import Conditioning, Control, run_unet
+from .controlnet import ControlNet
 from .guidance import ClassifierFreeGuidance
 from .noise import Generator, randn
 from .samplers import SAMPLERS, Denoiser, NoiseLevels, input_scale, sampler_entry
@@ -23,6 +24,9 @@ from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
+
+
+ImageInput = Image.Image | torch.Tensor  # a picture, or (B, 3, H, W) in [0, 1]
 
 
 @dataclass
@@ -102,10 +106,11 @@ class LatentDiffusion(nn.Module):
         latents = self.encode_images(images, generator)
         return self.diffusion_loss(latents, self.text_encoder(list(captions)), generator, snr_gamma, noise_offset)
 
-    def diffusion_loss(self, latents: torch.Tensor, context: torch.Tensor, generator: Generator = None,
+    def diffusion_loss(self, latents: torch.Tensor, context: torch.Tensor | Conditioning, generator: Generator = None,
                        snr_gamma: float | None = None, noise_offset: float = 0.0) -> torch.Tensor:
-        """The denoising loss (DDPM eq. 14) on scaled latents, optionally min-SNR-gamma weighted (Hang et al., 2023)
-        and with offset noise (a per-channel constant added to the noise)."""
+        """The denoising loss (DDPM eq. 14) on scaled latents given a context (B, T, D) or a whole conditioning
+        bundle (ControlNet training), optionally min-SNR-gamma weighted (Hang et al., 2023) and with offset noise
+        (a per-channel constant added to the noise)."""
         b, c = latents.shape[:2]
         noise = randn(latents.shape, generator, latents.device, latents.dtype)
         if noise_offset:
@@ -113,7 +118,8 @@ class LatentDiffusion(nn.Module):
         t = self._random_timesteps(b, generator, latents.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         target = self.scheduler.training_target(latents, noise, t)
-        pred = self.unet(noisy, t, context)
+        cond = context if isinstance(context, Conditioning) else Conditioning(context)
+        pred = run_unet(self.unet, noisy, t, cond)
         per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
         if snr_gamma is not None:
             per_sample = per_sample * self._min_snr_weight(t, snr_gamma)
@@ -166,12 +172,18 @@ class LatentDiffusion(nn.Module):
         eta: float = 0.0,
         output_type: str = "pil",
         guidance_rescale: float = 0.0,
+        controlnet: ControlNet | list[ControlNet] | None = None,
+        control_image: ImageInput | list[ImageInput] | None = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         progress: bool = False,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate images for `prompt`: encode prompt -> conditioning and starting latents -> noise levels ->
         sampler -> decode. `latents` are unit-variance noise (B, C, h, w), scaled to the sampler's first noise level;
-        `callback(step, timestep, latents)` runs after every step (latents in the sampler's scale x0 + sigma eps)."""
+        `callback(step, timestep, latents)` runs after every step (latents in the sampler's scale x0 + sigma eps).
+        `controlnet` (one or a list) with one `control_image` each (PIL, list of PIL, or (B, 3, H, W) in [0, 1]; one
+        image for all prompts or one per prompt) adds its residuals times `controlnet_conditioning_scale` (one, or
+        one per ControlNet) to the UNet's, in both halves of guidance (Zhang et al. 2023)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
         if latents is not None and latents.ndim == 4:  # given noise sets the size unless height/width say otherwise
@@ -182,10 +194,12 @@ class LatentDiffusion(nn.Module):
         entry = sampler_entry(scheduler, use_karras_sigmas)
         levels = entry.levels(self.scheduler.config, num_inference_steps, use_karras_sigmas)
 
-        cond = Conditioning(self.encode_prompt(prompts)).repeat_interleave(num_images_per_prompt)
+        controls = self._controls(controlnet, control_image, controlnet_conditioning_scale, len(prompts), shape)
+        cond = Conditioning(self.encode_prompt(prompts), controls=controls).repeat_interleave(num_images_per_prompt)
         uncond = None
         if guidance_scale != 1.0:
-            uncond = Conditioning(self.encode_prompt(negatives)).repeat_interleave(num_images_per_prompt)
+            uncond = Conditioning(self.encode_prompt(negatives), controls=controls)
+            uncond = uncond.repeat_interleave(num_images_per_prompt)
         guided = ClassifierFreeGuidance(self._run_unet, cond, uncond, guidance_scale, guidance_rescale)
         denoiser = Denoiser(guided, self.scheduler.config, levels)
 
@@ -201,6 +215,25 @@ class LatentDiffusion(nn.Module):
             return latents
         images = self.decode_latents(latents)
         return images if output_type == "pt" else to_pil(images)
+
+    def _controls(self, controlnet: ControlNet | list[ControlNet] | None, image: Any, scale: float | list[float],
+                  batch: int, shape: tuple[int, ...]) -> list[Control]:
+        """(controlnet, control images (batch, 3, H, W) in [0, 1] on the pipeline's device, scale) per ControlNet."""
+        if controlnet is None:
+            if image is not None:
+                raise ValueError("control_image was given without a controlnet")
+            return []
+        nets = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
+        if image is None:
+            raise ValueError("controlnet needs a control_image (one per ControlNet)")
+        images = list(image) if len(nets) > 1 and isinstance(image, (list, tuple)) else [image]
+        scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(nets)
+        if len(images) != len(nets) or len(scales) != len(nets):
+            raise ValueError(f"{len(nets)} ControlNet(s) need as many control_image entries and "
+                             f"controlnet_conditioning_scale values, got {len(images)} and {len(scales)}")
+        size = (shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor)
+        return [(net, control_tensor(im, batch, size).to(self.device, self.dtype), float(s))
+                for net, im, s in zip(nets, images, scales)]
 
     def _run_unet(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet on float32 sampler latents, run in the model's dtype, its output back in float32."""
@@ -271,6 +304,25 @@ class LatentDiffusion(nn.Module):
         from .formats import Components, save_components
 
         save_components(path, Components.of(self), format)
+
+
+def control_tensor(image: ImageInput | list[Image.Image], batch: int, size: tuple[int, int]) -> torch.Tensor:
+    """A control image as (batch, 3, H, W) float in [0, 1]: PIL images are resized to `size` (H, W), as diffusers'
+    control image processor does; a tensor must have that size; one image serves every prompt."""
+    if isinstance(image, Image.Image) or (isinstance(image, (list, tuple)) and image
+                                          and all(isinstance(im, Image.Image) for im in image)):
+        pictures = [image] if isinstance(image, Image.Image) else list(image)
+        arrays = [np.asarray(p.convert("RGB").resize(size[::-1], Image.LANCZOS), dtype=np.float32) / 255
+                  for p in pictures]
+        image = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"control_image must be a PIL image, a list of them or a tensor (B, 3, H, W) in [0, 1], "
+                         f"got {type(image).__name__}")
+    image = image[None] if image.dim() == 3 else image
+    if image.dim() != 4 or image.shape[1] != 3 or tuple(image.shape[2:]) != size or image.shape[0] not in (1, batch):
+        raise ValueError(f"control_image must have shape (1 or {batch}, 3, {size[0]}, {size[1]}) for these prompts "
+                         f"and this image size, got {tuple(image.shape)}")
+    return image.float().expand(batch, -1, -1, -1)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
