@@ -194,16 +194,16 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "latentdiffusion", *args]
 
 
-@pytest.mark.slow
-def test_resume_after_sigkill_is_bit_identical(tmp_path, vae_dir):
-    cfg = write_config(tmp_path / "ldm.yaml", TINY_LDM)
-    common = ["--config", str(cfg), "--vae", str(vae_dir), "--data", "builtin:shapes"]
-    reference = subprocess.Popen(_cli("train", *common, "--output", str(tmp_path / "reference")), env=ENV,
+def resume_after_sigkill(tmp_path: Path, command: str, common: list[str], files: list[str]) -> None:
+    """Run `ldm COMMAND *common` (6 steps, checkpoints every 2, the newest 2 kept) to its end, and again killed outright
+    (SIGKILL) as soon as its step-2 checkpoint is whole, with a half-written checkpoint left beside it, then resumed:
+    the weights `files` (safetensors names) of both step-6 checkpoints are bit-identical."""
+    reference = subprocess.Popen(_cli(command, *common, "--output", str(tmp_path / "reference")), env=ENV,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     # A run that goes on far longer, killed outright as soon as its step-2 checkpoint is whole.
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli("train", *common, "--output", str(killed), "--max-steps", "1000"), env=ENV,
+    proc = subprocess.Popen(_cli(command, *common, "--output", str(killed), "--max-steps", "1000"), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step-00000002").exists():
@@ -214,19 +214,26 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, vae_dir):
     # As if it had died mid-save as well: a half-written checkpoint beside the whole ones.
     partial = killed / "checkpoints" / ".tmp-step-00000006-99999"
     partial.mkdir()
-    (partial / "unet.safetensors").write_bytes(b"truncated")
+    (partial / f"{files[0]}.safetensors").write_bytes(b"truncated")
     assert all(p.name.startswith("step-") for _, p in list_checkpoints(killed))
 
-    resumed = subprocess.run(_cli("train", *common, "--output", str(killed), "--resume"), env=ENV,
+    resumed = subprocess.run(_cli(command, *common, "--output", str(killed), "--resume"), env=ENV,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and ".tmp-step-00000006-99999" in resumed.stderr
     assert reference.wait() == 0
     done_ref, done_resumed = (tmp_path / "reference/checkpoints/step-00000006", killed / "checkpoints/step-00000006")
-    for name in ("unet", "text_encoder", "ema/unet", "ema/text_encoder"):
+    for name in files:
         assert_identical(weights(done_ref, name), weights(done_resumed, name))
     assert not partial.exists()
     assert [p.name for _, p in list_checkpoints(killed)] == ["step-00000004", "step-00000006"]  # keep_checkpoints=2
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_identical(tmp_path, vae_dir):
+    cfg = write_config(tmp_path / "ldm.yaml", TINY_LDM)
+    common = ["--config", str(cfg), "--vae", str(vae_dir), "--data", "builtin:shapes"]
+    resume_after_sigkill(tmp_path, "train", common, ["unet", "text_encoder", "ema/unet", "ema/text_encoder"])
 
 
 @pytest.mark.slow

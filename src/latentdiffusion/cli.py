@@ -29,7 +29,7 @@ SubParsers = argparse._SubParsersAction  # what add_subparsers returns
 def _training_options(parser: argparse.ArgumentParser) -> None:
     """The options `train-vae` and `train` share; each dedicated flag sets one config key (and wins over --set)."""
     parser.add_argument("--config", metavar="CFG", help="YAML config: a path, or a preset name from configs/ "
-                        "(vae-tiny, ldm-tiny, sd15-vae, sd15, sd15-finetune)")
+                        "(vae-tiny, ldm-tiny, controlnet-tiny, sd15-vae, sd15, sd15-finetune)")
     parser.add_argument("--data", metavar="DATA", help="builtin:shapes[-noisy], a folder of images with "
                         "metadata.jsonl or .txt captions, a save_to_disk folder or a Hugging Face dataset name "
                         "(sets data.source)")
@@ -111,6 +111,31 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_controlnet(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser("train-controlnet", help="train a ControlNet (image conditions) on top of a frozen model",
+                              description="Train a ControlNet: the trainable copy of MODEL's UNet encoder learns to "
+                              "follow a conditioning image per training image (a data set column: conditioning_image "
+                              "by default; builtin:shapes gives each object's silhouette). MODEL stays frozen.")
+    _training_options(p)
+    p.add_argument("--model", metavar="BASE", required=True, help="the frozen base model (anything from_pretrained "
+                   "accepts; pass the same one with --resume)")
+    p.add_argument("--conditioning-column", metavar="COL", help="column of the conditioning image paths or images "
+                   "(data.conditioning_column; default conditioning_image; builtin:shapes: silhouette or edges)")
+    p.add_argument("--init", metavar="CONTROLNET", help="start from this ControlNet instead of a copy of MODEL's UNet")
+    p.set_defaults(run=run_train_controlnet)
+
+
+def run_train_controlnet(args: argparse.Namespace) -> int:
+    from .training import ControlNetRunConfig, load_run_config, train_controlnet
+
+    values = _flag_values(args)
+    if args.conditioning_column is not None:
+        values["data.conditioning_column"] = args.conditioning_column
+    config, _ = load_run_config(ControlNetRunConfig, args.config, args.set, values)
+    train_controlnet(config, args.output, model=args.model, init=args.init, resume=args.resume)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------------- models
 def add_sample(subparsers: SubParsers) -> None:
     p = subparsers.add_parser("sample", help="generate images from a prompt",
@@ -148,7 +173,39 @@ def add_sample(subparsers: SubParsers) -> None:
                    "(diffusers or kohya layout) at SCALE (default 1); repeatable")
     p.add_argument("--out", metavar="FILE.png", default="sample.png", help="output image; several images are saved "
                    "as one grid (default sample.png)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="PATH", help="a ControlNet (diffusers folder, "
+                   "original .pth/.safetensors, train-controlnet run); repeatable, one --control-image each")
+    p.add_argument("--control-image", action="append", default=[], metavar="FILE", help="the conditioning image of "
+                   "the --controlnet in the same position (resized to the output size)")
+    p.add_argument("--controlnet-scale", action="append", type=float, default=[], metavar="S",
+                   help="conditioning scale of each --controlnet (default 1.0 each)")
     p.set_defaults(run=run_sample)
+
+
+def _controls(args: argparse.Namespace, device: str, dtype: object) -> dict[str, object]:
+    """The pipeline's ControlNet arguments from --controlnet / --control-image / --controlnet-scale."""
+    from PIL import Image
+
+    from .controlnet import ControlNet
+    from .data.transforms import IMAGE_ERRORS, load_rgb
+
+    if len(args.control_image) != len(args.controlnet):
+        raise ValueError(f"give one --control-image per --controlnet: got {len(args.control_image)} for "
+                         f"{len(args.controlnet)}")
+    if args.controlnet_scale and len(args.controlnet_scale) != len(args.controlnet):
+        raise ValueError(f"give one --controlnet-scale per --controlnet, or none: got {len(args.controlnet_scale)} "
+                         f"for {len(args.controlnet)}")
+    if not args.controlnet:
+        return {}
+    images = []
+    for path in args.control_image:
+        try:
+            images.append(load_rgb(Image.open(path)))
+        except IMAGE_ERRORS as e:
+            raise ValueError(f"--control-image {path}: not a readable image ({e})") from None
+    nets = [ControlNet.from_pretrained(path).to(device, dtype).eval() for path in args.controlnet]
+    return {"controlnet": nets, "control_image": images,
+            "controlnet_conditioning_scale": args.controlnet_scale or [1.0] * len(nets)}
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -166,6 +223,7 @@ def run_sample(args: argparse.Namespace) -> int:
         path, scale = _lora_spec(spec)
         pipe.load_lora(path, scale=scale)
     pipe = pipe.to(device, getattr(torch, args.dtype))
+    controls = _controls(args, device, getattr(torch, args.dtype))
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
     if args.mask is not None and args.image is None:
         raise ArgumentError("--mask needs --image: the image to inpaint")
@@ -175,7 +233,7 @@ def run_sample(args: argparse.Namespace) -> int:
                   guidance_scale=args.guidance, height=args.height, width=args.width,
                   num_images_per_prompt=args.num_images, generator=generators, scheduler=args.scheduler,
                   use_karras_sigmas=args.karras, eta=args.eta, image=image, strength=args.strength, mask_image=mask,
-                  output_type="pt", progress=not args.no_progress)
+                  output_type="pt", progress=not args.no_progress, **controls)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     picture = image_grid(images, min(len(images), 4)) if len(images) > 1 else to_pil(images)[0]
@@ -270,12 +328,18 @@ def add_demo(subparsers: SubParsers) -> None:
     p.add_argument("--ldm-steps", type=int, metavar="N", help="override ldm-tiny's train.max_steps")
     p.add_argument("--guidance", type=float, default=4.0, metavar="G", help="guidance scale of the guided samples")
     p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--controlnet", action="store_true", help="then train a ControlNet (configs/controlnet-tiny.yaml) "
+                   "on top of OUTPUT/ldm with builtin:shapes silhouettes and report the mean IoU of generated objects "
+                   "with their control, with and without it (the first stages are skipped where OUTPUT/ldm exists)")
+    p.add_argument("--controlnet-steps", type=int, metavar="N", help="override controlnet-tiny's train.max_steps")
     p.set_defaults(run=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo as demo
 
+    if args.controlnet and (Path(args.output) / "ldm").exists():
+        return _controlnet_demo(args)
     result = demo(args.output, args.vae_steps, args.ldm_steps, args.guidance, seed=args.seed)
     times = ", ".join(f"{stage} {sec / 60:.1f} min" for stage, sec in result.seconds.items())
     print(f"time: {sum(result.seconds.values()) / 60:.1f} min ({times})")
@@ -284,10 +348,27 @@ def run_demo(args: argparse.Namespace) -> int:
     for score, how in ((result.guided, f"guidance {args.guidance}"), (result.unguided, "no guidance")):
         print(f"prompt adherence: {score.adherence:.0%} ({how}; colour right {score.colour:.0%}, "
               f"shape right {score.shape:.0%})")
+    return _controlnet_demo(args) if args.controlnet else 0
+
+
+def _controlnet_demo(args: argparse.Namespace) -> int:
+    from .demo import run_controlnet_demo
+
+    result = run_controlnet_demo(args.output, steps=args.controlnet_steps, guidance_scale=args.guidance, seed=args.seed)
+    times = ", ".join(f"{stage} {sec / 60:.1f} min" for stage, sec in result.seconds.items())
+    print(f"controlnet time: {sum(result.seconds.values()) / 60:.1f} min ({times})")
+    for name, path in result.files.items():
+        print(f"{name}: {path}")
+    print(f"mean IoU of generated objects with the control silhouette: {result.iou_with:.2f} with the ControlNet, "
+          f"{result.iou_without:.2f} without")
+    for score, how in ((result.adherence_with, "with"), (result.adherence_without, "without")):
+        print(f"prompt adherence {how} the ControlNet: {score.adherence:.0%} (guidance {args.guidance}; colour right "
+              f"{score.colour:.0%}, shape right {score.shape:.0%})")
     return 0
 
 
-COMMANDS: list[Callable[[SubParsers], None]] = [add_demo, add_train_vae, add_train, add_sample, add_convert]
+COMMANDS: list[Callable[[SubParsers], None]] = [add_demo, add_train_vae, add_train, add_train_controlnet, add_sample,
+                                                add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 # A ControlNet input: (controlnet, control image (B,3,H,W) in [0,1], conditioning scale). The controlnet is called
-# as controlnet(latents, timesteps, context, image) -> (down residuals, one per UNet skip, mid residual).
+# as controlnet(latents, timesteps, context, image, scale, class_labels=...) -> (down residuals, one per UNet skip,
+# mid residual), already scaled.
 Control = tuple[Any, Tensor, float]
 
 
@@ -71,12 +72,13 @@ class Conditioning:
 
 def run_unet(unet: nn.Module, x: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
     """The UNet's output (B, C, h, w) for latents x (B, C, h, w) at timesteps (0-dim or (B,)) under `cond`:
-    concat channels appended to x, each ControlNet's residuals (computed on x without them) scaled and summed."""
+    concat channels appended to x, each ControlNet's residuals (computed on x with them where the ControlNet is a copy
+    of this UNet's encoder, else on x alone, as diffusers' inpainting ControlNet pipeline does) scaled and summed."""
+    x_in = x if cond.concat is None else torch.cat([x, cond.concat.to(x.dtype)], dim=1)
     down, mid = None, None
     for controlnet, image, scale in cond.controls:
-        d, m = controlnet(x, timesteps, cond.context, image)
-        d, m = [r * scale for r in d], m * scale
+        x_control = x_in if controlnet.config.unet.in_channels == x_in.shape[1] else x  # a copy of this UNet, or not
+        d, m = controlnet(x_control, timesteps, cond.context, image, scale, class_labels=cond.class_labels)
         down = d if down is None else [a + b for a, b in zip(down, d)]
         mid = m if mid is None else mid + m
-    x_in = x if cond.concat is None else torch.cat([x, cond.concat.to(x.dtype)], dim=1)
     return unet(x_in, timesteps, cond.context, class_labels=cond.class_labels, down_residuals=down, mid_residual=mid)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -17,6 +17,8 @@ from . import lora
 from .arguments import integer, real, texts
 from .conditioning import Conditioning, run_unet
 from .errors import ArgumentError, ConfigError
+from .conditioning import Conditioning, Control, run_unet
+from .controlnet import ControlNet
 from .guidance import ClassifierFreeGuidance
 from .images import ImageInput, image_tensor, mask_tensor, random_inpainting_masks
 from .noise import Generator, randint, randn
@@ -28,6 +30,9 @@ from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
+
+
+ImageInput = Image.Image | torch.Tensor  # a picture, or (B, 3, H, W) in [0, 1]
 
 
 @dataclass
@@ -119,13 +124,14 @@ class LatentDiffusion(nn.Module):
         pixels = (images.to(self.device).float() / 2 + 0.5).clamp(0, 1)
         return self.inpainting_concat(pixels, masks.to(self.device), generator, (b, 0, h, w))
 
-    def diffusion_loss(self, latents: torch.Tensor, context: torch.Tensor, generator: Generator = None,
+    def diffusion_loss(self, latents: torch.Tensor, context: torch.Tensor | Conditioning, generator: Generator = None,
                        snr_gamma: float | None = None, noise_offset: float = 0.0,
                        concat: torch.Tensor | None = None) -> torch.Tensor:
-        """The denoising loss (DDPM eq. 14) on scaled latents, optionally min-SNR-gamma weighted (Hang et al., 2023)
-        and with offset noise (a per-channel constant added to the noise); `concat` (B,Cc,h,w): channels an
-        inpainting UNet takes beside the latents. With a list of generators, image i's noise, offset and timestep
-        all come from generator i: any split of the batch draws the same values."""
+        """The denoising loss (DDPM eq. 14) on scaled latents given a context (B, T, D) or a whole conditioning
+        bundle (ControlNet training), optionally min-SNR-gamma weighted (Hang et al., 2023) and with offset noise
+        (a per-channel constant added to the noise); `concat` (B,Cc,h,w): channels an inpainting UNet takes beside
+        the latents. With a list of generators, image i's noise, offset and timestep all come from generator i: any
+        split of the batch draws the same values."""
         b, c = latents.shape[:2]
         noise = randn(latents.shape, generator, latents.device, latents.dtype)
         if noise_offset:
@@ -133,7 +139,8 @@ class LatentDiffusion(nn.Module):
         t = self._random_timesteps(b, generator, latents.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         target = self.scheduler.training_target(latents, noise, t)
-        pred = run_unet(self.unet, noisy, t, Conditioning(context, concat))
+        cond = context if isinstance(context, Conditioning) else Conditioning(context, concat)
+        pred = run_unet(self.unet, noisy, t, cond)
         per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
         if snr_gamma is not None:
             per_sample = per_sample * self._min_snr_weight(t, snr_gamma)
@@ -187,6 +194,9 @@ class LatentDiffusion(nn.Module):
         strength: float = 0.8,
         mask_image: ImageInput | None = None,
         guidance_rescale: float = 0.0,
+        controlnet: ControlNet | list[ControlNet] | None = None,
+        control_image: ImageInput | list[ImageInput] | None = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         progress: bool = False,
     ) -> list[Image.Image] | torch.Tensor:
@@ -194,6 +204,11 @@ class LatentDiffusion(nn.Module):
         sampler -> decode. `latents`: unit-variance noise (B, C, h, w), scaled to the sampler's first noise level.
         img2img: `image` noised to the level `strength` of the way up the schedule; inpainting: `mask_image` too
         (white = repaint). `callback(step, timestep, latents)` runs after every step (latents: x0 + sigma * eps)."""
+        prompts, num_inference_steps, num_images_per_prompt, height, width = self._check_arguments(
+            prompt, num_inference_steps, num_images_per_prompt, height, width)
+        `controlnet` (one or a list) with one `control_image` each (PIL, list of PIL, or (B, 3, H, W) in [0, 1]; one
+        image for all prompts or one per prompt) adds its residuals times `controlnet_conditioning_scale` (one, or
+        one per ControlNet) to the UNet's, in both halves of guidance (Zhang et al. 2023)."""
         prompts, num_inference_steps, num_images_per_prompt, height, width = self._check_arguments(
             prompt, num_inference_steps, num_images_per_prompt, height, width)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
@@ -214,7 +229,9 @@ class LatentDiffusion(nn.Module):
         noise = randn(shape, generator, self.device) if latents is None else latents.to(self.device, torch.float32)
         x = noise * levels.init_noise_sigma if x0 is None or repaint_all else add_noise(x0, noise, levels.sigmas[0])
         concat = self.inpainting_concat(pixels, mask, generator, shape) if self.concat_channels else None
-        cond, uncond = (None if c is None else Conditioning(c, concat) for c in contexts)
+        controls = self._controls(controlnet, control_image, controlnet_conditioning_scale, len(prompts),
+                                  num_images_per_prompt, shape)
+        cond, uncond = (None if c is None else Conditioning(c, concat, controls=controls) for c in contexts)
         guided = ClassifierFreeGuidance(self._run_unet, cond, uncond, guidance_scale, guidance_rescale)
         denoiser = Denoiser(guided, self.scheduler.config, levels)
 
@@ -238,6 +255,25 @@ class LatentDiffusion(nn.Module):
         cond = self.encode_prompt(prompts).repeat_interleave(n, dim=0)
         uncond = None if guidance_scale == 1.0 else self.encode_prompt(negatives).repeat_interleave(n, dim=0)
         return cond, uncond
+
+    def _controls(self, controlnet: ControlNet | list[ControlNet] | None, image: Any, scale: float | list[float],
+                  batch: int, shape: tuple[int, ...]) -> list[Control]:
+        """(controlnet, control images (batch, 3, H, W) in [0, 1] on the pipeline's device, scale) per ControlNet."""
+        if controlnet is None:
+            if image is not None:
+                raise ArgumentError("control_image was given without a controlnet")
+            return []
+        nets = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
+        if image is None:
+            raise ArgumentError("controlnet needs a control_image (one per ControlNet)")
+        images = list(image) if len(nets) > 1 and isinstance(image, (list, tuple)) else [image]
+        scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(nets)
+        if len(images) != len(nets) or len(scales) != len(nets):
+            raise ArgumentError(f"{len(nets)} ControlNet(s) need as many control_image entries and "
+                             f"controlnet_conditioning_scale values, got {len(images)} and {len(scales)}")
+        size = (shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor)
+        return [(net, control_tensor(im, batch, size).repeat_interleave(n, dim=0).to(self.device, self.dtype), float(s))
+                for net, im, s in zip(nets, images, scales)]
 
     def _run_unet(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet on float32 sampler latents, run in the model's dtype, its output back in float32."""
@@ -407,9 +443,9 @@ class LatentDiffusion(nn.Module):
     def add_lora(self, weights: lora.AdapterWeights, name: str, scale: float = 1.0, dropout: float = 0.0) -> None:
         """Add adapter `name` with `weights` ("unet.<path>" / "text_encoder.<path>" -> ModuleLora) at `scale`."""
         if name in self.lora_scales:
-            raise ValueError(f"a LoRA adapter named {name!r} is already loaded: pass another adapter_name")
+            raise ArgumentError(f"a LoRA adapter named {name!r} is already loaded: pass another adapter_name")
         if self._lora_base:
-            raise ValueError("the loaded LoRA adapters are fused: unload_lora() before adding another")
+            raise ArgumentError("the loaded LoRA adapters are fused: unload_lora() before adding another")
         for component, module in self._lora_components():
             own = {k.split(".", 1)[1]: w for k, w in weights.items() if k.split(".", 1)[0] == component}
             if own:
@@ -421,7 +457,7 @@ class LatentDiffusion(nn.Module):
     def set_lora_scale(self, name: str, scale: float) -> None:
         """Set adapter `name`'s scale (0 turns it off)."""
         if self._lora_base:
-            raise ValueError("the LoRA adapters are fused: unload_lora() and load them again to change a scale")
+            raise ArgumentError("the LoRA adapters are fused: unload_lora() and load them again to change a scale")
         self.lora_scales[name] = float(scale)
         for _, module in self._lora_components():
             lora.set_scales(module, self.lora_scales)
@@ -429,7 +465,7 @@ class LatentDiffusion(nn.Module):
     def lora_weights(self, name: str) -> lora.AdapterWeights:
         """Adapter `name`'s weights, keyed "unet.<path>" / "text_encoder.<path>" (what formats.lora saves)."""
         if name not in self.lora_scales:
-            raise ValueError(f"no LoRA adapter named {name!r}; loaded: {', '.join(self.lora_scales) or 'none'}")
+            raise ArgumentError(f"no LoRA adapter named {name!r}; loaded: {', '.join(self.lora_scales) or 'none'}")
         return {f"{component}.{path}": w for component, module in self._lora_components()
                 for path, w in lora.adapter_weights(module, name).items()}
 
@@ -471,10 +507,29 @@ class LatentDiffusion(nn.Module):
         from .formats import Components, save_components
 
         if self.lora_scales:
-            raise ValueError(f"LoRA adapters are loaded ({', '.join(self.lora_scales)}): save them with "
+            raise ArgumentError(f"LoRA adapters are loaded ({', '.join(self.lora_scales)}): save them with "
                              "formats.lora.save_lora_weights(pipe.lora_weights(name), path), or merge them first "
                              "with fuse_lora() and unload_lora(keep_fused=True)")
         save_components(path, Components.of(self), format)
+
+
+def control_tensor(image: ImageInput | list[Image.Image], batch: int, size: tuple[int, int]) -> torch.Tensor:
+    """A control image as (batch, 3, H, W) float in [0, 1]: PIL images are resized to `size` (H, W), as diffusers'
+    control image processor does; a tensor must have that size; one image serves every prompt."""
+    if isinstance(image, Image.Image) or (isinstance(image, (list, tuple)) and image
+                                          and all(isinstance(im, Image.Image) for im in image)):
+        pictures = [image] if isinstance(image, Image.Image) else list(image)
+        arrays = [np.asarray(p.convert("RGB").resize(size[::-1], Image.LANCZOS), dtype=np.float32) / 255
+                  for p in pictures]
+        image = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    if not isinstance(image, torch.Tensor):
+        raise ArgumentError(f"control_image must be a PIL image, a list of them or a tensor (B, 3, H, W) in [0, 1], "
+                         f"got {type(image).__name__}")
+    image = image[None] if image.dim() == 3 else image
+    if image.dim() != 4 or image.shape[1] != 3 or tuple(image.shape[2:]) != size or image.shape[0] not in (1, batch):
+        raise ArgumentError(f"control_image must have shape (1 or {batch}, 3, {size[0]}, {size[1]}) for these prompts "
+                         f"and this image size, got {tuple(image.shape)}")
+    return image.float().expand(batch, -1, -1, -1)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

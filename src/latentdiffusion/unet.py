@@ -91,6 +91,16 @@ def _transformer(cfg: UNetConfig, channels: int) -> Transformer2D:
                          cfg.linear_projection, cfg.upcast_attention)
 
 
+def embed_timesteps(embedding: TimestepEmbedding, timesteps: Tensor | int | float, sample: Tensor) -> Tensor:
+    """The resnets' embedding (B, 4 * C0) of a scalar or (B,) `timesteps`, in the dtype of `sample` (B, C, h, w)."""
+    t = torch.as_tensor(timesteps, device=sample.device)
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, sample.shape[0])):
+        raise ValueError(f"timesteps must be a scalar or have shape ({sample.shape[0]},), got {tuple(t.shape)}")
+    t = t.reshape(-1).expand(sample.shape[0])  # (B,)
+    features = timestep_embedding(t, embedding.linear_1.in_features)  # float32 (B, C0)
+    return embedding(features.to(sample.dtype))  # (B, 4 * C0)
+
+
 class Level(nn.Module):
     """Resnets at one resolution, each followed by a Transformer2D when the level has cross-attention."""
 
@@ -186,12 +196,7 @@ class UNet(nn.Module):
         return module(*args)
 
     def _time_embedding(self, timesteps: Tensor | int | float, sample: Tensor) -> Tensor:
-        t = torch.as_tensor(timesteps, device=sample.device)
-        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, sample.shape[0])):
-            raise ValueError(f"timesteps must be a scalar or have shape ({sample.shape[0]},), got {tuple(t.shape)}")
-        t = t.reshape(-1).expand(sample.shape[0])  # (B,)
-        features = timestep_embedding(t, self.config.block_channels[0])  # float32 (B, C0)
-        return self.time_embedding(features.to(sample.dtype))  # (B, 4 * C0)
+        return embed_timesteps(self.time_embedding, timesteps, sample)
 
     def forward(self, sample: Tensor, timesteps: Tensor | int | float, context: Tensor, *,
                 class_labels: Tensor | None = None, down_residuals: list[Tensor] | None = None,

@@ -98,32 +98,49 @@ def analyse(image: Image.Image | np.ndarray) -> tuple[dict[str, str | None], str
     rgb = _as_rgb(image)  # (H, W, 3) float, 0..255
     h, w, _ = rgb.shape
     found: dict[str, str | None] = dict.fromkeys(("colour", "shape", "size", "background"))
+    bg, obj, dist, reason = _segment(rgb)
+    if bg is not None:
+        found["background"] = _nearest(bg, BACKGROUNDS)
+    if reason:
+        return found, reason
+    area = obj.sum()
+    core = obj & (dist >= np.median(dist[obj]))
+    found["colour"] = _nearest(np.median(rgb[core], axis=0), COLOURS)
+    found["shape"] = _shape(obj)
+    found["size"] = "small" if area / (h * w) < _SIZE_SPLIT else "large"
+    return found, ""
+
+
+def object_mask(image: Image.Image | np.ndarray) -> np.ndarray:
+    """The largest far-from-background region (H, W) bool, where `analyse` looks for the object (all False where the
+    image has no uniform background or nothing stands out of it)."""
+    rgb = _as_rgb(image)
+    _, obj, _, _ = _segment(rgb)
+    return np.zeros(rgb.shape[:2], dtype=bool) if obj is None else obj
+
+
+def _segment(rgb: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, str]:
+    """(background colour, object mask, distance from the background, why no object was found or "")."""
+    h, w, _ = rgb.shape
     band = max(1, min(h, w) // 16)
     border = np.concatenate(
         [rgb[:band].reshape(-1, 3), rgb[-band:].reshape(-1, 3), rgb[:, :band].reshape(-1, 3), rgb[:, -band:].reshape(-1, 3)]
     )
     bg = np.median(border, axis=0)
     if np.median(np.linalg.norm(border - bg, axis=1)) > _MAX_BORDER_SPREAD:
-        return found, "no uniform background"
-    found["background"] = _nearest(bg, BACKGROUNDS)
-
+        return None, None, None, "no uniform background"
     dist = np.linalg.norm(rgb - bg, axis=2)  # (H, W)
     peak = np.percentile(dist, 99.5)
     if peak < _MIN_CONTRAST:
-        return found, "no object"
+        return bg, None, dist, "no object"
     far = dist > peak / 2
     obj = _largest_component(far)
     area = obj.sum()
     if not _MIN_AREA <= area / (h * w) <= _MAX_AREA:
-        return found, f"object covers {area / (h * w):.1%} of the image"
+        return bg, obj, dist, f"object covers {area / (h * w):.1%} of the image"
     if area < _MIN_DOMINANCE * far.sum():
-        return found, "clutter: no single dominant object"
-
-    core = obj & (dist >= np.median(dist[obj]))
-    found["colour"] = _nearest(np.median(rgb[core], axis=0), COLOURS)
-    found["shape"] = _shape(obj)
-    found["size"] = "small" if area / (h * w) < _SIZE_SPLIT else "large"
-    return found, ""
+        return bg, obj, dist, "clutter: no single dominant object"
+    return bg, obj, dist, ""
 
 
 def _as_rgb(image: Image.Image | np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
@@ -35,6 +36,9 @@ class DataConfig:
     # Aspect-ratio buckets: each image trains at the bucket size (about resolution^2 pixels) nearest its aspect
     # ratio, each batch from one bucket (see data/buckets.py); off: every image is cropped to the square.
     buckets: bool = False
+    # ControlNet training: the column of each item's conditioning image (a path relative to DATA, or an image);
+    # builtin:shapes has conditioning_image / silhouette (the object's mask) and edges (its outline)
+    conditioning_column: str | None = None
 
     def __post_init__(self) -> None:
         if not self.source.strip():
@@ -43,14 +47,16 @@ class DataConfig:
             raise ConfigError(f"data config key 'resolution' must be a positive multiple of 8, got {self.resolution}")
         if self.num_workers < 0:
             raise ConfigError(f"data config key 'num_workers' must be >= 0, got {self.num_workers}")
-        for key in ("image_column", "caption_column", "split"):
+        for key in ("image_column", "caption_column", "split", *(("conditioning_column",) if self.conditioning_column
+                                                                 is not None else ())):
             if not getattr(self, key):
                 raise ConfigError(f"data config key '{key}' is empty")
 
 
 class ImageCaptionDataset(Dataset):
     """Captioned images as {"pixel_values": (3, res, res) float in [-1, 1] (with buckets (3, h, w) of the item's
-    bucket), "text": str}.
+    bucket), "text": str}; with `conditioning`, also "conditioning_pixel_values": (3, res, res) in [0, 1], resized,
+    cropped and flipped exactly as its target.
 
     Crop, flip and the choice among several captions depend only on (seed, epoch, index): call `set_epoch` before
     each epoch (and re-create DataLoader workers, or leave persistent_workers off) for exactly resumable training.
@@ -58,9 +64,10 @@ class ImageCaptionDataset(Dataset):
 
     def __init__(
         self, source: Source, transform: ImageTransform, seed: int = 0, skipped: dict[str, str] | None = None,
-        verify_images: bool = True, where: str = "DATA",
+        verify_images: bool = True, where: str = "DATA", conditioning: bool = False,
     ) -> None:
         self.source, self.transform, self.seed, self.epoch = source, transform, seed, 0
+        self.conditioning = conditioning
         self.skipped: dict[str, str] = dict(skipped or {})  # name -> why it was left out
         self.indices = list(range(len(source)))
         self.bucket_sizes: list[tuple[int, int]] = []  # (width, height) per bucket, once assign_buckets ran
@@ -95,22 +102,33 @@ class ImageCaptionDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         item = self.indices[index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        try:
-            image = load_rgb(self.source.image(item), self.transform.resolution)
-        except IMAGE_ERRORS as e:
-            raise DataError(f"cannot read image {self.source.name(item)}: {e}") from None
-        pixel_values = self.transform(image, rng, self.bucket_sizes[self.bucket_of[index]] if self.bucket_of else None)
+        images = [self._load(item, self.source.image, self.source.name)]
+        if self.conditioning:
+            images.append(self._load(item, self.source.conditioning, self.source.conditioning_name))
+        pixels = self.transform.apply(images, rng, self.bucket_sizes[self.bucket_of[index]] if self.bucket_of else None)
         text = self.source.caption(item)
         if isinstance(text, list):  # several captions: pick one
             text = str(text[int(rng.integers(len(text)))]) if text else ""
-        return {"pixel_values": pixel_values, "text": text}
+        if self.conditioning:
+            return {"pixel_values": pixels[0], "text": text, "conditioning_pixel_values": (pixels[1] + 1) / 2}
+        return {"pixel_values": pixels[0], "text": text}
+
+    def _load(self, item: int, open_image, name) -> Image.Image:
+        try:
+            return load_rgb(open_image(item), self.transform.resolution)
+        except IMAGE_ERRORS as e:
+            raise DataError(f"cannot read image {name(item)}: {e}") from None
 
     def _readable(self, item: int) -> bool:
-        try:
-            load_rgb(self.source.image(item), self.transform.resolution)
-        except IMAGE_ERRORS as e:
-            self.skipped[self.source.name(item)] = f"{type(e).__name__}: {e}"
-            return False
+        pairs = [(self.source.image, self.source.name)]
+        if self.conditioning:
+            pairs.append((self.source.conditioning, self.source.conditioning_name))
+        for open_image, name in pairs:
+            try:
+                load_rgb(open_image(item), self.transform.resolution)
+            except IMAGE_ERRORS as e:
+                self.skipped[name(item)] = f"{type(e).__name__}: {e}"
+                return False
         return True
 
 
@@ -125,15 +143,19 @@ def load_image_captions(
     split: str = "train",
     verify_images: bool = True,
     cache_dir: str | None = None,
+    conditioning_column: str | None = None,
 ) -> ImageCaptionDataset:
-    """Open DATA (see `latentdiffusion.data.sources`) as a training data set of tensors and captions."""
+    """Open DATA (see `latentdiffusion.data.sources`) as a training data set of tensors and captions, and of
+    conditioning images from `conditioning_column` where given."""
     if resolution < 8:
         raise DataError(f"resolution must be >= 8 pixels, got {resolution}")
-    source, skipped = open_source(data, resolution, image_column, caption_column, split, seed, cache_dir)
+    source, skipped = open_source(data, resolution, image_column, caption_column, split, seed, cache_dir,
+                                  conditioning_column)
     transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip)
     # Built-in data is drawn, never unreadable: nothing to verify.
     verify = verify_images and not data.startswith("builtin:")
-    return ImageCaptionDataset(source, transform, seed, skipped, verify, where=f"DATA '{data}'")
+    return ImageCaptionDataset(source, transform, seed, skipped, verify, where=f"DATA '{data}'",
+                               conditioning=conditioning_column is not None)
 
 
 def dataset_from_config(config: DataConfig) -> ImageCaptionDataset:
@@ -141,4 +163,5 @@ def dataset_from_config(config: DataConfig) -> ImageCaptionDataset:
     return load_image_captions(
         config.source, config.resolution, config.image_column, config.caption_column, config.center_crop,
         config.random_flip, config.seed, config.split, config.verify_images, config.cache_dir,
+        config.conditioning_column,
     )

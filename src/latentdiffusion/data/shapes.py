@@ -111,6 +111,11 @@ def render(attrs: dict[str, Any], size: int) -> Image.Image:
     return canvas.reduce(ss)
 
 
+def silhouette(attrs: dict[str, Any], size: int) -> Image.Image:
+    """The object's mask as a size x size RGB image: white where `render` draws the object, black elsewhere."""
+    return render({**attrs, "rgb": (255, 255, 255), "bg_rgb": (0, 0, 0)}, size)
+
+
 class ShapesDataset:
     """`length` captioned shapes; item i depends only on (seed, i). Items: (RGB image, caption, attributes)."""
 

@@ -20,11 +20,11 @@ import re
 from pathlib import Path
 from typing import Any, Protocol
 
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from ..errors import DataError
 from ..messages import warn
-from .shapes import ALL_SHAPES, NOISY_CAPTIONS, SHAPES, ShapesDataset, render
+from .shapes import ALL_SHAPES, NOISY_CAPTIONS, SHAPES, ShapesDataset, render, silhouette
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
@@ -35,6 +35,7 @@ BUILTINS = {  # name -> (share of wrong captions, the shapes drawn)
 }
 SHAPES_LENGTH = 10000
 FALLBACK_ENCODING = "cp1252"  # Windows-1252: how a caption file that is not UTF-8 is read
+SHAPES_CONDITIONS = {"conditioning_image": "silhouette", "silhouette": "silhouette", "edges": "edges"}
 _HUB_NAME = re.compile(r"[\w-][\w.-]*(/[\w.-]+)?")
 
 
@@ -51,6 +52,9 @@ class Source(Protocol):
 
     def name(self, index: int) -> str:
         """A file name or row number that identifies item `index` in messages."""
+
+    # Sources opened with a conditioning column (ControlNet training) also have:
+    # conditioning(index) -> the opened conditioning image; conditioning_name(index) -> its name in messages.
 
 
 class FileSource:
@@ -73,33 +77,42 @@ class FileSource:
 
 
 class ArrowSource:
-    """A `datasets.Dataset` with an image column (Image feature or file names) and a caption column."""
+    """A `datasets.Dataset` with an image column (Image feature or file names) and a caption column, and where
+    asked a conditioning image column (the same kinds)."""
 
-    def __init__(self, ds: Any, image_column: str, caption_column: str, root: Path | None, where: str) -> None:
+    def __init__(self, ds: Any, image_column: str, caption_column: str, root: Path | None, where: str,
+                 conditioning_column: str | None = None) -> None:
         import datasets
 
         columns = list(ds.column_names)
         image_column = _resolve_image_column(image_column, columns, where)
-        if caption_column not in columns:
-            raise DataError(
-                f"caption column '{caption_column}' not found in {where}; columns found: {', '.join(columns)}"
-            )
-        feature = ds.features[image_column]
-        if isinstance(feature, datasets.Image):
-            ds = ds.cast_column(image_column, datasets.Image(decode=False))  # we decode (and skip) ourselves
-        elif not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-            raise DataError(f"image column '{image_column}' in {where} holds {feature}, not images or file names")
+        for kind, column in (("caption", caption_column), ("conditioning", conditioning_column)):
+            if column is not None and column not in columns:
+                raise DataError(f"{kind} column '{column}' not found in {where}; columns found: {', '.join(columns)}")
+        for column in filter(None, (image_column, conditioning_column)):
+            feature = ds.features[column]
+            if isinstance(feature, datasets.Image):
+                ds = ds.cast_column(column, datasets.Image(decode=False))  # we decode (and skip) ourselves
+            elif not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+                raise DataError(f"image column '{column}' in {where} holds {feature}, not images or file names")
         self.ds, self.image_column, self.root = ds, image_column, root
+        self.conditioning_column = conditioning_column
         self.captions = ds[caption_column]
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def _cell(self, index: int) -> Any:
-        return self.ds[index][self.image_column]
+    def _cell(self, index: int, column: str | None = None) -> Any:
+        return self.ds[index][column or self.image_column]
 
-    def image(self, index: int) -> Image.Image:
-        cell = self._cell(index)
+    def conditioning(self, index: int) -> Image.Image:
+        return self.image(index, self.conditioning_column)
+
+    def conditioning_name(self, index: int) -> str:
+        return self.name(index, self.conditioning_column)
+
+    def image(self, index: int, column: str | None = None) -> Image.Image:
+        cell = self._cell(index, column)
         if isinstance(cell, dict) and cell.get("bytes") is not None:
             return Image.open(io.BytesIO(cell["bytes"]))
         path = cell.get("path") if isinstance(cell, dict) else cell
@@ -112,18 +125,31 @@ class ArrowSource:
         text = self.captions[index]
         return "" if text is None else text if isinstance(text, (str, list)) else str(text)
 
-    def name(self, index: int) -> str:
-        cell = self._cell(index)
+    def name(self, index: int, column: str | None = None) -> str:
+        cell = self._cell(index, column)
         path = cell.get("path") if isinstance(cell, dict) else cell
         return f"{path} (row {index})" if path else f"row {index}"
 
 
 class ShapesSource:
-    """`builtin:shapes` (or its noisy-caption twin) drawn at the training resolution."""
+    """`builtin:shapes` (or its noisy-caption twin) drawn at the training resolution; as conditioning images, each
+    item's silhouette (white object on black: `conditioning_image` or `silhouette`) or its outline (`edges`)."""
 
-    def __init__(self, resolution: int, seed: int, caption_noise: float = 0.0, shapes: tuple[str, ...] = SHAPES) -> None:
+    def __init__(self, resolution: int, seed: int, caption_noise: float = 0.0, shapes: tuple[str, ...] = SHAPES,
+                 conditioning_column: str | None = None) -> None:
+        if conditioning_column is not None and conditioning_column not in SHAPES_CONDITIONS:
+            raise DataError(f"conditioning column '{conditioning_column}' not found in builtin:shapes; columns found: "
+                            f"image, text, {', '.join(SHAPES_CONDITIONS)}")
         self.shapes = ShapesDataset(size=resolution, length=SHAPES_LENGTH, seed=seed, caption_noise=caption_noise,
                                     shapes=shapes)
+        self.condition = SHAPES_CONDITIONS.get(conditioning_column)
+
+    def conditioning(self, index: int) -> Image.Image:
+        mask = silhouette(self.shapes.attributes(index), self.shapes.size)
+        return mask.filter(ImageFilter.FIND_EDGES) if self.condition == "edges" else mask
+
+    def conditioning_name(self, index: int) -> str:
+        return f"builtin:shapes item {index} ({self.condition})"
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -146,25 +172,28 @@ def open_source(
     split: str = "train",
     seed: int = 0,
     cache_dir: str | None = None,
+    conditioning_column: str | None = None,
 ) -> tuple[Source, dict[str, str]]:
-    """Resolve DATA to a source; also returns the items skipped while listing it (name -> reason)."""
+    """Resolve DATA to a source (with conditioning images from `conditioning_column` where given); also returns the
+    items skipped while listing it (name -> reason)."""
     if data.startswith("builtin:"):
         if data not in BUILTINS:
             raise DataError(f"unknown built-in data set '{data}' (built-ins: {', '.join(BUILTINS)})")
-        return ShapesSource(resolution, seed, *BUILTINS[data]), {}
+        return ShapesSource(resolution, seed, *BUILTINS[data], conditioning_column=conditioning_column), {}
     path = Path(data).expanduser()
     if path.is_dir():
-        return _open_folder(path, image_column, caption_column, split, cache_dir)
+        return _open_folder(path, image_column, caption_column, split, cache_dir, conditioning_column)
     if path.exists():
         raise DataError(f"DATA '{data}' is a file; expected a folder, a Hugging Face dataset name or builtin:shapes")
     if not _HUB_NAME.fullmatch(data) or data.startswith("."):
         raise DataError(f"DATA path not found: {data}")
     ds = _load_dataset(data, split, cache_dir)
-    return ArrowSource(ds, image_column, caption_column, None, f"dataset '{data}'"), {}
+    return ArrowSource(ds, image_column, caption_column, None, f"dataset '{data}'", conditioning_column), {}
 
 
 def _open_folder(
-    path: Path, image_column: str, caption_column: str, split: str, cache_dir: str | None
+    path: Path, image_column: str, caption_column: str, split: str, cache_dir: str | None,
+    conditioning_column: str | None = None,
 ) -> tuple[Source, dict[str, str]]:
     import datasets
 
@@ -174,16 +203,22 @@ def _open_folder(
             ds = datasets.load_from_disk(str(path))
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read the saved data set in {path}: {e}") from None
-        return ArrowSource(_pick_split(ds, split, where), image_column, caption_column, path, where), {}
+        return ArrowSource(_pick_split(ds, split, where), image_column, caption_column, path, where,
+                           conditioning_column), {}
     has_metadata = any(next(path.rglob(name), None) is not None for name in METADATA_FILES)
     jsonl = sorted(path.rglob(METADATA_FILES[0]))
     if jsonl and not any(next(path.rglob(n), None) for n in METADATA_FILES[1:]) and not all(map(_is_utf8, jsonl)):
-        return ArrowSource(_read_jsonl(jsonl), image_column, caption_column, None, where), {}
+        return ArrowSource(_read_jsonl(jsonl), image_column, caption_column, None, where,
+                           conditioning_column), {}
     images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not has_metadata and any(p.with_suffix(".txt").is_file() for p in images):
+        if conditioning_column is not None:
+            raise DataError(f"conditioning column '{conditioning_column}' not found in {where}: images with .txt "
+                            "captions have no columns; columns found: image, text (write a metadata.jsonl with "
+                            "file_name, text and conditioning_image)")
         return _caption_files(images)
     ds = _load_dataset(str(path), split, cache_dir)
-    return ArrowSource(ds, image_column, caption_column, path, where), {}
+    return ArrowSource(ds, image_column, caption_column, path, where, conditioning_column), {}
 
 
 def _caption_files(images: list[Path]) -> tuple[FileSource, dict[str, str]]:

@@ -41,20 +41,28 @@ class ImageTransform:
                  size: tuple[int, int] | None = None) -> torch.Tensor:
         """Transform one RGB image to (3, height, width) for `size` = (width, height), default the square; the crop
         offset and the flip come from `rng` (always two draws)."""
+        return self.apply([image], rng, size)[0]
+
+    def apply(self, images: list[Image.Image], rng: np.random.Generator,
+              size: tuple[int, int] | None = None) -> list[torch.Tensor]:
+        """Transform a target image and the images tied to it (a ControlNet's conditioning image) with exactly the
+        same resize, crop and flip, drawn once from `rng` (two draws), to `size` = (width, height), default the
+        square; a tied image of another size is first resized to the target's."""
         tw, th = size or (self.resolution, self.resolution)
         u_crop, u_flip = rng.random(2).tolist()
-        w, h = image.size
+        w, h = images[0].size
+        images = [images[0], *(im if im.size == (w, h) else im.resize((w, h), Image.BICUBIC) for im in images[1:])]
         scale = max(tw / w, th / h)
         if scale != 1.0:
             size_ = (max(tw, round(w * scale)), max(th, round(h * scale)))
-            image = image.resize(size_, Image.LANCZOS if scale < 1 else Image.BICUBIC)
-        w, h = image.size
+            images = [im.resize(size_, Image.LANCZOS if scale < 1 else Image.BICUBIC) for im in images]
+        w, h = images[0].size
         if self.center_crop:
             left, top = (w - tw) // 2, (h - th) // 2
         else:  # only the longer side has room to move
             left, top = int(u_crop * (w - tw + 1)), int(u_crop * (h - th + 1))
         if (w, h) != (tw, th):
-            image = image.crop((left, top, left + tw, top + th))
+            images = [im.crop((left, top, left + tw, top + th)) for im in images]
         if self.random_flip and u_flip < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_tensor(image)
+            images = [im.transpose(Image.FLIP_LEFT_RIGHT) for im in images]
+        return [to_tensor(im) for im in images]

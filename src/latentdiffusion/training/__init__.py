@@ -4,10 +4,13 @@ EMA, mixed precision and multi-GPU through torchrun."""
 from .config import (LDMRunConfig, LDMTrainConfig, TrainConfig, VAERunConfig, VAETrainConfig, load_run_config,
                      resolve_config_path)
 from .loop import NonFiniteLossError
+from .train_controlnet import ControlNetRunConfig, ControlNetTrainConfig, train_controlnet
 from .train_ldm import train_ldm
 from .train_vae import train_vae
 
 __all__ = [
+    "ControlNetRunConfig",
+    "ControlNetTrainConfig",
     "LDMRunConfig",
     "LDMTrainConfig",
     "NonFiniteLossError",
@@ -16,6 +19,7 @@ __all__ = [
     "VAETrainConfig",
     "load_run_config",
     "resolve_config_path",
+    "train_controlnet",
     "train_ldm",
     "train_vae",
 ]

@@ -234,6 +234,8 @@ def load_run_config(cls: type[T], path: str | Path | None, overrides: list[str] 
     apply_overrides(raw, list(overrides))
     for key, value in (values or {}).items():
         set_key(raw, key, value)
+    if cls not in _MODEL_SECTIONS:  # a run without a model section (train-controlnet): from_dict names the key
+        return from_dict(cls, raw, ""), raw
     used = _MODEL_SECTIONS[cls]
     model = raw.get("model") or {}
     if not isinstance(model, dict):
