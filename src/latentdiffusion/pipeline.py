@@ -203,9 +203,7 @@ class LatentDiffusion(nn.Module):
         """Generate images for `prompt`: encode prompt -> conditioning and starting latents -> noise levels ->
         sampler -> decode. `latents`: unit-variance noise (B, C, h, w), scaled to the sampler's first noise level.
         img2img: `image` noised to the level `strength` of the way up the schedule; inpainting: `mask_image` too
-        (white = repaint). `callback(step, timestep, latents)` runs after every step (latents: x0 + sigma * eps)."""
-        prompts, num_inference_steps, num_images_per_prompt, height, width = self._check_arguments(
-            prompt, num_inference_steps, num_images_per_prompt, height, width)
+        (white = repaint). `callback(step, timestep, latents)` runs after every step (latents: x0 + sigma * eps).
         `controlnet` (one or a list) with one `control_image` each (PIL, list of PIL, or (B, 3, H, W) in [0, 1]; one
         image for all prompts or one per prompt) adds its residuals times `controlnet_conditioning_scale` (one, or
         one per ControlNet) to the UNet's, in both halves of guidance (Zhang et al. 2023)."""
