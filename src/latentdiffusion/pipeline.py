@@ -15,9 +15,8 @@ from tqdm.auto import tqdm
 
 from . import lora
 from .arguments import integer, real, texts
-from .conditioning import Conditioning, run_unet
-from .errors import ArgumentError, ConfigError
 from .conditioning import Conditioning, Control, run_unet
+from .errors import ArgumentError, ConfigError
 from .controlnet import ControlNet
 from .guidance import ClassifierFreeGuidance
 from .images import ImageInput, image_tensor, mask_tensor, random_inpainting_masks
@@ -30,9 +29,6 @@ from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
-
-
-ImageInput = Image.Image | torch.Tensor  # a picture, or (B, 3, H, W) in [0, 1]
 
 
 @dataclass
@@ -255,8 +251,9 @@ class LatentDiffusion(nn.Module):
         return cond, uncond
 
     def _controls(self, controlnet: ControlNet | list[ControlNet] | None, image: Any, scale: float | list[float],
-                  batch: int, shape: tuple[int, ...]) -> list[Control]:
-        """(controlnet, control images (batch, 3, H, W) in [0, 1] on the pipeline's device, scale) per ControlNet."""
+                  batch: int, n: int, shape: tuple[int, ...]) -> list[Control]:
+        """(controlnet, control images (batch * n, 3, H, W) in [0, 1] on the pipeline's device, scale) per
+        ControlNet: one image for every prompt or one per prompt, each repeated for the prompt's n images."""
         if controlnet is None:
             if image is not None:
                 raise ArgumentError("control_image was given without a controlnet")
@@ -270,8 +267,8 @@ class LatentDiffusion(nn.Module):
             raise ArgumentError(f"{len(nets)} ControlNet(s) need as many control_image entries and "
                              f"controlnet_conditioning_scale values, got {len(images)} and {len(scales)}")
         size = (shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor)
-        return [(net, control_tensor(im, batch, size).repeat_interleave(n, dim=0).to(self.device, self.dtype), float(s))
-                for net, im, s in zip(nets, images, scales)]
+        return [(net, control_tensor(im, batch, size).repeat_interleave(n, dim=0).to(self.device, self.dtype),
+                 float(s)) for net, im, s in zip(nets, images, scales)]
 
     def _run_unet(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet on float32 sampler latents, run in the model's dtype, its output back in float32."""

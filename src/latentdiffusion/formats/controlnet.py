@@ -15,7 +15,6 @@ from typing import Any, Mapping
 import torch
 import yaml
 from safetensors.torch import save_file
-from torch import Tensor
 
 from ..config import from_dict, to_dict
 from ..controlnet import ControlNet, ControlNetConfig
