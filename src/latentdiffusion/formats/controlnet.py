@@ -65,7 +65,9 @@ def _skip_widths(cfg: ControlNetConfig) -> list[int]:
 def infer_config(shapes: Mapping[str, Shape], source: str) -> ControlNetConfig:
     """The ControlNetConfig that an original file's tensor shapes (prefix removed) describe."""
     # A ControlNet has no decoder: infer_unet_config reads out_channels from out.2, absent here; any value will do.
-    unet = infer_unet_config({**shapes, "out.2.weight": (4,)}, source)
+    # An SD 2.x ControlNet (64 channels per head) has linear attention projections, as its UNet.
+    sd2 = len(shapes.get("middle_block.1.proj_in.weight", ())) == 2
+    unet = infer_unet_config({**shapes, "out.2.weight": (4,)}, source, sd2)
     convs = _indices(shapes, "input_hint_block.{}.weight")
     if len(convs) < 2 or len(convs) % 2:
         raise WeightsError(f"{source}: input_hint_block has convolutions at {convs}: not a ControlNet hint network")
