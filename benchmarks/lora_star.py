@@ -52,7 +52,8 @@ def main() -> None:
               base.vae_scale_factor, "train.lora.rank": args.rank, "train.lora.text_encoder": True,
               "train.max_steps": args.steps, "train.batch_size": 32, "train.learning_rate": 1e-3,
               "train.warmup_steps": 50, "train.lr_schedule": "cosine", "train.weight_decay": 0.0,
-              "train.ema_decay": 0.0, "train.snr_gamma": 5.0, "train.checkpoint_every": args.steps,
+              "train.ema_decay": 0.0, "train.snr_gamma": 5.0, "train.cache_latents": True,
+              "train.checkpoint_every": args.steps,
               "train.sample_every": 0, "train.log_every": 25, "train.seed": args.seed}
     config, raw = load_run_config(LDMRunConfig, None, values=values)
     started = time.perf_counter()

@@ -101,3 +101,29 @@ def test_training_with_buckets_feeds_bucket_shaped_batches_and_resumes_exactly(t
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in metrics(tmp_path / "split")] == [1, 2, 3, 4, 5, 6] and np.isfinite(
         [r["loss"] for r in metrics(full)]).all()
+
+
+@pytest.mark.slow
+def test_buckets_under_two_gloo_processes_make_the_same_update_as_one(tmp_path, mixed, vae_dir):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from test_training import ENV, _cli
+
+    config = {**TINY_LDM, "data": {"source": str(mixed), "resolution": 32, "buckets": True},
+              "train": {**TINY_LDM["train"], "max_steps": 2, "checkpoint_every": 2}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    common = ["--config", str(tmp_path / "c.yaml"), "--vae", str(vae_dir)]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "latentdiffusion", "train", *common, "--output", str(tmp_path / "ddp")],
+                         env=ENV, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "buckets: 24x40: 12, 32x32: 12, 40x24: 12" in two.stderr
+    one = subprocess.run(_cli("train", *common, "--output", str(tmp_path / "one"), "--set",
+                              "train.gradient_accumulation=2"), env=ENV, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (load_file(tmp_path / r / "checkpoints/step-00000002/unet.safetensors") for r in ("ddp", "one"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)

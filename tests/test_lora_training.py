@@ -177,7 +177,7 @@ def test_a_lora_run_on_builtin_shapes_star_lowers_the_loss(tmp_path, base):
 def test_lora_resume_after_sigkill_is_bit_identical(tmp_path, base):
     cfg = lora_config(tmp_path)
     common = ["--config", str(cfg), "--init", str(base), "--lora-rank", "4", "--data", "builtin:shapes",
-              "--set", "train.lora.text_encoder=true"]
+              "--set", "train.lora.text_encoder=true", "train.lora.alpha=8"]
     reference = subprocess.Popen(_cli("train", *common, "--output", str(tmp_path / "reference")), env=ENV,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed = tmp_path / "killed"

@@ -185,6 +185,9 @@ class LDMTrainConfig(TrainConfig):
             raise ConfigError(f"train.text_encoder_lr must be > 0 (or null), got {self.text_encoder_lr}")
         if self.sample_steps < 1:
             raise ConfigError(f"train.sample_steps must be >= 1, got {self.sample_steps}")
+        if self.lora.base_dtype != "float32" and self.mixed_precision == "no":
+            raise ConfigError(f"train.lora.base_dtype {self.lora.base_dtype} needs train.mixed_precision bf16 or fp16 "
+                              "(autocast runs the half-precision base beside the float32 adapters)")
         if self.prior.data is not None and self.cache_latents:
             raise ConfigError("train.prior does not combine with train.cache_latents (the class images are not cached)")
 

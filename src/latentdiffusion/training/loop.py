@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -188,7 +188,7 @@ class Task:
 
     label: str = "train"  # the progress bar's
     stages: list[Stage]  # stage 0 is the model; later ones (a discriminator) step after it, on their own optimizer
-    ema: tuple[tuple[EMA, nn.Module], ...] | list[tuple[EMA, nn.Module]] = ()  # (average, the module it follows), updated after each step of stage 0
+    ema: Sequence[tuple[EMA, nn.Module]] = ()  # (average, the module it follows), updated after stage 0 steps
     items: Dataset  # what the batches are drawn from (the data set, cached latents, instance + class pairs)
     pixel_multiple: int = 8  # image sides must be multiples of this (aspect-ratio buckets follow it)
     curve: tuple[str, str] = ("loss", "loss")  # the metric drawn into RUN/loss.png, and its title
