@@ -5,7 +5,6 @@ diffusers scheduler configs corrected as diffusers corrects them."""
 import json
 import logging
 import os
-import shutil
 
 import pytest
 import torch

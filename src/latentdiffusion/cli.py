@@ -163,7 +163,8 @@ def add_convert(subparsers: SubParsers) -> None:
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST", help="a new folder (or, --to single-file, a .safetensors/.ckpt file)")
     p.add_argument("--to", default="latentdiffusion", metavar="FORMAT", help="latentdiffusion: a save_pretrained "
-                   "folder (default); diffusers: the diffusers folder layout; single-file: an SD 1.x / 2.x checkpoint file")
+                   "folder (default); diffusers: the diffusers folder layout; single-file: an SD 1.x / 2.x "
+                   "checkpoint file")
     p.add_argument("--no-ema", action="store_true", help="take a checkpoint's raw weights, not its EMA weights")
     _prediction_type_option(p)
     p.set_defaults(run=run_convert)
