@@ -200,3 +200,16 @@ def test_cli_takes_a_vae_file_and_a_text_encoder_from_elsewhere(model, sd_file, 
     assert (tmp_path / "a.png").is_file()
     assert main(["convert", str(sd_file), str(tmp_path / "v"), "--prediction-type", "v_prediction"]) == 0
     assert LatentDiffusion.from_pretrained(tmp_path / "v").config.scheduler.prediction_type == "v_prediction"
+
+
+def test_corrected_config_is_said_on_the_command_line(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore")  # the messages are the program's output, not Python warnings
+    model.save_pretrained(tmp_path / "early", format="diffusers")
+    config_file = tmp_path / "early" / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "steps_offset": 0, "clip_sample": True,
+                                       "skip_prk_steps": True}))
+    assert main(["convert", str(tmp_path / "early"), str(tmp_path / "out")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ldm: warning:")]
+    assert len(warnings) == 2 and "steps_offset=0 is outdated" in warnings[0] and "clip_sample=True" in warnings[1]
+    scheduler = LatentDiffusion.from_pretrained(tmp_path / "out").config.scheduler
+    assert scheduler.steps_offset == 1 and not scheduler.clip_sample
