@@ -1,5 +1,5 @@
-"""Stable Diffusion 2.x (issue 15) against diffusers on identical tiny random weights: the diffusers layout (v-prediction,
-linear projections, per-level heads, upcast attention, the OpenCLIP text tower as a GELU CLIPTextModel padded with
+"""Stable Diffusion 2.x (issue 15) against diffusers on identical tiny random weights: the diffusers layout
+(v-prediction, linear projections, per-level heads, upcast attention, the OpenCLIP text tower as a GELU CLIPTextModel padded with
 "!"), single files in the OpenCLIP layout read by diffusers' own from_single_file, the prediction type never
 guessed, and round trips through both layouts."""
 
@@ -196,7 +196,8 @@ def test_prediction_type_is_read_or_asked_for_never_guessed(quick_file, tmp_path
     with pytest.raises(WeightsError, match=r"prediction_type='v_prediction'.*'epsilon'.*--prediction-type") as e:
         LatentDiffusion.from_pretrained(bare)
     assert str(bare) in str(e.value)
-    assert LatentDiffusion.from_pretrained(bare, prediction_type="epsilon").config.scheduler.prediction_type == "epsilon"
+    eps = LatentDiffusion.from_pretrained(bare, prediction_type="epsilon")
+    assert eps.config.scheduler.prediction_type == "epsilon"
     bare.with_suffix(".yaml").write_text("model:\n  params:\n    parameterization: v\n    linear_start: 0.00085\n"
                                          "    linear_end: 0.012\n    unet_config:\n      params:\n"
                                          "        num_head_channels: 64\n")

@@ -5,7 +5,6 @@ diffusers scheduler configs corrected as diffusers corrects them."""
 import json
 import logging
 import os
-import shutil
 
 import pytest
 import torch
@@ -89,7 +88,7 @@ def test_standalone_vae_file_equals_diffusers_from_single_file(model, vae_file, 
 def test_a_vae_file_goes_wherever_a_vae_is_taken(model, sd_file, vae_file, tmp_path):
     components = load_components(vae_file)
     assert list(components.configs) == ["vae"]
-    with pytest.raises(WeightsError, match="holds no unet and no text_encoder"):
+    with pytest.raises(WeightsError, match=r"holds no UNet \(only: vae\).*AutoencoderKL.from_pretrained"):
         LatentDiffusion.from_pretrained(vae_file)
     other = AutoencoderKL(model.vae.config)  # a different VAE swapped in, by module or by file
     with_vae = LatentDiffusion.from_pretrained(sd_file, vae=vae_file)
@@ -201,3 +200,16 @@ def test_cli_takes_a_vae_file_and_a_text_encoder_from_elsewhere(model, sd_file, 
     assert (tmp_path / "a.png").is_file()
     assert main(["convert", str(sd_file), str(tmp_path / "v"), "--prediction-type", "v_prediction"]) == 0
     assert LatentDiffusion.from_pretrained(tmp_path / "v").config.scheduler.prediction_type == "v_prediction"
+
+
+def test_corrected_config_is_said_on_the_command_line(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore")  # the messages are the program's output, not Python warnings
+    model.save_pretrained(tmp_path / "early", format="diffusers")
+    config_file = tmp_path / "early" / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "steps_offset": 0, "clip_sample": True,
+                                       "skip_prk_steps": True}))
+    assert main(["convert", str(tmp_path / "early"), str(tmp_path / "out")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ldm: warning:")]
+    assert len(warnings) == 2 and "steps_offset=0 is outdated" in warnings[0] and "clip_sample=True" in warnings[1]
+    scheduler = LatentDiffusion.from_pretrained(tmp_path / "out").config.scheduler
+    assert scheduler.steps_offset == 1 and not scheduler.clip_sample

@@ -9,5 +9,6 @@ from .unet import UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
 __version__ = "0.1.0"
-__all__ = ["AutoencoderKL", "ControlNet", "ControlNetConfig", "LatentDiffusion", "LatentDiffusionConfig", "SchedulerConfig", "TextEncoderConfig", "UNetConfig",
+__all__ = ["AutoencoderKL", "ControlNet", "ControlNetConfig", "LatentDiffusion", "LatentDiffusionConfig", "SchedulerConfig",
+           "TextEncoderConfig", "UNetConfig",
            "VAEConfig"]

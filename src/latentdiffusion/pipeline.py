@@ -484,7 +484,8 @@ class LatentDiffusion(nn.Module):
     # ----------------------------------------------------------------------------------------------- files
     @classmethod
     def from_pretrained(cls, path: str | Path, use_ema: bool | None = None, *, prediction_type: str | None = None,
-                        text_encoder: TextEncoder | str | Path | None = None, vae: AutoencoderKL | str | Path | None = None,
+                        text_encoder: TextEncoder | str | Path | None = None,
+                        vae: AutoencoderKL | str | Path | None = None,
                         dtype: torch.dtype | None = torch.float32) -> LatentDiffusion:
         """Load our own folder, a training run or checkpoint, a diffusers-layout SD folder or an SD 1.x / 2.x single
         file. `prediction_type` ("epsilon", "v_prediction") overrides the model's: an SD 2.x single file that does

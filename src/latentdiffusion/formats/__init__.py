@@ -75,14 +75,18 @@ def load_pipeline(path: str | Path, use_ema: bool | None = None, prediction_type
             given[name] = part if isinstance(part, (TextEncoder, AutoencoderKL)) else load(part, dtype=None)
             components.configs.pop(name, None)
             components.weights.pop(name, None)
-    missing = [n for n in ("unet", "vae", "text_encoder") if n not in components.configs and n not in given]
+    if "unet" not in components.configs:
+        held = ", ".join(components.configs) or "nothing"
+        raise WeightsError(f"{components.source} holds no UNet (only: {held}), so it is not a whole model; a VAE goes "
+                           "to AutoencoderKL.from_pretrained or vae=, a text encoder to text_encoder=")
+    missing = [n for n in ("vae", "text_encoder") if n not in components.configs and n not in given]
     if missing:
         options = {"text_encoder": "text_encoder=MODEL (on the command line --text-encoder MODEL)",
-                   "vae": "vae=VAE (--vae VAE)", "unet": "a file or folder that holds one"}
+                   "vae": "vae=VAE (--vae VAE)"}
         raise WeightsError(f"{components.source} holds no {' and no '.join(missing)}: pass "
-                           f"{'; '.join(options[n] for n in missing)}")
-    text = given.get("text_encoder") or components.text_encoder(dtype)
-    autoencoder = given.get("vae") or components.vae(dtype)
+                           f"{' and '.join(options[n] for n in missing)}")
+    text = given["text_encoder"] if "text_encoder" in given else components.text_encoder(dtype)
+    autoencoder = given["vae"] if "vae" in given else components.vae(dtype)
     pipe = LatentDiffusion(autoencoder, components.unet(dtype), text,
                            components.configs.get("scheduler", SchedulerConfig()))
     return pipe if dtype is None else pipe.to(dtype)

@@ -183,7 +183,8 @@ def _scheduler(file: _Canonical, params: dict[str, Any], sd2: bool, prediction_t
     fields: dict[str, Any] = {"prediction_type": prediction_type}
     if ZTSNR in file.shapes:
         fields.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    for ours, theirs in (("beta_start", "linear_start"), ("beta_end", "linear_end"), ("num_train_timesteps", "timesteps")):
+    for ours, theirs in (("beta_start", "linear_start"), ("beta_end", "linear_end"),
+                         ("num_train_timesteps", "timesteps")):
         if theirs in params:
             fields[ours] = params[theirs]
     try:
@@ -250,8 +251,9 @@ def load_single_file(path: str | Path, use_ema: bool = False, prediction_type: s
             if sd2 and single.scheduler.prediction_type == "v_prediction":
                 unet_cfg = dataclasses.replace(unet_cfg, sample_size=SD2_V_SAMPLE_SIZE)
                 if single.vae is not None:
-                    factor = 2 ** (len(single.vae[0].block_channels) - 1)
-                    single.vae = dataclasses.replace(single.vae[0], sample_size=factor * SD2_V_SAMPLE_SIZE), single.vae[1]
+                    vae_cfg, vae = single.vae
+                    factor = 2 ** (len(vae_cfg.block_channels) - 1)
+                    single.vae = dataclasses.replace(vae_cfg, sample_size=factor * SD2_V_SAMPLE_SIZE), vae
             unet_key, unet_prefix = (lambda k: UNET_PREFIX + k), UNET_PREFIX
             if use_ema:
                 if ema_key(f"{UNET_PREFIX}input_blocks.0.0.weight") not in file.shapes:
@@ -261,7 +263,8 @@ def load_single_file(path: str | Path, use_ema: bool = False, prediction_type: s
             single.unet = unet_cfg, _read(file, unet_key_map(unet_cfg), unet_key, unet_prefix,
                                           f"UNet inferred as {unet_cfg}")
         elif prediction_type is not None:
-            raise WeightsError(f"{ckpt.path} holds no UNet: prediction_type={prediction_type!r} has nothing to apply to")
+            raise WeightsError(f"{ckpt.path} holds no UNet: prediction_type={prediction_type!r} has nothing to "
+                               "apply to")
     return single
 
 
@@ -313,7 +316,8 @@ def _check_storable(configs: list[Any], shapes: Mapping[str, Shape], path: Path)
             mine, theirs = getattr(given, field.name), getattr(back, field.name)
             if field.name not in NOT_STORED and mine != theirs:
                 raise WeightsError(f"cannot save {path}: {type(given).__name__}.{field.name}={mine!r} has no place in "
-                                   f"a Stable Diffusion single file, which would load back with {field.name}={theirs!r}")
+                                   f"a Stable Diffusion single file, which would load back with "
+                                   f"{field.name}={theirs!r}")
 
 
 def _to_penultimate(cfg: TextEncoderConfig, state: Mapping[str, Tensor]) -> tuple[TextEncoderConfig, dict[str, Tensor]]:
@@ -401,5 +405,5 @@ def load_components(path: str | Path, use_ema: bool = False, prediction_type: st
 def save_components(path: str | Path, components: Components) -> None:
     """Components (a whole model) as one SD single file."""
     components.require("unet", "vae", "text_encoder")
-    save_single_file(path, **{k: (components.configs[k], components.weights[k]) for k in ("unet", "vae", "text_encoder")},
-                     scheduler=components.configs.get("scheduler"))
+    parts = {k: (components.configs[k], components.weights[k]) for k in ("unet", "vae", "text_encoder")}
+    save_single_file(path, **parts, scheduler=components.configs.get("scheduler"))

@@ -354,5 +354,6 @@ def infer_openclip_config(shapes: Shapes, source: str) -> TextEncoderConfig:
 def _clip_config(source: str, hidden_size: int, **fields: object) -> TextEncoderConfig:
     """Both CLIP families have 64 channels per head."""
     if hidden_size % 64:
-        raise WeightsError(f"{source}: text encoder width {hidden_size} is not a multiple of CLIP's 64 channels per head")
+        raise WeightsError(f"{source}: text encoder width {hidden_size} is not a multiple of CLIP's 64 channels per "
+                           "head")
     return TextEncoderConfig(hidden_size=hidden_size, num_heads=hidden_size // 64, **fields)

@@ -189,7 +189,8 @@ def build_pipeline(config: LDMRunConfig, raw: dict[str, Any], vae: Any, init: An
     config's architectures (random weights) elsewhere; explicit config keys adjust a pretrained text encoder's
     flags and schedule."""
     prediction_type = explicit(raw, "model.scheduler").get("prediction_type")  # an SD 2.x file may need it to load
-    parts = load_components(init, prediction_type=prediction_type) if init is not None else Components(source="the config")
+    parts = (load_components(init, prediction_type=prediction_type) if init is not None
+             else Components(source="the config"))
     for source, name in ((vae, "vae"), (text_encoder, "text_encoder")):
         if source is not None:
             given = load_components(source)
