@@ -79,6 +79,20 @@ def test_controlnet_with_another_sampler_matches_diffusers(pipe, controlnets, fo
     assert (ours - theirs).abs().max() < TOL
 
 
+@pytest.mark.slow
+@torch.no_grad()
+def test_controlnet_img2img_matches_diffusers(pipe, controlnets, folders):
+    reference = reference_pipeline(folders, 1, diffusers.StableDiffusionControlNetImg2ImgPipeline)
+    kwargs = dict(negative_prompt=NEGATIVES, num_inference_steps=5, guidance_scale=7.5, output_type="pt",
+                  image=torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5)), strength=0.6,
+                  controlnet_conditioning_scale=0.8)
+    control = control_images()
+    ours = pipe(PROMPTS, controlnet=controlnets[0], control_image=control,
+                generator=torch.Generator().manual_seed(11), **kwargs)
+    theirs = reference(PROMPTS, control_image=control, generator=torch.Generator().manual_seed(11), **kwargs).images
+    assert (ours - theirs).abs().max() < TOL
+
+
 @torch.no_grad()
 def test_fresh_copy_leaves_the_output_unchanged(pipe):
     """from_unet's zero convolutions: the pipeline's images equal those without the ControlNet."""

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
@@ -17,16 +18,15 @@ from .conditioning import Conditioning, Control, run_unet
 from .controlnet import ControlNet
 from .guidance import ClassifierFreeGuidance
 from .noise import Generator, randn
-from .samplers import SAMPLERS, Denoiser, NoiseLevels, input_scale, sampler_entry
+from .images import ImageInput, image_tensor, mask_tensor
+from .samplers import SAMPLERS, Denoiser, NoiseLevels, add_noise, input_scale, sampler_entry
+from .samplers.levels import vp_to_k_scale
 from .schedulers import NoiseSchedule, SchedulerConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
-
-
-ImageInput = Image.Image | torch.Tensor  # a picture, or (B, 3, H, W) in [0, 1]
 
 
 @dataclass
@@ -171,43 +171,54 @@ class LatentDiffusion(nn.Module):
         use_karras_sigmas: bool = False,
         eta: float = 0.0,
         output_type: str = "pil",
+        image: ImageInput | None = None,
+        strength: float = 0.8,
+        mask_image: ImageInput | None = None,
         guidance_rescale: float = 0.0,
         controlnet: ControlNet | list[ControlNet] | None = None,
-        control_image: ImageInput | list[ImageInput] | None = None,
+        control_image: ImageInput | list[ImageInput] | None = None,  # one per ControlNet
         controlnet_conditioning_scale: float | list[float] = 1.0,
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         progress: bool = False,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate images for `prompt`: encode prompt -> conditioning and starting latents -> noise levels ->
-        sampler -> decode. `latents` are unit-variance noise (B, C, h, w), scaled to the sampler's first noise level;
-        `callback(step, timestep, latents)` runs after every step (latents in the sampler's scale x0 + sigma eps).
+        sampler -> decode. `latents`: unit-variance noise (B, C, h, w), scaled to the sampler's first noise level.
+        img2img: `image` noised to the level `strength` of the way up the schedule; inpainting: `mask_image` too
+        (white = repaint). `callback(step, timestep, latents)` runs after every step (latents: x0 + sigma * eps).
         `controlnet` (one or a list) with one `control_image` each (PIL, list of PIL, or (B, 3, H, W) in [0, 1]; one
         image for all prompts or one per prompt) adds its residuals times `controlnet_conditioning_scale` (one, or
         one per ControlNet) to the UNet's, in both halves of guidance (Zhang et al. 2023)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
-        if latents is not None and latents.ndim == 4:  # given noise sets the size unless height/width say otherwise
-            height = latents.shape[2] * self.vae_scale_factor if height is None else height
-            width = latents.shape[3] * self.vae_scale_factor if width is None else width
+        pixels, mask = self._source_images(image, mask_image, len(prompts), num_images_per_prompt)
+        height, width = self._size(pixels, latents, height, width)
         shape = self._latent_shape(len(prompts) * num_images_per_prompt, height, width)
-        self._check_call(num_inference_steps, guidance_scale, output_type, scheduler, eta, latents, shape)
+        self._check_call(num_inference_steps, guidance_scale, output_type, scheduler, eta, latents, shape, strength)
         entry = sampler_entry(scheduler, use_karras_sigmas)
         levels = entry.levels(self.scheduler.config, num_inference_steps, use_karras_sigmas)
+        if pixels is not None:  # img2img / inpainting run the last int(steps * strength) steps, as diffusers does
+            levels = levels.tail(self._steps_run(num_inference_steps, strength))
+        contexts = self._contexts(prompts, negatives, num_images_per_prompt, guidance_scale)
 
-        controls = self._controls(controlnet, control_image, controlnet_conditioning_scale, len(prompts), shape)
-        cond = Conditioning(self.encode_prompt(prompts), controls=controls).repeat_interleave(num_images_per_prompt)
-        uncond = None
-        if guidance_scale != 1.0:
-            uncond = Conditioning(self.encode_prompt(negatives), controls=controls)
-            uncond = uncond.repeat_interleave(num_images_per_prompt)
+        repaint_all = mask is not None and strength == 1.0  # inpainting at full strength starts from pure noise
+        x0 = None
+        if pixels is not None and not (repaint_all and self.concat_channels):
+            x0 = self.encode_images(pixels * 2 - 1, generator).float()
+        noise = randn(shape, generator, self.device) if latents is None else latents.to(self.device, torch.float32)
+        x = noise * levels.init_noise_sigma if x0 is None or repaint_all else add_noise(x0, noise, levels.sigmas[0])
+        concat = self._inpainting_concat(pixels, mask, generator) if self.concat_channels else None
+        controls = self._controls(controlnet, control_image, controlnet_conditioning_scale, len(prompts),
+                                  num_images_per_prompt, shape)
+        cond, uncond = (None if c is None else Conditioning(c, concat, controls=controls) for c in contexts)
         guided = ClassifierFreeGuidance(self._run_unet, cond, uncond, guidance_scale, guidance_rescale)
         denoiser = Denoiser(guided, self.scheduler.config, levels)
 
-        noise = randn(shape, generator, self.device) if latents is None else latents.to(self.device, torch.float32)
-        x = noise * levels.init_noise_sigma
+        keep_known = None  # an ordinary UNet inpaints by putting the known region back after every step
+        if mask is not None and not self.concat_channels:
+            keep_known = self._keep_known(x0, noise, mask, levels)
         options = {**entry.options(self.scheduler.config, levels), **({"eta": eta} if eta else {})}
         with tqdm(total=len(levels.timesteps), disable=not progress, desc="sampling") as bar:
-            step_callback = self._step_callback(levels, callback, bar)
+            step_callback = self._step_callback(levels, keep_known, callback, bar)
             x = entry.function(denoiser, x, levels.sigmas, generator=generator, callback=step_callback, **options)
         latents = (x * input_scale(float(levels.sigmas[-1]))).to(self.dtype)  # the final level's x_t
 
@@ -217,8 +228,9 @@ class LatentDiffusion(nn.Module):
         return images if output_type == "pt" else to_pil(images)
 
     def _controls(self, controlnet: ControlNet | list[ControlNet] | None, image: Any, scale: float | list[float],
-                  batch: int, shape: tuple[int, ...]) -> list[Control]:
-        """(controlnet, control images (batch, 3, H, W) in [0, 1] on the pipeline's device, scale) per ControlNet."""
+                  n_prompts: int, n: int, shape: tuple[int, ...]) -> list[Control]:
+        """(controlnet, control images (B, 3, H, W) in [0, 1] on the pipeline's device, scale) per ControlNet: one
+        image per prompt, repeated n times."""
         if controlnet is None:
             if image is not None:
                 raise ValueError("control_image was given without a controlnet")
@@ -232,21 +244,104 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"{len(nets)} ControlNet(s) need as many control_image entries and "
                              f"controlnet_conditioning_scale values, got {len(images)} and {len(scales)}")
         size = (shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor)
-        return [(net, control_tensor(im, batch, size).to(self.device, self.dtype), float(s))
+        return [(net, control_tensor(im, n_prompts, size).repeat_interleave(n, dim=0).to(self.device, self.dtype),
+                 float(s))
                 for net, im, s in zip(nets, images, scales)]
+
+    def _contexts(self, prompts: list[str], negatives: list[str], n: int,
+                  guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(conditional, unconditional or None) contexts, each prompt's repeated n times."""
+        cond = self.encode_prompt(prompts).repeat_interleave(n, dim=0)
+        uncond = None if guidance_scale == 1.0 else self.encode_prompt(negatives).repeat_interleave(n, dim=0)
+        return cond, uncond
 
     def _run_unet(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet on float32 sampler latents, run in the model's dtype, its output back in float32."""
         return run_unet(self.unet, x.to(self.dtype), t, cond).float()
 
+    def _source_images(self, image: ImageInput | None, mask_image: ImageInput | None, n_prompts: int,
+                       n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The image (B,3,H,W) in [0,1] and the mask (B,1,H,W) of 0/1 on the device, one per prompt repeated n times."""
+        if mask_image is not None and image is None:
+            raise ValueError("mask_image needs image: pass the image to inpaint as image=")
+        if self.concat_channels and mask_image is None:
+            raise ValueError(f"this is an inpainting model (unet.in_channels {self.unet.config.in_channels}): pass "
+                             "image= and mask_image=")
+        if image is None:
+            return None, None
+        pixels = image_tensor(image, "image")
+        mask = None if mask_image is None else mask_tensor(mask_image, "mask_image")
+        factor = self.vae_scale_factor
+        if pixels.shape[2] % factor or pixels.shape[3] % factor:
+            raise ValueError(f"image size {pixels.shape[3]}x{pixels.shape[2]} (WxH) is not divisible by the VAE "
+                             f"factor {factor}")
+        if mask is not None and mask.shape[2:] != pixels.shape[2:]:
+            raise ValueError(f"mask_image size {mask.shape[3]}x{mask.shape[2]} differs from the image's "
+                             f"{pixels.shape[3]}x{pixels.shape[2]} (WxH)")
+
+        def per_image(t: torch.Tensor, name: str) -> torch.Tensor:
+            if t.shape[0] not in (1, n_prompts):
+                raise ValueError(f"{name} holds {t.shape[0]} images for {n_prompts} prompts: give one, or one each")
+            return t.expand(n_prompts, *t.shape[1:]).repeat_interleave(n, dim=0).to(self.device)
+
+        return per_image(pixels, "image"), None if mask is None else per_image(mask, "mask_image")
+
+    def _size(self, pixels: torch.Tensor | None, latents: torch.Tensor | None, height: int | None,
+              width: int | None) -> tuple[int | None, int | None]:
+        """Height and width: the image's where one is given, else given noise's unless height/width say otherwise."""
+        if pixels is not None:
+            size = tuple(pixels.shape[2:])
+            if (height or size[0], width or size[1]) != size:
+                raise ValueError(f"height/width {height}x{width} contradict the image's size {size[0]}x{size[1]}")
+            return size
+        if latents is not None and latents.ndim == 4:
+            height = latents.shape[2] * self.vae_scale_factor if height is None else height
+            width = latents.shape[3] * self.vae_scale_factor if width is None else width
+        return height, width
+
     @staticmethod
-    def _step_callback(levels: NoiseLevels, callback: Callable | None, bar: tqdm) -> Callable:
-        """The sampler's callback(i, sigma_next, x): advances the progress bar and calls the user's
-        callback(step, timestep, latents)."""
-        def after_step(i: int, sigma_next: float, x: torch.Tensor) -> None:
+    def _steps_run(steps: int, strength: float) -> int:
+        """img2img runs the last int(steps * strength) steps of the schedule (diffusers' get_timesteps)."""
+        run = min(int(steps * strength), steps)
+        if run < 1:
+            raise ValueError(f"strength={strength} with num_inference_steps={steps} leaves no step to run "
+                             "(int(steps * strength) = 0): raise either")
+        return run
+
+    def _inpainting_concat(self, pixels: torch.Tensor, mask: torch.Tensor, generator: Generator) -> torch.Tensor:
+        """What an inpainting UNet takes beside the latents: the mask at latent size and the latents of the image
+        with the repainted region grey, (B, 1 + C, h, w) (SD 1.5 inpainting)."""
+        masked = (pixels * 2 - 1) * (1 - mask)
+        masked_latents = self.encode_images(masked, generator)
+        small_mask = F.interpolate(mask, size=masked_latents.shape[2:])  # nearest
+        return torch.cat([small_mask.to(masked_latents.dtype), masked_latents], dim=1)
+
+    @staticmethod
+    def _keep_known(x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
+                    levels: NoiseLevels) -> Callable[[int, float, torch.Tensor], torch.Tensor]:
+        """After step i, the region to keep becomes the image's latents noised to the next level with the starting
+        noise (clean after the last step), so an ordinary UNet repaints only the masked region."""
+        keep = 1 - F.interpolate(mask, size=x0.shape[2:])  # (B,1,h,w), nearest
+        last = len(levels.timesteps) - 1
+        clean = x0 * vp_to_k_scale(float(levels.sigmas[-1]))  # x0 as the final level's latents, in sampler scale
+
+        def put_back(i: int, sigma_next: float, x: torch.Tensor) -> torch.Tensor:
+            known = clean if i == last else add_noise(x0, noise, sigma_next)
+            return keep * known + (1 - keep) * x
+
+        return put_back
+
+    @staticmethod
+    def _step_callback(levels: NoiseLevels, put_back: Callable | None, callback: Callable | None,
+                       bar: tqdm) -> Callable:
+        """The sampler's callback(i, sigma_next, x): puts the known region back (inpainting with an ordinary UNet),
+        advances the progress bar and calls the user's callback(step, timestep, latents)."""
+        def after_step(i: int, sigma_next: float, x: torch.Tensor) -> torch.Tensor:
+            x = x if put_back is None else put_back(i, sigma_next, x)
             bar.update(1)
             if callback is not None:
                 callback(i, levels.timesteps[i], x)
+            return x
 
         return after_step
 
@@ -269,7 +364,7 @@ class LatentDiffusion(nn.Module):
         return batch, self.vae.config.latent_channels, height // factor, width // factor
 
     def _check_call(self, steps: int, guidance_scale: float, output_type: str, scheduler: str, eta: float,
-                    latents: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+                    latents: torch.Tensor | None, shape: tuple[int, ...], strength: float) -> None:
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
         if steps > self.scheduler.config.num_train_timesteps:
@@ -286,6 +381,8 @@ class LatentDiffusion(nn.Module):
         if eta and "eta" not in SAMPLERS[scheduler].user_options:
             takers = ", ".join(n for n, e in SAMPLERS.items() if "eta" in e.user_options)
             raise ValueError(f"eta applies to the {takers} scheduler only, not {scheduler!r}")
+        if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
+            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for this prompt count, "
                              "num_images_per_prompt, height and width")
@@ -306,23 +403,18 @@ class LatentDiffusion(nn.Module):
         save_components(path, Components.of(self), format)
 
 
-def control_tensor(image: ImageInput | list[Image.Image], batch: int, size: tuple[int, int]) -> torch.Tensor:
+def control_tensor(image: ImageInput, batch: int, size: tuple[int, int]) -> torch.Tensor:
     """A control image as (batch, 3, H, W) float in [0, 1]: PIL images are resized to `size` (H, W), as diffusers'
     control image processor does; a tensor must have that size; one image serves every prompt."""
-    if isinstance(image, Image.Image) or (isinstance(image, (list, tuple)) and image
-                                          and all(isinstance(im, Image.Image) for im in image)):
-        pictures = [image] if isinstance(image, Image.Image) else list(image)
-        arrays = [np.asarray(p.convert("RGB").resize(size[::-1], Image.LANCZOS), dtype=np.float32) / 255
-                  for p in pictures]
-        image = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    if not isinstance(image, torch.Tensor):
-        raise ValueError(f"control_image must be a PIL image, a list of them or a tensor (B, 3, H, W) in [0, 1], "
-                         f"got {type(image).__name__}")
-    image = image[None] if image.dim() == 3 else image
-    if image.dim() != 4 or image.shape[1] != 3 or tuple(image.shape[2:]) != size or image.shape[0] not in (1, batch):
+    if isinstance(image, Image.Image):
+        image = [image]
+    if isinstance(image, (list, tuple)) and all(isinstance(i, Image.Image) for i in image):
+        image = [i.convert("RGB").resize(size[::-1], Image.LANCZOS) for i in image]
+    image = image_tensor(image, "control_image")
+    if tuple(image.shape[2:]) != size or image.shape[0] not in (1, batch):
         raise ValueError(f"control_image must have shape (1 or {batch}, 3, {size[0]}, {size[1]}) for these prompts "
                          f"and this image size, got {tuple(image.shape)}")
-    return image.float().expand(batch, -1, -1, -1)
+    return image.expand(batch, -1, -1, -1)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
