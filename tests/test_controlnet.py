@@ -52,9 +52,10 @@ def control_inputs(cfg: ControlNetConfig, batch: int = 2, size: int = 8):
     return sample, t, context, image
 
 
-@pytest.mark.parametrize("overrides", [{}, {"pooled_context": True}, {"num_heads": None, "head_dim": 8,
-                                                                       "linear_projection": True}],
-                         ids=["sd1", "pooled-context", "head_dim-linear"])
+@pytest.mark.parametrize("overrides", [
+    {}, {"pooled_context": True},
+    pytest.param({"num_heads": None, "head_dim": 8, "linear_projection": True}, marks=pytest.mark.slow),
+], ids=["sd1", "pooled-context", "head_dim-linear"])
 def test_controlnet_matches_diffusers(overrides):
     cfg = dataclasses.replace(TINY, unet=dataclasses.replace(TINY_UNET, **overrides))
     ours, ref = twin_controlnet(cfg)
@@ -112,8 +113,8 @@ def test_hint_channels_and_config_checks():
 
 # --------------------------------------------------------------------------------------------------- weights
 
-# SD 1.x's topology in small: 8 heads and 32 groups (an original file does not record them) and the (16, 32, 96, 256) hint network
-# (diffusers' single-file conversion knows no other)
+# SD 1.x's topology in small: 8 heads and 32 groups (an original file does not record them) and the (16, 32, 96, 256)
+# hint network (diffusers' single-file conversion knows no other)
 SD1_TINY = ControlNetConfig(dataclasses.replace(TINY_UNET, num_heads=8, norm_groups=32))
 
 
@@ -144,7 +145,7 @@ def test_diffusers_folder_loads_and_saves_both_ways(reference_folder, tmp_path):
     assert back.config == ours.config and same_weights(back, ours)
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("suffix", [pytest.param(".pth", marks=pytest.mark.slow), ".safetensors"])
 def test_original_single_file_equals_diffusers_loading(reference_folder, tmp_path, suffix):
     folder, ref = reference_folder
     path = tmp_path / f"control_sd15_tiny{suffix}"

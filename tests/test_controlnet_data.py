@@ -1,4 +1,5 @@
-"""Conditioning images for ControlNet training: tied to their target's resize/crop/flip, columns checked, skips named."""
+"""Conditioning images for ControlNet training: tied to their target's resize/crop/flip, columns checked, skips
+named."""
 
 import json
 import warnings
@@ -34,7 +35,8 @@ def write_folder(root, sizes, conditioning=True, broken=()):
 
 def test_conditioning_image_gets_exactly_the_targets_crop_and_flip(tmp_path):
     root = write_folder(tmp_path, [(40, 24), (24, 48), (32, 32), (50, 30)])
-    ds = load_image_captions(str(root), 16, center_crop=False, random_flip=True, conditioning_column="conditioning_image")
+    ds = load_image_captions(str(root), 16, center_crop=False, random_flip=True,
+                             conditioning_column="conditioning_image")
     flips = set()
     for epoch in range(4):
         ds.set_epoch(epoch)
@@ -66,7 +68,7 @@ def test_missing_conditioning_column_lists_the_columns(tmp_path):
     root = write_folder(tmp_path, [(16, 16)] * 2, conditioning=False)
     with pytest.raises(DataError, match=r"conditioning column 'conditioning_image' not found .*columns found: .*text"):
         load_image_captions(str(root), 16, conditioning_column="conditioning_image")
-    with pytest.raises(DataError, match=r"conditioning column 'depth' not found in builtin:shapes; columns found: .*edges"):
+    with pytest.raises(DataError, match=r"column 'depth' not found in builtin:shapes; columns found: .*edges"):
         load_image_captions("builtin:shapes", 16, conditioning_column="depth")
 
 

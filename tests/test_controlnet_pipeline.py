@@ -52,7 +52,8 @@ def control_images(batch: int = 2, seed: int = 3) -> torch.Tensor:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("n, scales", [(1, 1.0), (2, [1.0, 0.5])], ids=["one", "two"])
+@pytest.mark.parametrize("n, scales", [(1, 1.0), pytest.param(2, [1.0, 0.5], marks=pytest.mark.slow)],
+                         ids=["one", "two"])
 def test_guided_controlnet_run_matches_diffusers(pipe, controlnets, folders, n, scales):
     kwargs = dict(negative_prompt=NEGATIVES, num_inference_steps=6, guidance_scale=7.5, latents=start_latents(),
                   output_type="pt", controlnet_conditioning_scale=scales)
@@ -66,6 +67,7 @@ def test_guided_controlnet_run_matches_diffusers(pipe, controlnets, folders, n, 
     assert (ours - theirs).abs().max() < TOL
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_controlnet_with_another_sampler_matches_diffusers(pipe, controlnets, folders):
     reference = reference_pipeline(folders, 1)
@@ -77,12 +79,27 @@ def test_controlnet_with_another_sampler_matches_diffusers(pipe, controlnets, fo
     assert (ours - theirs).abs().max() < TOL
 
 
+@pytest.mark.slow
+@torch.no_grad()
+def test_controlnet_img2img_matches_diffusers(pipe, controlnets, folders):
+    reference = reference_pipeline(folders, 1, diffusers.StableDiffusionControlNetImg2ImgPipeline)
+    kwargs = dict(negative_prompt=NEGATIVES, num_inference_steps=5, guidance_scale=7.5, output_type="pt",
+                  image=torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5)), strength=0.6,
+                  controlnet_conditioning_scale=0.8)
+    control = control_images()
+    ours = pipe(PROMPTS, controlnet=controlnets[0], control_image=control,
+                generator=torch.Generator().manual_seed(11), **kwargs)
+    theirs = reference(PROMPTS, control_image=control, generator=torch.Generator().manual_seed(11), **kwargs).images
+    assert (ours - theirs).abs().max() < TOL
+
+
 @torch.no_grad()
 def test_fresh_copy_leaves_the_output_unchanged(pipe):
     """from_unet's zero convolutions: the pipeline's images equal those without the ControlNet."""
-    kwargs = dict(num_inference_steps=3, guidance_scale=5.0, latents=start_latents(), output_type="pt")
+    kwargs = dict(num_inference_steps=2, guidance_scale=5.0, latents=start_latents(), output_type="pt")
     fresh = ControlNet.from_unet(pipe.unet, HINT)
-    assert torch.equal(pipe(PROMPTS, controlnet=fresh, control_image=control_images(), **kwargs), pipe(PROMPTS, **kwargs))
+    with_fresh = pipe(PROMPTS, controlnet=fresh, control_image=control_images(), **kwargs)
+    assert torch.equal(with_fresh, pipe(PROMPTS, **kwargs))
 
 
 def test_bad_controlnet_arguments_name_the_culprit(pipe, controlnets):

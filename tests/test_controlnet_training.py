@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from test_training import ENV, one_thread, resume_after_sigkill  # noqa: F401  (one_thread: a module fixture)
+from test_training import one_thread, resume_after_sigkill  # noqa: F401  (one_thread: a module fixture)
 
 from latentdiffusion import ControlNet, LatentDiffusion, LatentDiffusionConfig
 from latentdiffusion.cli import main
@@ -89,7 +89,8 @@ def test_cli_errors_and_skipped_conditioning_image(tmp_path, base_dir, capsys):
     code = main(["train-controlnet", "--config", cfg, "--model", str(base_dir), "--data", str(broken),
                  "--output", str(tmp_path / "d")])
     assert code == 0 and "c1.png" in capsys.readouterr().err  # skipped with its name; the run goes on
-    assert ControlNet.from_pretrained(tmp_path / "d").config.unet == LatentDiffusion.from_pretrained(base_dir).unet.config
+    trained = ControlNet.from_pretrained(tmp_path / "d")
+    assert trained.config.unet == LatentDiffusion.from_pretrained(base_dir).unet.config
 
 
 def test_fresh_copy_is_neutral_and_init_takes_an_existing_controlnet(tmp_path, base_dir):

@@ -191,7 +191,7 @@ class LatentDiffusion(nn.Module):
         mask_image: ImageInput | None = None,
         guidance_rescale: float = 0.0,
         controlnet: ControlNet | list[ControlNet] | None = None,
-        control_image: ImageInput | list[ImageInput] | None = None,
+        control_image: ImageInput | list[ImageInput] | None = None,  # one per ControlNet
         controlnet_conditioning_scale: float | list[float] = 1.0,
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         progress: bool = False,
@@ -243,17 +243,10 @@ class LatentDiffusion(nn.Module):
         images = self.decode_latents(latents)
         return images if output_type == "pt" else to_pil(images)
 
-    def _contexts(self, prompts: list[str], negatives: list[str], n: int,
-                  guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(conditional, unconditional or None) contexts, each prompt's repeated n times."""
-        cond = self.encode_prompt(prompts).repeat_interleave(n, dim=0)
-        uncond = None if guidance_scale == 1.0 else self.encode_prompt(negatives).repeat_interleave(n, dim=0)
-        return cond, uncond
-
     def _controls(self, controlnet: ControlNet | list[ControlNet] | None, image: Any, scale: float | list[float],
-                  batch: int, n: int, shape: tuple[int, ...]) -> list[Control]:
-        """(controlnet, control images (batch * n, 3, H, W) in [0, 1] on the pipeline's device, scale) per
-        ControlNet: one image for every prompt or one per prompt, each repeated for the prompt's n images."""
+                  n_prompts: int, n: int, shape: tuple[int, ...]) -> list[Control]:
+        """(controlnet, control images (B, 3, H, W) in [0, 1] on the pipeline's device, scale) per ControlNet: one
+        image per prompt, repeated n times."""
         if controlnet is None:
             if image is not None:
                 raise ArgumentError("control_image was given without a controlnet")
@@ -267,8 +260,16 @@ class LatentDiffusion(nn.Module):
             raise ArgumentError(f"{len(nets)} ControlNet(s) need as many control_image entries and "
                              f"controlnet_conditioning_scale values, got {len(images)} and {len(scales)}")
         size = (shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor)
-        return [(net, control_tensor(im, batch, size).repeat_interleave(n, dim=0).to(self.device, self.dtype),
-                 float(s)) for net, im, s in zip(nets, images, scales)]
+        return [(net, control_tensor(im, n_prompts, size).repeat_interleave(n, dim=0).to(self.device, self.dtype),
+                 float(s))
+                for net, im, s in zip(nets, images, scales)]
+
+    def _contexts(self, prompts: list[str], negatives: list[str], n: int,
+                  guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(conditional, unconditional or None) contexts, each prompt's repeated n times."""
+        cond = self.encode_prompt(prompts).repeat_interleave(n, dim=0)
+        uncond = None if guidance_scale == 1.0 else self.encode_prompt(negatives).repeat_interleave(n, dim=0)
+        return cond, uncond
 
     def _run_unet(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet on float32 sampler latents, run in the model's dtype, its output back in float32."""
@@ -509,23 +510,18 @@ class LatentDiffusion(nn.Module):
         save_components(path, Components.of(self), format)
 
 
-def control_tensor(image: ImageInput | list[Image.Image], batch: int, size: tuple[int, int]) -> torch.Tensor:
+def control_tensor(image: ImageInput, batch: int, size: tuple[int, int]) -> torch.Tensor:
     """A control image as (batch, 3, H, W) float in [0, 1]: PIL images are resized to `size` (H, W), as diffusers'
     control image processor does; a tensor must have that size; one image serves every prompt."""
-    if isinstance(image, Image.Image) or (isinstance(image, (list, tuple)) and image
-                                          and all(isinstance(im, Image.Image) for im in image)):
-        pictures = [image] if isinstance(image, Image.Image) else list(image)
-        arrays = [np.asarray(p.convert("RGB").resize(size[::-1], Image.LANCZOS), dtype=np.float32) / 255
-                  for p in pictures]
-        image = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    if not isinstance(image, torch.Tensor):
-        raise ArgumentError(f"control_image must be a PIL image, a list of them or a tensor (B, 3, H, W) in [0, 1], "
-                         f"got {type(image).__name__}")
-    image = image[None] if image.dim() == 3 else image
-    if image.dim() != 4 or image.shape[1] != 3 or tuple(image.shape[2:]) != size or image.shape[0] not in (1, batch):
+    if isinstance(image, Image.Image):
+        image = [image]
+    if isinstance(image, (list, tuple)) and all(isinstance(i, Image.Image) for i in image):
+        image = [i.convert("RGB").resize(size[::-1], Image.LANCZOS) for i in image]
+    image = image_tensor(image, "control_image")
+    if tuple(image.shape[2:]) != size or image.shape[0] not in (1, batch):
         raise ArgumentError(f"control_image must have shape (1 or {batch}, 3, {size[0]}, {size[1]}) for these prompts "
                          f"and this image size, got {tuple(image.shape)}")
-    return image.float().expand(batch, -1, -1, -1)
+    return image.expand(batch, -1, -1, -1)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

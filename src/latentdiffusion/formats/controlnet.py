@@ -134,8 +134,9 @@ def config_from_diffusers(c: dict[str, Any]) -> ControlNetConfig:
 
 def config_to_diffusers(cfg: ControlNetConfig) -> dict[str, Any]:
     if cfg.unet.pooled_context:
-        raise WeightsError("a ControlNet with pooled_context has no place in diffusers' StableDiffusionControlNetPipeline"
-                           " (it would need class_labels); save it in the latentdiffusion format instead")
+        raise WeightsError("a ControlNet with pooled_context has no place in diffusers' "
+                           "StableDiffusionControlNetPipeline (it would need class_labels); save it in the "
+                           "latentdiffusion format instead")
     unet = unet_config_to_diffusers(cfg.unet)
     keep = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
             "attention_head_dim", "transformer_layers_per_block", "use_linear_projection", "norm_num_groups",

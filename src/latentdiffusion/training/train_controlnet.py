@@ -50,7 +50,8 @@ class ControlNetRunConfig:
 
 
 class ControlNetLoss(nn.Module):
-    """The module DistributedDataParallel wraps: the frozen pipeline's denoising loss with the ControlNet's residuals."""
+    """The module DistributedDataParallel wraps: the frozen pipeline's denoising loss with the ControlNet's
+    residuals."""
 
     def __init__(self, pipe: LatentDiffusion, controlnet: ControlNet, snr_gamma: float | None, noise_offset: float):
         super().__init__()
