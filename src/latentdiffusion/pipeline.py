@@ -17,6 +17,7 @@ from .noise import Generator, randn
 from .schedulers import SCHEDULERS, SchedulerConfig, make_scheduler
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .unet import UNet, UNetConfig
+from .upscaler import UpscalerConfig
 from .vae import AutoencoderKL, VAEConfig
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
@@ -30,20 +31,26 @@ class LatentDiffusionConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    upscaler: UpscalerConfig | None = None  # set for upsampler models (the low-res image concatenated to the latents)
 
 
 class LatentDiffusion(nn.Module):
     """Latent diffusion (Rombach et al., 2022): prompt -> context; noise -> (UNet + guidance + scheduler) -> VAE -> pixels."""
 
-    def __init__(self, vae: AutoencoderKL, unet: UNet, text_encoder: TextEncoder, scheduler: SchedulerConfig):
+    def __init__(self, vae: AutoencoderKL, unet: UNet, text_encoder: TextEncoder, scheduler: SchedulerConfig,
+                 upscaler: UpscalerConfig | None = None):
         super().__init__()
         if unet.config.context_dim != text_encoder.config.hidden_size:
             raise ValueError(f"unet.context_dim {unet.config.context_dim} != text_encoder.hidden_size "
                              f"{text_encoder.config.hidden_size}")
-        if unet.config.in_channels != vae.config.latent_channels:
+        extra = 0 if upscaler is None else upscaler.image_channels
+        if unet.config.in_channels != vae.config.latent_channels + extra:
             raise ValueError(f"unet.in_channels {unet.config.in_channels} != vae.latent_channels "
-                             f"{vae.config.latent_channels}")
-        self.vae, self.unet, self.text_encoder = vae, unet, text_encoder
+                             f"{vae.config.latent_channels}" + (f" + {extra} low-res image channels" if extra else ""))
+        if upscaler is not None and (unet.config.num_class_embeds or 0) <= upscaler.max_noise_level:
+            raise ValueError(f"upscaler.max_noise_level {upscaler.max_noise_level} needs unet.num_class_embeds > "
+                             f"{upscaler.max_noise_level}, got {unet.config.num_class_embeds}")
+        self.vae, self.unet, self.text_encoder, self.upscaler = vae, unet, text_encoder, upscaler
         self.vae.requires_grad_(False)
         self.scheduler = make_scheduler("ddpm", scheduler)  # the training noise schedule; samplers share its config
         self.eval()
@@ -51,11 +58,13 @@ class LatentDiffusion(nn.Module):
     @classmethod
     def from_config(cls, config: LatentDiffusionConfig) -> LatentDiffusion:
         """A model with fresh random weights."""
-        return cls(AutoencoderKL(config.vae), UNet(config.unet), TextEncoder(config.text_encoder), config.scheduler)
+        return cls(AutoencoderKL(config.vae), UNet(config.unet), TextEncoder(config.text_encoder), config.scheduler,
+                   config.upscaler)
 
     @property
     def config(self) -> LatentDiffusionConfig:
-        return LatentDiffusionConfig(self.vae.config, self.unet.config, self.text_encoder.config, self.scheduler.config)
+        return LatentDiffusionConfig(self.vae.config, self.unet.config, self.text_encoder.config, self.scheduler.config,
+                                     self.upscaler)
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,64 @@
+"""The upsampler stage of a cascade: a LatentDiffusion model whose UNet also sees a low-resolution image.
+
+Cascaded Diffusion Models (Ho et al., 2021, sec. 3.2, "conditioning augmentation"): the low-resolution image is
+noised before the UNet sees it, at a level the UNet is told (here as its class label), so that at sampling time it
+tolerates the artefacts of the stage below. Stable Diffusion's x4 upscaler does exactly this: the noised image
+(3 channels, in [-1, 1]) is concatenated to the latents, which have the low-resolution image's size; the VAE
+decodes them to `vae factor` times that size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .noise import Generator, randn
+from .schedulers.schedule import SchedulerConfig, make_alphas_cumprod, q_sample
+
+
+def x4_low_res_schedule() -> SchedulerConfig:
+    """The x4 upscaler's augmentation schedule (`low_res_scheduler`: LDM's linear_start/end 1e-4 / 0.02)."""
+    return SchedulerConfig(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", steps_offset=0)
+
+
+@dataclass
+class UpscalerConfig:
+    """What makes a model an upsampler: the schedule that noises the low-res image and the highest allowed level."""
+
+    low_res_scheduler: SchedulerConfig = field(default_factory=x4_low_res_schedule)
+    max_noise_level: int = 350  # noise_level is in [0, max_noise_level]; the UNet has a class embedding for each
+    image_channels: int = 3  # channels of the low-res image concatenated to the latents
+
+    def __post_init__(self) -> None:
+        t = self.low_res_scheduler.num_train_timesteps
+        if isinstance(self.max_noise_level, bool) or not isinstance(self.max_noise_level, int) \
+                or not 0 <= self.max_noise_level < t:
+            raise ConfigError(f"upscaler config key 'max_noise_level' must be an int in [0, {t - 1}] "
+                              f"(below low_res_scheduler.num_train_timesteps), got {self.max_noise_level!r}")
+        if self.image_channels < 1:
+            raise ConfigError(f"upscaler config key 'image_channels' must be >= 1, got {self.image_channels!r}")
+
+    def check_noise_level(self, noise_level: int | Tensor) -> Tensor:
+        """noise_level (int or (B,) ints) as a long tensor; ValueError naming `noise_level` when out of range."""
+        levels = torch.as_tensor(noise_level)
+        if levels.is_floating_point() or levels.dtype == torch.bool or levels.dim() > 1:
+            raise ValueError(f"noise_level must be an int or a (B,) integer tensor, got {noise_level!r}")
+        low, high = int(levels.min()), int(levels.max())  # one sync, before sampling starts
+        if low < 0 or high > self.max_noise_level:
+            raise ValueError(f"noise_level must be in [0, max_noise_level={self.max_noise_level}] for this model, "
+                             f"got {high if high > self.max_noise_level else low}")
+        return levels.long()
+
+
+def augment(images: Tensor, noise_level: Tensor, config: UpscalerConfig, generator: Generator = None) -> Tensor:
+    """Conditioning augmentation: q(x_t | x_0) of the low-res schedule at t = noise_level.
+
+    images: (B, C, h, w) in [-1, 1]; noise_level: 0-dim or (B,) long. The noise is drawn in one call of
+    `noise.randn` over the whole batch (the order diffusers' upscale pipeline draws it in)."""
+    alpha_bar = make_alphas_cumprod(config.low_res_scheduler).to(images.device)[noise_level.to(images.device)]
+    alpha_bar = alpha_bar.reshape(-1, 1, 1, 1).to(images.dtype)  # (B or 1, 1, 1, 1)
+    noise = randn(tuple(images.shape), generator, images.device, images.dtype)
+    return q_sample(images, noise, alpha_bar)
