@@ -111,31 +111,100 @@ def add_sample(subparsers: SubParsers) -> None:
     p.add_argument("--no-ema", action="store_true", help="use a checkpoint's raw weights, not its EMA weights")
     p.add_argument("--out", metavar="FILE.png", default="sample.png", help="output image; several images are saved "
                    "as one grid (default sample.png)")
+    p.add_argument("--upscaler", metavar="MODEL", help="a cascade: upsample the images with this upsampler model "
+                   "(same prompt, seed, steps and guidance unless --upscale-steps / --upscale-guidance)")
+    _upscale_options(p)
     p.set_defaults(run=run_sample)
 
 
-def run_sample(args: argparse.Namespace) -> int:
+def _upscale_options(p: argparse.ArgumentParser, first: bool = False) -> None:
+    p.add_argument("--noise-level", type=int, default=20, metavar="N", help="noise added to the low-res image "
+                   "(conditioning augmentation), 0 .. the model's max_noise_level (default 20)")
+    if not first:
+        p.add_argument("--upscale-steps", type=int, metavar="N", help="upsampler's denoising steps (default: --steps)")
+        p.add_argument("--upscale-guidance", type=float, metavar="G", help="upsampler's guidance (default: --guidance)")
+
+
+def _device(name: str) -> str:
     import torch
 
-    from .pipeline import LatentDiffusion, to_pil
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _save_images(images, out: Path) -> None:
+    from .pipeline import to_pil
     from .training.plots import image_grid
 
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None)
-    pipe = pipe.to(device, getattr(torch, args.dtype))
-    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
-    images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, height=args.height, width=args.width,
-                  num_images_per_prompt=args.num_images, generator=generators, scheduler=args.scheduler, eta=args.eta,
-                  output_type="pt", progress=True)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     picture = image_grid(images, min(len(images), 4)) if len(images) > 1 else to_pil(images)[0]
     picture.save(out)
     print(f"wrote {out} ({len(images)} image{'s' if len(images) > 1 else ''}, "
           f"{images.shape[-1]}x{images.shape[-2]})")
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipeline import LatentDiffusion
+
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    device = _device(args.device)
+    pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None)
+    pipe = pipe.to(device, getattr(torch, args.dtype))
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
+    kwargs = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  height=args.height, width=args.width, num_images_per_prompt=args.num_images, generator=generators,
+                  scheduler=args.scheduler, eta=args.eta, output_type="pt", progress=True)
+    if args.upscaler:
+        from .upscaler import cascade
+
+        upscaler = LatentDiffusion.from_pretrained(args.upscaler, use_ema=False if args.no_ema else None)
+        upscaler = upscaler.to(device, getattr(torch, args.dtype))
+        images = cascade(pipe, upscaler, args.prompt, noise_level=args.noise_level, upscale_steps=args.upscale_steps,
+                         upscale_guidance=args.upscale_guidance, **kwargs)
+    else:
+        images = pipe(args.prompt, **kwargs)
+    _save_images(images, Path(args.out))
+    return 0
+
+
+def add_upscale(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser("upscale", help="upsample an image with an upsampler model (e.g. SD x4 upscaler)",
+                              description="Upsample FILE with an upsampler model: the image, noised at --noise-level, "
+                              "conditions the model (its size must be a multiple of the UNet's downsampling factor).")
+    p.add_argument("--model", metavar="MODEL", required=True, help="an upsampler: anything from_pretrained accepts")
+    p.add_argument("--image", metavar="FILE", required=True, help="the low-resolution image")
+    p.add_argument("--prompt", metavar="TEXT", required=True)
+    p.add_argument("--negative-prompt", metavar="TEXT", default=None)
+    _upscale_options(p, first=True)
+    p.add_argument("--steps", type=int, default=50, metavar="N", help="denoising steps (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, metavar="G", help="guidance scale (default 7.5)")
+    p.add_argument("--scheduler", default="ddim", metavar="NAME", help="sampler name (default ddim)")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--no-ema", action="store_true", help="use a checkpoint's raw weights, not its EMA weights")
+    p.add_argument("--out", metavar="FILE.png", default="upscaled.png", help="output image (default upscaled.png)")
+    p.set_defaults(run=run_upscale)
+
+
+def run_upscale(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from .pipeline import LatentDiffusion
+
+    try:
+        image = Image.open(args.image).convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise FileNotFoundError(f"--image {args.image}: cannot read it as an image ({e})") from None
+    pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None)
+    pipe = pipe.to(_device(args.device), getattr(torch, args.dtype))
+    images = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, noise_level=args.noise_level,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
+                  generator=torch.Generator().manual_seed(args.seed), output_type="pt", progress=True)
+    _save_images(images, Path(args.out))
     return 0
 
 
@@ -192,7 +261,8 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[SubParsers], None]] = [add_demo, add_train_vae, add_train, add_sample, add_convert]
+COMMANDS: list[Callable[[SubParsers], None]] = [add_demo, add_train_vae, add_train, add_sample, add_convert,
+                                                add_upscale]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ decodes them to `vae factor` times that size.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -17,6 +18,9 @@ from torch import Tensor
 from .errors import ConfigError
 from .noise import Generator, randn
 from .schedulers.schedule import SchedulerConfig, make_alphas_cumprod, q_sample
+
+if TYPE_CHECKING:  # the pipeline imports this module; the cascade only calls pipelines it is given
+    from .pipeline import LatentDiffusion
 
 
 def x4_low_res_schedule() -> SchedulerConfig:
@@ -62,3 +66,29 @@ def augment(images: Tensor, noise_level: Tensor, config: UpscalerConfig, generat
     alpha_bar = alpha_bar.reshape(-1, 1, 1, 1).to(images.dtype)  # (B or 1, 1, 1, 1)
     noise = randn(tuple(images.shape), generator, images.device, images.dtype)
     return q_sample(images, noise, alpha_bar)
+
+
+def cascade(base: LatentDiffusion, upscaler: LatentDiffusion, prompt: str | list[str], *,
+            negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
+            generator: Generator = None, noise_level: int = 20, upscale_steps: int | None = None,
+            upscale_guidance: float | None = None, output_type: str = "pil", **base_kwargs: Any) -> Any:
+    """Base model, then upsampler, in one call (Ho et al., 2021): `base(prompt, ...)` at its resolution, its images
+    (N, 3, H, W) in [0, 1] upsampled by `upscaler` with the same prompts and `noise_level`.
+
+    base_kwargs go to the base model (num_inference_steps, guidance_scale, scheduler, height, width, ...);
+    the upsampler takes the same step count and guidance unless upscale_steps / upscale_guidance say otherwise.
+    The generator (or list, one per image) continues from the first stage into the second."""
+    if upscaler.upscaler is None:
+        raise ValueError("upscaler: the model given is not an upsampler (its config has no upscaler section)")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = None if negative_prompt is None else \
+        [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    low_res = base(prompts, negative_prompt=negatives, num_images_per_prompt=num_images_per_prompt,
+                   generator=generator, output_type="pt", **base_kwargs)  # (N, 3, H, W) in [0, 1]
+    each = lambda items: None if items is None else [p for p in items for _ in range(num_images_per_prompt)]  # noqa: E731
+    steps = upscale_steps or base_kwargs.get("num_inference_steps", 50)
+    guidance = upscale_guidance if upscale_guidance is not None else base_kwargs.get("guidance_scale", 7.5)
+    return upscaler(each(prompts), negative_prompt=each(negatives), image=low_res, noise_level=noise_level,
+                    num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                    scheduler=base_kwargs.get("scheduler", "ddim"), output_type=output_type,
+                    progress=base_kwargs.get("progress", False))
