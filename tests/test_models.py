@@ -108,6 +108,43 @@ def test_pooled_context_matches_diffusers_projection_class_embedding():
     assert max_abs(got, without) > 1e-2  # the pooled path is live, not a zero branch
 
 
+def test_class_labels_match_diffusers_num_class_embeds():
+    """num_class_embeds is diffusers' class embedding table (the x4 upscaler's noise level), fed class_labels."""
+    cfg = dataclasses.replace(TINY_UNET, num_class_embeds=10)
+    ours, ref = twin(UNet, lambda c: reference_unet(c, num_class_embeds=10), cfg)
+    sample, t, context = unet_inputs(cfg)
+    labels = torch.tensor([3, 7])
+    with torch.no_grad():
+        expected = ref(sample, t, encoder_hidden_states=context, class_labels=labels).sample
+        got = ours(sample, t, context, class_labels=labels)
+        other = ours(sample, t, context, class_labels=torch.tensor([3, 8]))
+    assert max_abs(got, expected) < TOL
+    assert torch.allclose(got[0], other[0]) and max_abs(got[1], other[1]) > 1e-2  # per-sample labels, live path
+    with pytest.raises(ValueError, match="class_labels"):
+        ours(sample, t, context)
+    with pytest.raises(ConfigError, match="num_class_embeds"):
+        UNetConfig(num_class_embeds=10, pooled_context=True)
+
+
+def test_residual_hooks_match_diffusers_additional_residuals():
+    """down_residuals / mid_residual are diffusers' down_block_additional_residuals / mid_block_additional_residual."""
+    ours, ref = twin(UNet, reference_unet, TINY_UNET)
+    sample, t, context = unet_inputs(TINY_UNET)
+    g = torch.Generator().manual_seed(2)
+    # the skips' shapes at 16x16: conv_in, 2 resnets a level, a downsampler between levels
+    shapes = [(32, 16), (32, 16), (32, 16), (32, 8), (64, 8), (64, 8), (64, 4), (64, 4), (64, 4)]
+    down = [torch.randn(2, c, s, s, generator=g) for c, s in shapes]
+    mid = torch.randn(2, 64, 4, 4, generator=g)
+    with torch.no_grad():
+        expected = ref(sample, t, encoder_hidden_states=context, down_block_additional_residuals=tuple(down),
+                       mid_block_additional_residual=mid).sample
+        got = ours(sample, t, context, down_residuals=down, mid_residual=mid)
+        plain = ours(sample, t, context)
+    assert max_abs(got, expected) < TOL and max_abs(got, plain) > 1e-2
+    with pytest.raises(ValueError, match="down_residuals"):
+        ours(sample, t, context, down_residuals=down[:-1])
+
+
 def test_unet_odd_size_and_scalar_timestep_match_diffusers():
     ours, ref = twin(UNet, reference_unet, TINY_UNET)
     sample, _, context = unet_inputs(TINY_UNET, size=10)  # 10 -> 5 -> 3 -> 5 -> 10: upsample to the skip's size

@@ -13,6 +13,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 from conftest import perturb_  # noqa: E402
 from latentdiffusion import LatentDiffusion  # noqa: E402
 from latentdiffusion.errors import ConfigError, WeightsError  # noqa: E402
+from latentdiffusion.conditioning import Conditioning, run_unet  # noqa: E402
 from latentdiffusion.guidance import ClassifierFreeGuidance  # noqa: E402
 from latentdiffusion.text_encoder import TOKENIZER_DIR  # noqa: E402
 
@@ -111,22 +112,44 @@ def test_guidance_scale_one_is_the_conditional_output(pipe):
     calls = []
     unet = pipe.unet
 
-    def counting(x, t, ctx):
+    def counting(x, t, cond):
         calls.append(x.shape[0])
-        return unet(x, t, ctx)
+        return run_unet(unet, x, t, cond)
 
     ctx = pipe.encode_prompt(PROMPTS)
     x, t = start_latents(), torch.tensor(500)
-    guided = ClassifierFreeGuidance(counting, ctx, torch.zeros_like(ctx), scale=1.0)(x, t)
+    guided = ClassifierFreeGuidance(counting, Conditioning(ctx), Conditioning(torch.zeros_like(ctx)), scale=1.0)(x, t)
     assert calls == [2] and torch.equal(guided, unet(x, t, ctx))
     # scale 0 gives the unconditional output; the formula is linear in the scale
     uncond = pipe.encode_prompt(["", ""])
-    g0 = ClassifierFreeGuidance(unet, ctx, uncond, scale=0.0)(x, t)
-    g2 = ClassifierFreeGuidance(unet, ctx, uncond, scale=2.0)(x, t)
+    g0 = ClassifierFreeGuidance(counting, Conditioning(ctx), Conditioning(uncond), scale=0.0)(x, t)
+    g2 = ClassifierFreeGuidance(counting, Conditioning(ctx), Conditioning(uncond), scale=2.0)(x, t)
+    assert calls[1:] == [4, 4]  # one batched call for both halves
     assert torch.allclose(g0, unet(x, t, uncond), atol=1e-5)
     assert torch.allclose(g2, 2 * unet(x, t, ctx) - unet(x, t, uncond), atol=1e-4)
     # every channel is guided (a guard against guiding only some of them)
     assert ((g2 - unet(x, t, ctx)).abs().amax(dim=(0, 2, 3)) > 0).all()
+
+
+def test_guidance_doubles_every_tensor_of_the_bundle():
+    seen = []
+    control = object()
+
+    def model(x, t, cond):
+        seen.append(cond)
+        return x * cond.concat[:, :1] + cond.class_labels.float()[:, None, None, None]
+
+    def bundle(value):
+        return Conditioning(torch.full((2, 3, 4), value), concat=torch.full((2, 1, 2, 2), value),
+                            class_labels=torch.full((2,), value), controls=[(control, torch.full((2, 3, 8, 8), value), 0.5)])
+
+    out = ClassifierFreeGuidance(model, bundle(2.0), bundle(1.0), scale=3.0)(torch.ones(2, 4, 2, 2), torch.tensor(1))
+    cond = seen[0]
+    for tensor in (cond.context, cond.concat, cond.class_labels, cond.controls[0][1]):
+        assert tensor.shape[0] == 4 and torch.equal(tensor[:2], torch.ones_like(tensor[:2]))  # unconditional first
+        assert torch.equal(tensor[2:], torch.full_like(tensor[2:], 2.0))
+    assert cond.controls[0][0] is control and cond.controls[0][2] == 0.5
+    assert torch.equal(out, torch.full_like(out, 2.0 + 3.0 * (4.0 - 2.0)))  # uncond 1+1, cond 2+2
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -12,9 +13,11 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from .conditioning import Conditioning, run_unet
 from .guidance import ClassifierFreeGuidance
 from .noise import Generator, randn
-from .schedulers import SCHEDULERS, SchedulerConfig, make_scheduler
+from .samplers import SAMPLERS, Denoiser, NoiseLevels, input_scale, sampler_entry
+from .schedulers import NoiseSchedule, SchedulerConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .unet import UNet, UNetConfig
 from .upscaler import UpscalerConfig
@@ -43,16 +46,21 @@ class LatentDiffusion(nn.Module):
         if unet.config.context_dim != text_encoder.config.hidden_size:
             raise ValueError(f"unet.context_dim {unet.config.context_dim} != text_encoder.hidden_size "
                              f"{text_encoder.config.hidden_size}")
-        extra = 0 if upscaler is None else upscaler.image_channels
-        if unet.config.in_channels != vae.config.latent_channels + extra:
-            raise ValueError(f"unet.in_channels {unet.config.in_channels} != vae.latent_channels "
-                             f"{vae.config.latent_channels}" + (f" + {extra} low-res image channels" if extra else ""))
-        if upscaler is not None and (unet.config.num_class_embeds or 0) <= upscaler.max_noise_level:
-            raise ValueError(f"upscaler.max_noise_level {upscaler.max_noise_level} needs unet.num_class_embeds > "
-                             f"{upscaler.max_noise_level}, got {unet.config.num_class_embeds}")
+        latent = vae.config.latent_channels
+        if unet.config.in_channels < latent or unet.config.out_channels != latent:
+            raise ValueError(f"unet.in_channels {unet.config.in_channels} / out_channels {unet.config.out_channels} "
+                             f"do not fit vae.latent_channels {latent}: in_channels must be the latent channels "
+                             "plus any concatenated ones (inpainting: 2 * latent + 1), out_channels the latent ones")
+        if upscaler is not None:
+            if unet.config.in_channels != latent + upscaler.image_channels:
+                raise ValueError(f"unet.in_channels {unet.config.in_channels} != vae.latent_channels {latent} + "
+                                 f"{upscaler.image_channels} low-res image channels (upscaler.image_channels)")
+            if (unet.config.num_class_embeds or 0) <= upscaler.max_noise_level:
+                raise ValueError(f"upscaler.max_noise_level {upscaler.max_noise_level} needs unet.num_class_embeds > "
+                                 f"{upscaler.max_noise_level}, got {unet.config.num_class_embeds}")
         self.vae, self.unet, self.text_encoder, self.upscaler = vae, unet, text_encoder, upscaler
         self.vae.requires_grad_(False)
-        self.scheduler = make_scheduler("ddpm", scheduler)  # the training noise schedule; samplers share its config
+        self.scheduler = NoiseSchedule(scheduler)  # the training noise schedule; samplers take their levels from it
         self.eval()
 
     @classmethod
@@ -77,6 +85,11 @@ class LatentDiffusion(nn.Module):
     @property
     def vae_scale_factor(self) -> int:
         return self.vae.downsample_factor
+
+    @property
+    def concat_channels(self) -> int:
+        """Channels the UNet takes beside the latents (inpainting UNets: mask + masked-image latents = latent + 1)."""
+        return self.unet.config.in_channels - self.vae.config.latent_channels
 
     def to(self, *args, **kwargs) -> LatentDiffusion:
         """Like nn.Module.to, but a float16 VAE stays float32: SD VAE decoders overflow in float16."""
@@ -161,12 +174,16 @@ class LatentDiffusion(nn.Module):
         generator: Generator = None,
         latents: torch.Tensor | None = None,
         scheduler: str = "ddim",
+        use_karras_sigmas: bool = False,
         eta: float = 0.0,
         output_type: str = "pil",
         guidance_rescale: float = 0.0,
+        callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         progress: bool = False,
     ) -> list[Image.Image] | torch.Tensor:
-        """Generate images for `prompt`: encode prompt -> prepare latents -> denoising loop -> decode."""
+        """Generate images for `prompt`: encode prompt -> conditioning and starting latents -> noise levels ->
+        sampler -> decode. `latents` are unit-variance noise (B, C, h, w), scaled to the sampler's first noise level;
+        `callback(step, timestep, latents)` runs after every step (latents in the sampler's scale x0 + sigma eps)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
         if latents is not None and latents.ndim == 4:  # given noise sets the size unless height/width say otherwise
@@ -174,27 +191,43 @@ class LatentDiffusion(nn.Module):
             width = latents.shape[3] * self.vae_scale_factor if width is None else width
         shape = self._latent_shape(len(prompts) * num_images_per_prompt, height, width)
         self._check_call(num_inference_steps, guidance_scale, output_type, scheduler, eta, latents, shape)
-        sampler = make_scheduler(scheduler, self.scheduler.config, **({"eta": eta} if scheduler == "ddim" else {}))
+        entry = sampler_entry(scheduler, use_karras_sigmas)
+        levels = entry.levels(self.scheduler.config, num_inference_steps, use_karras_sigmas)
 
-        cond = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, dim=0)
+        cond = Conditioning(self.encode_prompt(prompts)).repeat_interleave(num_images_per_prompt)
         uncond = None
         if guidance_scale != 1.0:
-            uncond = self.encode_prompt(negatives).repeat_interleave(num_images_per_prompt, dim=0)
-        denoiser = ClassifierFreeGuidance(self.unet, cond, uncond, guidance_scale, guidance_rescale)
+            uncond = Conditioning(self.encode_prompt(negatives)).repeat_interleave(num_images_per_prompt)
+        guided = ClassifierFreeGuidance(self._run_unet, cond, uncond, guidance_scale, guidance_rescale)
+        denoiser = Denoiser(guided, self.scheduler.config, levels)
 
-        if latents is None:
-            latents = randn(shape, generator, self.device, self.dtype) * sampler.init_noise_sigma
-        else:
-            latents = latents.to(self.device, self.dtype)
-        sampler.set_timesteps(num_inference_steps, self.device)
-        for t in tqdm(sampler.timesteps, disable=not progress, desc="sampling"):
-            model_output = denoiser(sampler.scale_model_input(latents, t), t)
-            latents = sampler.step(model_output, t, latents, generator=generator)
+        noise = randn(shape, generator, self.device) if latents is None else latents.to(self.device, torch.float32)
+        x = noise * levels.init_noise_sigma
+        options = {**entry.options(self.scheduler.config, levels), **({"eta": eta} if eta else {})}
+        with tqdm(total=len(levels.timesteps), disable=not progress, desc="sampling") as bar:
+            step_callback = self._step_callback(levels, callback, bar)
+            x = entry.function(denoiser, x, levels.sigmas, generator=generator, callback=step_callback, **options)
+        latents = (x * input_scale(float(levels.sigmas[-1]))).to(self.dtype)  # the final level's x_t
 
         if output_type == "latent":
             return latents
         images = self.decode_latents(latents)
         return images if output_type == "pt" else to_pil(images)
+
+    def _run_unet(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The UNet on float32 sampler latents, run in the model's dtype, its output back in float32."""
+        return run_unet(self.unet, x.to(self.dtype), t, cond).float()
+
+    @staticmethod
+    def _step_callback(levels: NoiseLevels, callback: Callable | None, bar: tqdm) -> Callable:
+        """The sampler's callback(i, sigma_next, x): advances the progress bar and calls the user's
+        callback(step, timestep, latents)."""
+        def after_step(i: int, sigma_next: float, x: torch.Tensor) -> None:
+            bar.update(1)
+            if callback is not None:
+                callback(i, levels.timesteps[i], x)
+
+        return after_step
 
     def _negative_prompts(self, negative_prompt: str | list[str] | None, n: int) -> list[str]:
         if negative_prompt is None:
@@ -212,7 +245,7 @@ class LatentDiffusion(nn.Module):
         for name, side in (("height", height), ("width", width)):
             if side <= 0 or side % factor:
                 raise ValueError(f"{name}={side} must be a positive multiple of the VAE factor {factor}")
-        return batch, self.unet.config.in_channels, height // factor, width // factor
+        return batch, self.vae.config.latent_channels, height // factor, width // factor
 
     def _check_call(self, steps: int, guidance_scale: float, output_type: str, scheduler: str, eta: float,
                     latents: torch.Tensor | None, shape: tuple[int, ...]) -> None:
@@ -225,12 +258,13 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}: choose from {', '.join(SCHEDULERS)}")
+        if scheduler not in SAMPLERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}: choose from {', '.join(SAMPLERS)}")
         if not (math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta must be finite and >= 0, got {eta}")
-        if eta and scheduler != "ddim":
-            raise ValueError(f"eta applies to the ddim scheduler only, not {scheduler!r}")
+        if eta and "eta" not in SAMPLERS[scheduler].user_options:
+            takers = ", ".join(n for n, e in SAMPLERS.items() if "eta" in e.user_options)
+            raise ValueError(f"eta applies to the {takers} scheduler only, not {scheduler!r}")
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for this prompt count, "
                              "num_images_per_prompt, height and width")

@@ -42,6 +42,9 @@ class UNetConfig:
     # prompt, not only the attention levels (Imagen's pooled text conditioning). Not in Stable Diffusion; diffusers'
     # class_embed_type="projection" with class_labels = context.mean(1) computes the same.
     pooled_context: bool = False
+    # Class-conditional: an nn.Embedding(num_class_embeds, 4 * C0) of `class_labels` added to the timestep embedding
+    # (diffusers' num_class_embeds; the x4 upscaler's noise level). Exclusive with pooled_context (same module name).
+    num_class_embeds: int | None = None
 
     def __post_init__(self) -> None:
         self.block_channels = tuple(self.block_channels)
@@ -75,6 +78,9 @@ class UNetConfig:
         bad = [c for c in self.block_channels if c % value]
         if bad:
             raise ConfigError(f"UNetConfig.block_channels {bad} not divisible by {key}={value}")
+        if self.num_class_embeds is not None and (self.num_class_embeds < 1 or self.pooled_context):
+            raise ConfigError(f"UNetConfig.num_class_embeds must be a positive integer and excludes pooled_context, "
+                              f"got {self.num_class_embeds!r} with pooled_context={self.pooled_context}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -115,7 +121,7 @@ class DownLevel(Level):
         self.downsamplers = nn.ModuleList([Downsample(channels)]) if downsample else None
 
     def forward(self, x: Tensor, temb: Tensor, context: Tensor, run: Runner) -> tuple[Tensor, list[Tensor]]:
-        skips = []
+        skips = []  # (B, C, h, w) each
         for j in range(len(self.resnets)):
             x = self.layer(j, x, temb, context, run)
             skips.append(x)
@@ -168,7 +174,11 @@ class UNet(nn.Module):
         only = config.only_cross_attention or (False,) * n
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], 4 * ch[0])
-        self.class_embedding = TimestepEmbedding(config.context_dim, 4 * ch[0]) if config.pooled_context else None
+        self.class_embedding: nn.Module | None = None
+        if config.pooled_context:
+            self.class_embedding = TimestepEmbedding(config.context_dim, 4 * ch[0])
+        elif config.num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(config.num_class_embeds, 4 * ch[0])
         self.down_blocks = nn.ModuleList(
             DownLevel(config, ch[max(i - 1, 0)], ch[i], cross[i], only[i], i < n - 1) for i in range(n)
         )
@@ -194,21 +204,39 @@ class UNet(nn.Module):
         features = timestep_embedding(t, self.config.block_channels[0])  # float32 (B, C0)
         return self.time_embedding(features.to(sample.dtype))  # (B, 4 * C0)
 
-    def forward(self, sample: Tensor, timesteps: Tensor | int | float, context: Tensor) -> Tensor:
-        """Model output (B, out_channels, h, w) for noisy latents `sample` at `timesteps` given `context`."""
+    def forward(self, sample: Tensor, timesteps: Tensor | int | float, context: Tensor, *,
+                class_labels: Tensor | None = None, down_residuals: list[Tensor] | None = None,
+                mid_residual: Tensor | None = None) -> Tensor:
+        """Model output (B, out_channels, h, w) for noisy latents `sample` at `timesteps` given `context` (B, T, D).
+
+        class_labels (B,): indices into the class embedding (config.num_class_embeds). down_residuals: one tensor per
+        skip connection, in the encoder's order, added to it; mid_residual: added to the middle block's output
+        (ControlNet; diffusers' down_block_additional_residuals / mid_block_additional_residual).
+        """
         if context.dim() != 3 or context.shape[-1] != self.config.context_dim:
             raise ValueError(
                 f"context must have shape (B, T, {self.config.context_dim}), got {tuple(context.shape)}"
             )
+        if (class_labels is None) != (self.config.num_class_embeds is None):
+            raise ValueError("class_labels must be given exactly when the UNet has num_class_embeds "
+                             f"(num_class_embeds={self.config.num_class_embeds})")
         temb = self._time_embedding(timesteps, sample)
-        if self.class_embedding is not None:
+        if self.config.pooled_context:
             temb = temb + self.class_embedding(context.mean(dim=1))
+        elif class_labels is not None:
+            temb = temb + self.class_embedding(class_labels.to(sample.device).long()).to(temb.dtype)
         x = self.conv_in(sample)  # (B, C0, h, w)
         skips = [x]
         for block in self.down_blocks:
             x, block_skips = block(x, temb, context, self._run)
             skips.extend(block_skips)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"down_residuals has {len(down_residuals)} tensors, the UNet has {len(skips)} skips")
+            skips = [s + r for s, r in zip(skips, down_residuals)]
         x = self.mid_block(x, temb, context, self._run)
+        if mid_residual is not None:
+            x = x + mid_residual
         for block in self.up_blocks:
             x = block(x, skips, temb, context, self._run)
         return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -138,7 +138,7 @@ def unet_config_from_diffusers(c: dict[str, Any]) -> UNetConfig:
         layers_per_block=c.get("layers_per_block", 2),
         cross_attention=tuple("CrossAttn" in t for t in c["down_block_types"]),
         transformer_depth=layers,
-        **({"num_class_embeds": c["num_class_embeds"]} if c.get("num_class_embeds") is not None else {}),
+        num_class_embeds=c.get("num_class_embeds"),
         only_cross_attention=_per_level(c.get("only_cross_attention", False), len(channels)),
         num_heads=heads[0] if len(set(heads)) == 1 else None,
         head_dim=per_head.pop() if len(set(heads)) > 1 and len(per_head) == 1 else None,
@@ -224,7 +224,7 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
         "block_out_channels": list(cfg.block_channels), "layers_per_block": cfg.layers_per_block,
         "cross_attention_dim": cfg.context_dim, "attention_head_dim": heads[0] if cfg.num_heads else heads,
         "transformer_layers_per_block": cfg.transformer_depth, "use_linear_projection": cfg.linear_projection,
-        "norm_num_groups": cfg.norm_groups, "num_class_embeds": getattr(cfg, "num_class_embeds", None),
+        "norm_num_groups": cfg.norm_groups, "num_class_embeds": cfg.num_class_embeds,
         "only_cross_attention": list(cfg.only_cross_attention) if cfg.only_cross_attention else False,
         **{k: v for k, v in _UNET_FIXED.items() if v is not None},
     }

@@ -1,5 +1,5 @@
 """The noise schedule, in one place: betas, alpha_bar, prediction-type conversions, q(x_t | x_0), inference
-timesteps, and the `Scheduler` base class that the samplers share."""
+timesteps, and `NoiseSchedule`, the training schedule a pipeline holds."""
 
 from __future__ import annotations
 
@@ -163,72 +163,33 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-class Scheduler:
-    """A schedule with its sampling chain: holds config, alphas_cumprod and the methods every sampler shares."""
-
-    init_noise_sigma: float = 1.0
+class NoiseSchedule:
+    """The training noise schedule of a model: config, betas, alpha_bar and q(x_t | x_0). Samplers take their noise
+    levels from the same config (see latentdiffusion.samplers)."""
 
     def __init__(self, config: SchedulerConfig | None = None) -> None:
         self.config = config if config is not None else SchedulerConfig()
         self.betas = make_betas(self.config)  # (T,) float32
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # (T,) float32
-        self.num_inference_steps: int | None = None
-        self._on_device: dict[tuple[str, torch.device], Tensor] = {}
-        self._use_timesteps(torch.arange(self.config.num_train_timesteps - 1, -1, -1, dtype=torch.int64), None)
+        self._on_device: dict[torch.device, Tensor] = {}
 
-    @property
-    def final_alpha_bar(self) -> float:
-        """alpha_bar after the last step (the clean sample); 1.0 unless a sampler says otherwise."""
-        return 1.0
-
-    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
-        """Choose the descending `self.timesteps` for sampling in `num_inference_steps` steps."""
-        self._use_timesteps(inference_timesteps(self.config, num_inference_steps), device)
-        self.num_inference_steps = num_inference_steps
-
-    def _use_timesteps(self, timesteps: Tensor, device: torch.device | str | None) -> None:
-        # alpha_bar_prev[t]: alpha_bar of the timestep the chain moves to from t (the next one in `timesteps`,
-        # `final_alpha_bar` after the last); timesteps outside the chain step to t - 1.
-        final = torch.tensor([self.final_alpha_bar], dtype=self.alphas_cumprod.dtype)
-        chain = torch.cat([final, self.alphas_cumprod[:-1]])  # (T,)
-        targets = torch.cat([self.alphas_cumprod[timesteps[1:]], final])
-        self.alpha_bar_prev = chain.index_put((timesteps,), targets)  # (T,) float32
-        self.timesteps = timesteps if device is None else timesteps.to(device)
-        self._on_device.clear()
-
-    def _gather(self, name: str, t: int | Tensor, like: Tensor) -> Tensor:
-        """Table `name` at timesteps t on like's device, in float32 (float64 for float64 input), shaped to broadcast
+    def alpha_bar(self, t: int | Tensor, like: Tensor) -> Tensor:
+        """alpha_bar at timesteps t on like's device, in float32 (float64 for float64 input), shaped to broadcast
         over like: (B, 1, 1, 1) for a (B,) t, 0-dim for a scalar t."""
-        key = (name, like.device)
-        if key not in self._on_device:
-            self._on_device[key] = getattr(self, name).to(like.device)
-        values = self._on_device[key][self._index(t, like)]
-        return values.to(_compute_dtype(like))
-
-    @staticmethod
-    def _index(t: int | Tensor, like: Tensor) -> Tensor:
+        if like.device not in self._on_device:
+            self._on_device[like.device] = self.alphas_cumprod.to(like.device)
         t = torch.as_tensor(t, device=like.device).long()
-        return t.reshape(-1, *([1] * (like.ndim - 1))) if t.ndim else t
-
-    def scale_model_input(self, x: Tensor, t: int | Tensor) -> Tensor:
-        """These samplers feed x_t to the model unscaled."""
-        return x
+        t = t.reshape(-1, *([1] * (like.ndim - 1))) if t.ndim else t
+        return self._on_device[like.device][t].to(_compute_dtype(like))
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: int | Tensor) -> Tensor:
         """x_t ~ q(x_t | x_0) with the given noise (DDPM eq. 4); t scalar or (B,)."""
-        return q_sample(x0, noise, self._gather("alphas_cumprod", t, x0)).to(x0.dtype)
+        return q_sample(x0, noise, self.alpha_bar(t, x0)).to(x0.dtype)
 
     def training_target(self, x0: Tensor, noise: Tensor, t: int | Tensor) -> Tensor:
         """The tensor the model should predict for add_noise(x0, noise, t), per config.prediction_type."""
-        alpha_bar = self._gather("alphas_cumprod", t, x0)
-        return prediction_target(x0, noise, alpha_bar, self.config.prediction_type).to(x0.dtype)
+        return prediction_target(x0, noise, self.alpha_bar(t, x0), self.config.prediction_type).to(x0.dtype)
 
     def predict_x0_eps(self, model_output: Tensor, t: int | Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """(x0, eps) implied by the model output at timestep t, in float32 (float64 for float64 input)."""
-        alpha_bar = self._gather("alphas_cumprod", t, x)
-        return predict_x0_eps(model_output, x, alpha_bar, self.config.prediction_type)
-
-    def _clip(self, x0: Tensor) -> Tensor:
-        if self.config.clip_sample:
-            return x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
-        return x0
+        return predict_x0_eps(model_output, x, self.alpha_bar(t, x), self.config.prediction_type)

@@ -1,0 +1,82 @@
+"""What conditions one UNet call, as one bundle: the prompt's context, channels concatenated to the latents, class
+labels and ControlNet inputs; and the one function that runs a UNet on a bundle.
+
+Guidance doubles every tensor of the bundle in its one batched call (`Conditioning.cat`), so a new kind of
+conditioning is a field here, not an edit to guidance, the samplers or the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+# A ControlNet input: (controlnet, control image (B,3,H,W) in [0,1], conditioning scale). The controlnet is called
+# as controlnet(latents, timesteps, context, image) -> (down residuals, one per UNet skip, mid residual).
+Control = tuple[Any, Tensor, float]
+
+
+@dataclass
+class Conditioning:
+    """Conditioning of one UNet call for a batch of B samples.
+
+    context:      (B, T, D) text encoder states for cross-attention.
+    concat:       (B, Cc, h, w) channels concatenated to the latents (inpainting: mask + masked-image latents;
+                  upsampler: the low-resolution image), or None.
+    class_labels: (B,) integer labels for the UNet's class embedding (upsampler: noise level), or None.
+    controls:     ControlNet inputs, each (controlnet, image (B,3,H,W) in [0,1], scale).
+    """
+
+    context: Tensor
+    concat: Tensor | None = None
+    class_labels: Tensor | None = None
+    controls: list[Control] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return self.context.shape[0]
+
+    @staticmethod
+    def cat(bundles: list[Conditioning]) -> Conditioning:
+        """The bundles stacked along the batch dimension (guidance: [unconditional, conditional]). Every bundle
+        must carry the same kinds of conditioning and the same ControlNets with the same scales."""
+        first = bundles[0]
+        for b in bundles[1:]:
+            if (b.concat is None) != (first.concat is None) or (b.class_labels is None) != (first.class_labels is None):
+                raise ValueError("Conditioning.cat: bundles differ in which of concat / class_labels they carry")
+            if [(c[0], c[2]) for c in b.controls] != [(c[0], c[2]) for c in first.controls]:
+                raise ValueError("Conditioning.cat: bundles differ in their ControlNets or conditioning scales")
+
+        def stack(name: str) -> Tensor | None:
+            tensors = [getattr(b, name) for b in bundles]
+            return None if tensors[0] is None else torch.cat(tensors)
+
+        controls = [(net, torch.cat([b.controls[i][1] for b in bundles]), scale)
+                    for i, (net, _, scale) in enumerate(first.controls)]
+        return Conditioning(stack("context"), stack("concat"), stack("class_labels"), controls)
+
+    def repeat_interleave(self, n: int) -> Conditioning:
+        """Each sample repeated n times in place (num_images_per_prompt)."""
+        if n == 1:
+            return self
+
+        def rep(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.repeat_interleave(n, dim=0)
+
+        return Conditioning(rep(self.context), rep(self.concat), rep(self.class_labels),
+                            [(net, rep(image), scale) for net, image, scale in self.controls])
+
+
+def run_unet(unet: nn.Module, x: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
+    """The UNet's output (B, C, h, w) for latents x (B, C, h, w) at timesteps (0-dim or (B,)) under `cond`:
+    concat channels appended to x, each ControlNet's residuals (computed on x without them) scaled and summed."""
+    down, mid = None, None
+    for controlnet, image, scale in cond.controls:
+        d, m = controlnet(x, timesteps, cond.context, image)
+        d, m = [r * scale for r in d], m * scale
+        down = d if down is None else [a + b for a, b in zip(down, d)]
+        mid = m if mid is None else mid + m
+    x_in = x if cond.concat is None else torch.cat([x, cond.concat.to(x.dtype)], dim=1)
+    return unet(x_in, timesteps, cond.context, class_labels=cond.class_labels, down_residuals=down, mid_residual=mid)
