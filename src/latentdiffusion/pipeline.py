@@ -20,7 +20,7 @@ from .samplers import SAMPLERS, Denoiser, NoiseLevels, input_scale, sampler_entr
 from .schedulers import NoiseSchedule, SchedulerConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .unet import UNet, UNetConfig
-from .upscaler import UpscalerConfig
+from .upscaler import UpscalerConfig, augment, low_res_batch
 from .vae import AutoencoderKL, VAEConfig
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
@@ -180,12 +180,19 @@ class LatentDiffusion(nn.Module):
         guidance_rescale: float = 0.0,
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         progress: bool = False,
+        image: Image.Image | list[Image.Image] | torch.Tensor | None = None,
+        noise_level: int | torch.Tensor = 20,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate images for `prompt`: encode prompt -> conditioning and starting latents -> noise levels ->
         sampler -> decode. `latents` are unit-variance noise (B, C, h, w), scaled to the sampler's first noise level;
-        `callback(step, timestep, latents)` runs after every step (latents in the sampler's scale x0 + sigma eps)."""
+        `callback(step, timestep, latents)` runs after every step (latents in the sampler's scale x0 + sigma eps).
+        Upsampler models: `image` (the low-res image, its size the latents' size) is noised at `noise_level` and
+        concatenated to the latents; the output is vae_scale_factor times larger."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
+        low_res = self._low_res(image, len(prompts), height, width)  # (P, 3, h, w) in [-1, 1], or None
+        if low_res is not None:
+            height, width = (side * self.vae_scale_factor for side in low_res.shape[2:])
         if latents is not None and latents.ndim == 4:  # given noise sets the size unless height/width say otherwise
             height = latents.shape[2] * self.vae_scale_factor if height is None else height
             width = latents.shape[3] * self.vae_scale_factor if width is None else width
@@ -198,6 +205,12 @@ class LatentDiffusion(nn.Module):
         uncond = None
         if guidance_scale != 1.0:
             uncond = Conditioning(self.encode_prompt(negatives)).repeat_interleave(num_images_per_prompt)
+        if low_res is not None:  # conditioning augmentation, drawn before the latents' noise (as diffusers does)
+            noise_levels = self.upscaler.check_noise_level(noise_level).to(self.device).expand(shape[0])  # (N,)
+            noisy = augment(low_res.repeat_interleave(num_images_per_prompt, dim=0).to(self.device), noise_levels,
+                            self.upscaler, generator)
+            for bundle in (cond, uncond) if uncond is not None else (cond,):
+                bundle.concat, bundle.class_labels = noisy, noise_levels
         guided = ClassifierFreeGuidance(self._run_unet, cond, uncond, guidance_scale, guidance_rescale)
         denoiser = Denoiser(guided, self.scheduler.config, levels)
 
@@ -228,6 +241,20 @@ class LatentDiffusion(nn.Module):
                 callback(i, levels.timesteps[i], x)
 
         return after_step
+
+    def _low_res(self, image, prompts: int, height: int | None, width: int | None) -> torch.Tensor | None:
+        """An upsampler's low-res images (prompts, 3, h, w) in [-1, 1], checked; None for other models."""
+        if self.upscaler is None:
+            if image is not None:
+                raise ValueError("image: this model is not an upsampler (its config has no upscaler section)")
+            return None
+        factor = 2 ** (len(self.unet.config.block_channels) - 1)
+        low_res = low_res_batch(image, prompts, factor, self.upscaler.image_channels)
+        for name, given, side in (("height", height, low_res.shape[2]), ("width", width, low_res.shape[3])):
+            if given is not None and given != side * self.vae_scale_factor:
+                raise ValueError(f"{name}={given}: an upsampler's output is {self.vae_scale_factor} x the image's "
+                                 f"{name} ({side}); leave {name} out")
+        return low_res
 
     def _negative_prompts(self, negative_prompt: str | list[str] | None, n: int) -> list[str]:
         if negative_prompt is None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from .errors import ConfigError
@@ -55,6 +57,33 @@ class UpscalerConfig:
             raise ValueError(f"noise_level must be in [0, max_noise_level={self.max_noise_level}] for this model, "
                              f"got {high if high > self.max_noise_level else low}")
         return levels.long()
+
+
+def low_res_batch(image: Any, batch: int, multiple: int, channels: int) -> Tensor:
+    """The low-res image(s) as float32 (batch, C, h, w) in [-1, 1]: a PIL image, a list of them, or a tensor
+    (B, C, h, w) in [0, 1] with B = 1 (shared by every prompt) or B = batch. ValueError naming `image` when it is
+    missing, has another channel count, or a side that is not a multiple of `multiple` (the UNet's downsampling)."""
+    if image is None:
+        raise ValueError("image: an upsampler model needs the low-resolution image to upsample (image=...)")
+    if isinstance(image, Image.Image) or (isinstance(image, (list, tuple)) and image
+                                          and all(isinstance(i, Image.Image) for i in image)):
+        images = [image] if isinstance(image, Image.Image) else list(image)
+        if len({i.size for i in images}) > 1:
+            raise ValueError(f"image: the low-res images differ in size: {sorted({i.size for i in images})}")
+        arrays = np.stack([np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in images])
+        image = torch.from_numpy(arrays).permute(0, 3, 1, 2)  # (B, 3, h, w) in [0, 1]
+    if not isinstance(image, Tensor) or image.dim() != 4:
+        raise ValueError(f"image must be a PIL image, a list of them or a tensor (B, C, h, w) in [0, 1], got "
+                         f"{tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__}")
+    b, c, h, w = image.shape
+    if c != channels:
+        raise ValueError(f"image has {c} channels; this upsampler takes {channels}")
+    if h < 1 or w < 1 or h % multiple or w % multiple:
+        raise ValueError(f"image size {w}x{h} does not fit the model: each side must be a positive multiple of "
+                         f"{multiple} (the UNet's downsampling factor)")
+    if b not in (1, batch):
+        raise ValueError(f"image holds {b} images for {batch} prompts: give one, or one per prompt")
+    return (image.float() * 2 - 1).expand(batch, -1, -1, -1)
 
 
 def augment(images: Tensor, noise_level: Tensor, config: UpscalerConfig, generator: Generator = None) -> Tensor:
