@@ -7,6 +7,7 @@ Bad input ends as one line, `ldm: error: ...`, exit code 2; a run that fails on 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -43,12 +44,13 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
 
 _FLAG_KEYS = {"data": "data.source", "resolution": "data.resolution", "batch_size": "train.batch_size",
               "max_steps": "train.max_steps", "checkpoint_every": "train.checkpoint_every", "seed": "train.seed",
-              "image_column": "data.image_column", "caption_column": "data.caption_column"}
+              "image_column": "data.image_column", "caption_column": "data.caption_column",
+              "lora_rank": "train.lora.rank"}
 
 
 def _flag_values(args: argparse.Namespace) -> dict[str, object]:
     """The dedicated flags that were given, as {config key: value}; they win over --set."""
-    return {key: getattr(args, name) for name, key in _FLAG_KEYS.items() if getattr(args, name) is not None}
+    return {key: getattr(args, name) for name, key in _FLAG_KEYS.items() if getattr(args, name, None) is not None}
 
 
 def add_train_vae(subparsers: SubParsers) -> None:
@@ -77,6 +79,9 @@ def add_train(subparsers: SubParsers) -> None:
                    "(may be left out with --init, whose VAE is then used)")
     p.add_argument("--init", metavar="MODEL", help="start from MODEL's UNet, text encoder and schedule (fine-tuning)")
     p.add_argument("--text-encoder", metavar="MODEL", help="use MODEL's pretrained text encoder and tokenizer")
+    p.add_argument("--lora-rank", type=int, metavar="R", help="LoRA fine-tuning of --init: rank-R adapters train, the "
+                   "base stays frozen; checkpoints hold the adapter file (train.lora.rank; see train.lora.alpha, "
+                   "train.lora.targets, train.lora.text_encoder)")
     p.set_defaults(run=run_train)
 
 
@@ -109,6 +114,8 @@ def add_sample(subparsers: SubParsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--no-ema", action="store_true", help="use a checkpoint's raw weights, not its EMA weights")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="a LoRA adapter file "
+                   "(diffusers or kohya layout) at SCALE (default 1); repeatable")
     p.add_argument("--out", metavar="FILE.png", default="sample.png", help="output image; several images are saved "
                    "as one grid (default sample.png)")
     p.add_argument("--upscaler", metavar="MODEL", help="a cascade: upsample the images with this upsampler model "
@@ -151,6 +158,9 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     device = _device(args.device)
     pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None)
+    for spec in args.lora:
+        path, scale = _lora_spec(spec)
+        pipe.load_lora(path, scale=scale)
     pipe = pipe.to(device, getattr(torch, args.dtype))
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
     kwargs = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -208,6 +218,17 @@ def run_upscale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lora_spec(spec: str) -> tuple[str, float]:
+    """"FILE" or "FILE:SCALE" -> (file, scale)."""
+    path, sep, scale = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
 def add_convert(subparsers: SubParsers) -> None:
     p = subparsers.add_parser("convert", help="convert a model to our folder format (or the diffusers layout, or an "
                               "SD single file)",
@@ -215,7 +236,11 @@ def add_convert(subparsers: SubParsers) -> None:
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST", help="a new folder (or, --to single-file, a .safetensors/.ckpt file)")
     p.add_argument("--to", default="latentdiffusion", metavar="FORMAT", help="latentdiffusion: a save_pretrained "
-                   "folder (default); diffusers: the diffusers folder layout; single-file: an SD 1.x checkpoint file")
+                   "folder (default); diffusers: the diffusers folder layout; single-file: an SD 1.x checkpoint file "
+                   "(a LoRA run: its base with the adapter fused in). For a LoRA adapter file SRC: kohya or diffusers, "
+                   "the adapter in that layout")
+    p.add_argument("--model", metavar="MODEL", help="a LoRA adapter's base model, whose module names a kohya file is "
+                   "read against (default: the SD 1.x architecture)")
     p.add_argument("--no-ema", action="store_true", help="take a checkpoint's raw weights, not its EMA weights")
     p.set_defaults(run=run_convert)
 
@@ -226,10 +251,28 @@ def run_convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists: choose a new destination")
+    if args.to == "kohya" or (args.to == "diffusers" and _is_lora_file(Path(args.src))):
+        from .formats.lora import convert_lora
+
+        print(f"wrote {convert_lora(args.src, dst, args.to, args.model)} (LoRA adapter, {args.to} layout)")
+        return 0
     components = load_components(args.src, use_ema=False if args.no_ema else None)
     save_components(dst, components, args.to)
     print(f"wrote {dst} ({args.to}: {', '.join(components.configs)})")
     return 0
+
+
+def _is_lora_file(path: Path) -> bool:
+    """A .safetensors file of LoRA tensors (lora_A/lora_B, lora_down/lora_up)."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return any(".lora" in key for key in f.keys())
+    except Exception:  # not a safetensors file: the model readers report it
+        return False
 
 
 # --------------------------------------------------------------------------------------------------------- main
@@ -278,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = os.environ.get("RANK", "0")
     prefix = "ldm" if rank == "0" else f"ldm (rank {rank})"
+    log = logging.getLogger("latentdiffusion")  # the library's messages to the user (e.g. a LoRA file's partial fit)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"{prefix}: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *rest, **kw: print(f"{prefix}: warning: {message}", file=sys.stderr)
         try:

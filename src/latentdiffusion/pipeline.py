@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import lora
 from .conditioning import Conditioning, run_unet
 from .guidance import ClassifierFreeGuidance
 from .noise import Generator, randn
@@ -61,6 +62,8 @@ class LatentDiffusion(nn.Module):
         self.vae, self.unet, self.text_encoder, self.upscaler = vae, unet, text_encoder, upscaler
         self.vae.requires_grad_(False)
         self.scheduler = NoiseSchedule(scheduler)  # the training noise schedule; samplers take their levels from it
+        self.lora_scales: dict[str, float] = {}  # the LoRA adapters loaded, each with its scale
+        self._lora_base: dict[str, dict[str, torch.Tensor]] = {}  # base weights of fused layers, per component
         self.eval()
 
     @classmethod
@@ -295,6 +298,67 @@ class LatentDiffusion(nn.Module):
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for this prompt count, "
                              "num_images_per_prompt, height and width")
+
+    # ----------------------------------------------------------------------------------------------- LoRA
+    def load_lora(self, path: str | Path, scale: float = 1.0, adapter_name: str | None = None) -> str:
+        """Add the LoRA adapter in `path` (a .safetensors file in the diffusers/peft or kohya layout, detected from
+        its keys, or a folder holding one) at `scale`, beside any adapters already loaded; returns its name (default:
+        the file's stem, numbered if taken). WeightsError naming the first key if no key fits this model."""
+        from .formats.lora import load_lora_weights, lora_file  # formats sit above the pipeline
+
+        name = adapter_name
+        if name is None:
+            stem = lora_file(path).stem.replace(".", "_")
+            name = next(n for n in (stem, *(f"{stem}_{i}" for i in range(2, len(self.lora_scales) + 3)))
+                        if n not in self.lora_scales)
+        self.add_lora(load_lora_weights(path, self.unet, self.text_encoder.model), name, scale)
+        return name
+
+    def add_lora(self, weights: lora.AdapterWeights, name: str, scale: float = 1.0, dropout: float = 0.0) -> None:
+        """Add adapter `name` with `weights` ("unet.<path>" / "text_encoder.<path>" -> ModuleLora) at `scale`."""
+        if name in self.lora_scales:
+            raise ValueError(f"a LoRA adapter named {name!r} is already loaded: pass another adapter_name")
+        if self._lora_base:
+            raise ValueError("the loaded LoRA adapters are fused: unload_lora() before adding another")
+        for component, module in self._lora_components():
+            own = {k.split(".", 1)[1]: w for k, w in weights.items() if k.split(".", 1)[0] == component}
+            if own:
+                lora.add_adapter(module, name, {p: w.rank for p, w in own.items()},
+                                 {p: w.alpha for p, w in own.items()}, dropout)
+                lora.load_adapter_weights(module, name, own)
+        self.set_lora_scale(name, scale)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Set adapter `name`'s scale (0 turns it off)."""
+        if self._lora_base:
+            raise ValueError("the LoRA adapters are fused: unload_lora() and load them again to change a scale")
+        self.lora_scales[name] = float(scale)
+        for _, module in self._lora_components():
+            lora.set_scales(module, self.lora_scales)
+
+    def lora_weights(self, name: str) -> lora.AdapterWeights:
+        """Adapter `name`'s weights, keyed "unet.<path>" / "text_encoder.<path>" (what formats.lora saves)."""
+        if name not in self.lora_scales:
+            raise ValueError(f"no LoRA adapter named {name!r}; loaded: {', '.join(self.lora_scales) or 'none'}")
+        return {f"{component}.{path}": w for component, module in self._lora_components()
+                for path, w in lora.adapter_weights(module, name).items()}
+
+    def fuse_lora(self) -> None:
+        """Merge the loaded adapters, each at its scale, into the base weights (no adapter cost per step);
+        unload_lora() still gives the base weights back bit-exactly."""
+        for component, module in self._lora_components():
+            self._lora_base.setdefault(component, {}).update(lora.fuse(module))
+
+    def unload_lora(self, keep_fused: bool = False) -> None:
+        """Remove every adapter: the base weights come back bit-exactly (keep_fused=True keeps fused weights
+        instead: a merged model)."""
+        for component, module in self._lora_components():
+            lora.unload(module, {} if keep_fused else self._lora_base.get(component, {}))
+        self.lora_scales.clear()
+        self._lora_base.clear()
+
+    def _lora_components(self) -> list[tuple[str, nn.Module]]:
+        return [("unet", self.unet), ("text_encoder", self.text_encoder.model)]
 
     # ----------------------------------------------------------------------------------------------- files
     @classmethod

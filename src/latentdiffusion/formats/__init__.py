@@ -7,14 +7,17 @@ from pathlib import Path
 from ..errors import WeightsError
 from ..pipeline import LatentDiffusion
 from ..vae import AutoencoderKL
-from . import diffusers_layout, native, single_file
+from . import diffusers_layout, lora, native, single_file
 from .components import Components
 
 
 
 def load_components(path: str | Path, use_ema: bool | None = None) -> Components:
-    """Read any supported model location into components."""
+    """Read any supported model location into components (a LoRA run: its base with the adapter fused in)."""
     path = Path(path)
+    checkpoint = lora.lora_checkpoint(path)
+    if checkpoint is not None:
+        return Components.of(lora.load_lora_run(checkpoint, fuse=True))
     if path.is_file():
         components = single_file.load_components(path, use_ema=bool(use_ema))
     elif not path.exists():
@@ -45,6 +48,10 @@ def save_components(path: str | Path, components: Components, format: str = "lat
 
 
 def load_pipeline(path: str | Path, use_ema: bool | None = None) -> LatentDiffusion:
+    """The pipeline of any supported model location; a LoRA run is its base model with the adapter loaded."""
+    checkpoint = lora.lora_checkpoint(Path(path))
+    if checkpoint is not None:
+        return lora.load_lora_run(checkpoint)
     return load_components(path, use_ema).pipeline()
 
 

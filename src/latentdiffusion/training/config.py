@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from ..config import apply_overrides, from_dict, load_yaml, save_yaml, set_key, to_dict
 from ..data import DataConfig
 from ..errors import ConfigError
+from ..lora import TEXT_ATTENTION, UNET_ATTENTION
 from ..pipeline import LatentDiffusionConfig
 from .optim import LR_SCHEDULES
 from .precision import PRECISIONS
@@ -100,11 +101,45 @@ class VAETrainConfig(TrainConfig):
             raise ConfigError(f"train.disc_channels must be a multiple of 8 (GroupNorm groups), got {self.disc_channels}")
 
 
+BASE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class LoraTrainConfig:
+    """LoRA fine-tuning (`ldm train --init BASE --lora-rank R`): rank-R adapters on the UNet modules named by
+    `targets` (suffixes; add "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out" for more) and, with text_encoder:
+    true, on the text encoder's `text_targets`; the update is scaled by alpha / rank (alpha null: = rank)."""
+
+    rank: int = 0  # 0: no LoRA, the whole UNet trains
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(UNET_ATTENTION))
+    text_encoder: bool = False
+    text_targets: list[str] = field(default_factory=lambda: list(TEXT_ATTENTION))
+    base_dtype: str = "float32"  # the frozen base's weights on CUDA: float32 | bfloat16 | float16 (CPU: float32)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise ConfigError(f"train.lora.rank must be an integer >= 0, got {self.rank!r}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"train.lora.alpha must be > 0 (or null: alpha = rank), got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"train.lora.dropout must be in [0, 1), got {self.dropout}")
+        for key in ("targets", "text_targets"):
+            value = getattr(self, key)
+            if not value or not all(isinstance(t, str) and t for t in value):
+                raise ConfigError(f"train.lora.{key} must be a non-empty list of module names, got {value!r}")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ConfigError(f"train.lora.base_dtype must be one of {', '.join(BASE_DTYPES)}, got {self.base_dtype!r}")
+
+
 @dataclass
 class LDMTrainConfig(TrainConfig):
     """Latent diffusion: the denoising loss with caption dropout, min-SNR weighting, offset noise, EMA."""
 
     ema_decay: float = 0.9999
+    text_encoder_lr: float | None = None  # a trained text encoder's learning rate; None: train.learning_rate
+    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
     caption_dropout: float = 0.1  # share of captions replaced by "" (learns the unconditional model for CFG)
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5.0 is the paper's choice); None: off
     noise_offset: float = 0.0
@@ -122,6 +157,8 @@ class LDMTrainConfig(TrainConfig):
             raise ConfigError(f"train.snr_gamma must be > 0 (or null), got {self.snr_gamma}")
         if self.noise_offset < 0:
             raise ConfigError(f"train.noise_offset must be >= 0, got {self.noise_offset}")
+        if self.text_encoder_lr is not None and not self.text_encoder_lr > 0:
+            raise ConfigError(f"train.text_encoder_lr must be > 0 (or null), got {self.text_encoder_lr}")
         if self.sample_steps < 1:
             raise ConfigError(f"train.sample_steps must be >= 1, got {self.sample_steps}")
 

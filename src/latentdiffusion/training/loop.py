@@ -1,21 +1,50 @@
-"""The pieces of a training step that the VAE and the LDM loops share: feeding data, finishing an optimizer step
-(unscale, clip, one host sync, the non-finite guard), and switching modules to eval for a moment."""
+"""The one training loop: every trainer (`ldm train-vae`, `ldm train`, LoRA, ControlNet, upsampler) goes through
+`fit`, which writes set-up, step, accumulation, DDP gradient sync, clipping, the non-finite guard, EMA, logging,
+sample grids, atomic checkpoints and exact resume once.
+
+A trainer is a `Task`: a list of `Stage`s (what is trained: parameter groups with their learning rates, and the
+loss, a function of a micro-batch), the modules it averages (EMA), and what its checkpoint holds (`write_models`,
+`state`, `resume`). To add one (ControlNet, upsampler):
+
+    class MyTask(Task):
+        def __init__(self, setup: Setup, ...):      # build models; load them from setup.run.checkpoint on resume
+            self.items = setup.dataset
+            self.stages = [Stage(groups=[(params, lr)], loss=self.loss, module=distributed.wrap(m, setup.runtime))]
+            self.ema = [(EMA(m, decay), m)] if decay else []
+        def loss(self, mb: MicroBatch) -> tuple[Tensor, dict[str, Tensor]]: ...   # (loss, {"loss": loss, ...})
+        def write_models(self, folder: Path) -> None: ...                       # what from_pretrained(run) loads
+
+    fit(lambda setup: MyTask(setup, ...), run_config, output, resume, kind="mytask")
+
+A second stage (the VAE's discriminator) has its own optimizer, precision and checkpoint keys; while one stage
+runs, the other stages' parameters do not require gradients. Random numbers come from `MicroBatch.generators`
+(one stream per image, a function of seed, step and place in the global batch), so a resumed run and any split of
+the global batch over processes and accumulation steps give the same update.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from ..errors import LatentDiffusionError
-from .batches import BatchOrder
+from . import distributed
+from .batches import BatchOrder, open_data, sample_generators
 from .distributed import Runtime, all_reduce_mean
-from .optim import clip_gradients
+from .ema import EMA
+from .optim import clip_gradients, lr_at, make_optimizer
 from .precision import Precision
+from .run import RunFolder
 
 
 class NonFiniteLossError(LatentDiffusionError):
@@ -96,3 +125,205 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in zip(modules, modes):
             m.train(mode)
+
+
+# ------------------------------------------------------------------------------------------------- the one loop
+@dataclass
+class MicroBatch:
+    """One micro-batch as the loop hands it to a stage: the collated `batch`, optimizer step `step`, accumulation
+    index `index` (of `count`), and where its images sit in the step's global batch (`first`), so that
+    `generators()` gives each image its own random stream wherever it runs."""
+
+    batch: Any
+    step: int
+    index: int
+    count: int
+    first: int
+    seed: int
+
+    def generators(self, size: int) -> list[torch.Generator]:
+        """One generator per image of the micro-batch (`size` images), from (seed, step, place in the global batch)."""
+        return sample_generators(self.seed, self.step, self.first, size)
+
+
+@dataclass
+class Stage:
+    """One optimizer of a trainer: what it trains and what it minimises.
+
+    groups:  (parameters, base learning rate) pairs, one AdamW parameter group each (a text encoder's own rate)
+    loss:    inputs -> (scalar loss to minimise, {name: scalar tensor} to log), run under autocast
+    module:  the (DistributedDataParallel-wrapped) module the loss calls, whose gradient all-reduce waits for the
+             last accumulation micro-batch
+    prepare: MicroBatch -> the loss's inputs, outside autocast and the gradient sync (encoding, caption dropout);
+             None hands the MicroBatch itself to the loss
+    active:  whether the stage runs at a step (a discriminator from its start step on)
+    name:    "" for the model's own stage; else the prefix of its checkpoint keys ("disc" -> disc_optimizer)
+    grad_norm_key: the name its gradient norm is logged under
+    """
+
+    groups: list[tuple[list[nn.Parameter], float]]
+    loss: Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    module: nn.Module
+    prepare: Callable[[MicroBatch], Any] | None = None
+    active: Callable[[int], bool] = lambda step: True
+    name: str = ""
+    grad_norm_key: str = "grad_norm"
+
+    def __post_init__(self) -> None:
+        self.groups = [(list(params), lr) for params, lr in self.groups]
+
+    def key(self, what: str) -> str:
+        return f"{self.name}_{what}" if self.name else what
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for params, _ in self.groups for p in params]
+
+
+class Task:
+    """What a trainer is: the stages it optimises, the modules it averages, and what its checkpoints hold. The
+    defaults suit a task without EMA, extra state or sample grids; override what differs."""
+
+    label: str = "train"  # the progress bar's
+    stages: list[Stage]  # stage 0 is the model; later ones (a discriminator) step after it, on their own optimizer
+    ema: tuple[tuple[EMA, nn.Module], ...] | list[tuple[EMA, nn.Module]] = ()  # (average, the module it follows), updated after each step of stage 0
+    items: Dataset  # what the batches are drawn from (the data set, cached latents, instance + class pairs)
+    curve: tuple[str, str] = ("loss", "loss")  # the metric drawn into RUN/loss.png, and its title
+
+    def describe(self) -> str:
+        """What is trained, for the opening line: "12.3M parameters (UNet)"."""
+        return f"{sum(p.numel() for s in self.stages for p in s.params) / 1e6:.2f}M parameters"
+
+    def postfix(self, values: dict[str, float], lr: float) -> dict[str, str]:
+        """The progress bar's figures after a step."""
+        return {"loss": f"{values['loss']:.4f}", "lr": f"{lr:.2e}"}
+
+    def resume(self, state: dict[str, Any], checkpoint: Path) -> None:
+        """Restore what `state()` and `write_models` saved (EMA weights, a discriminator); the optimizers are the
+        loop's."""
+
+    def state(self) -> dict[str, Any]:
+        """Extra training state for the checkpoint (plain data and tensors only)."""
+        return {}
+
+    def write_models(self, folder: Path) -> None:
+        """Write the checkpoint's model files into `folder` (what from_pretrained(run) loads)."""
+        raise NotImplementedError
+
+    def save_samples(self, step: int) -> None:
+        """Sample or reconstruction grids after `step` steps, on the main process (sample_every)."""
+
+    def finished(self) -> str:
+        """The closing line."""
+        return ""
+
+
+@dataclass
+class Setup:
+    """What a task is built from: the run folder (with the checkpoint to resume from), where it runs, its data."""
+
+    run: RunFolder
+    runtime: Runtime
+    dataset: Dataset
+    order: BatchOrder
+
+
+def fit(make_task: Callable[[Setup], Task], config: Any, output: str | Path, resume: bool, kind: str,
+        progress: bool = True) -> Path:
+    """Run the task `make_task` builds into run folder `output` and return it (`kind`, e.g. "ldm", is written into
+    its checkpoints; --resume refuses a run of another kind): set-up, then for every step each active stage's
+    forward over the accumulation micro-batches, backward, clip, then one host sync, the non-finite guard,
+    optimizer steps, EMA, log, samples and an atomic checkpoint. `config` has `.train` (TrainConfig) and `.data`."""
+    cfg = config.train
+    runtime = distributed.setup(cfg.device)
+    try:
+        run = RunFolder(output, runtime, resume, kind)
+        dataset, order = open_data(config.data, cfg, runtime, run.start_step, run.say)
+        torch.manual_seed(cfg.seed)
+        task = make_task(Setup(run, runtime, dataset, order))
+        run.save_config(config)
+        return _loop(task, kind, cfg, config.data.num_workers, run, runtime, order, progress)
+    finally:
+        distributed.teardown(runtime)
+
+
+def _loop(task: Task, kind: str, cfg: Any, num_workers: int, run: RunFolder, runtime: Runtime, order: BatchOrder,
+          progress: bool) -> Path:
+    say, stages = run.say, task.stages
+    optimizers = [make_optimizer(s.groups, cfg.adam_betas, cfg.weight_decay) for s in stages]
+    precisions = [Precision(cfg.mixed_precision, runtime.device) for _ in stages]
+    if run.checkpoint:
+        for stage, optimizer, precision in zip(stages, optimizers, precisions):
+            optimizer.load_state_dict(run.state[stage.key("optimizer")])
+            precision.scaler.load_state_dict(run.state[stage.key("scaler")])
+        task.resume(run.state, run.checkpoint)
+        run.restore_rng()
+    say(f"training {task.describe()} on {runtime.device}, precision {precisions[0].mode}, "
+        f"steps {run.start_step} -> {cfg.max_steps}")
+
+    data = batches(task.items, order, num_workers)
+    bar = tqdm(total=cfg.max_steps, initial=run.start_step, disable=not (progress and runtime.is_main),
+               desc=task.label, dynamic_ncols=True)
+    window: dict[str, list[float]] = defaultdict(list)
+    started, skipped = time.perf_counter(), run.state.get("skipped", 0)
+    accumulation = cfg.gradient_accumulation
+    for step in range(run.start_step, cfg.max_steps):
+        micro = [MicroBatch(next(data), step, i, accumulation, order.first_position(i), cfg.seed)
+                 for i in range(accumulation)]
+        active = [i for i, stage in enumerate(stages) if stage.active(step)]
+        terms: dict[str, torch.Tensor] = {}
+        owned: dict[int, list[str]] = {}  # the logged values of each stage: what its non-finite guard checks
+        for i in active:
+            stage, optimizer, precision = stages[i], optimizers[i], precisions[i]
+            for group, (_, base_lr) in zip(optimizer.param_groups, stage.groups):
+                group["lr"] = lr_at(step, base_lr, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule)
+            if len(stages) > 1:  # one stage's loss must not reach another's weights (the generator's, the critic's)
+                for other in stages:
+                    other_trains = other is stage
+                    for p in other.params:
+                        p.requires_grad_(other_trains)
+            for mb in micro:
+                inputs = stage.prepare(mb) if stage.prepare is not None else mb
+                with distributed.sync_gradients(stage.module, mb.index == accumulation - 1):
+                    with precision.autocast():
+                        loss, parts = stage.loss(inputs)
+                    precision.backward(loss / accumulation)
+                for key, value in parts.items():
+                    terms[key] = terms.get(key, 0) + value.detach() / accumulation
+                owned[i] = list(parts)
+            terms[stage.grad_norm_key] = unscale_and_clip(optimizer, precision, cfg.grad_clip)
+        values = to_host(terms, runtime)
+        lr = optimizers[0].param_groups[0]["lr"]
+        for i in active:
+            own = {**{k: values[k] for k in owned[i]}, "grad_norm": values[stages[i].grad_norm_key]}
+            updated = finish_step(optimizers[i], precisions[i], own, step, cfg.on_nonfinite, say)
+            if i == 0 and updated:
+                for average, module in task.ema:
+                    average.update(module, step - skipped)
+            elif i == 0:
+                skipped += 1
+
+        done = step + 1
+        for key, value in values.items():
+            window[key].append(value)
+        bar.update(1)
+        bar.set_postfix(task.postfix(values, lr))
+        if due(done, cfg.log_every, cfg.max_steps):
+            elapsed = time.perf_counter() - started
+            run.metrics.log({"step": done, **{k: sum(v) / len(v) for k, v in window.items()}, "lr": lr,
+                             "skipped": skipped, "elapsed_sec": elapsed,
+                             "images_per_sec": (done - run.start_step) * order.global_batch / elapsed})
+            window.clear()
+        if due(done, cfg.sample_every, cfg.max_steps) and runtime.is_main:
+            task.save_samples(done)
+        if due(done, cfg.checkpoint_every, cfg.max_steps):
+            state = {"kind": kind, "skipped": skipped, "epoch": step // order.steps_per_epoch,
+                     "position": done % order.steps_per_epoch, **task.state()}
+            for stage, optimizer, precision in zip(stages, optimizers, precisions):
+                state[stage.key("optimizer")] = optimizer.state_dict()
+                state[stage.key("scaler")] = precision.scaler.state_dict()
+            run.save_checkpoint(done, task.write_models, state, cfg.keep_checkpoints)
+            run.metrics.plot(*task.curve)
+    bar.close()
+    say(task.finished())
+    return run.path

@@ -11,13 +11,15 @@ from torch import nn
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def make_optimizer(params: Iterable[nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float,
-                   eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over the parameters that require gradients, as one fused kernel where every parameter allows it (CPU
-    or CUDA floating point: several times faster than a loop over tensors on small models)."""
-    trainable = [p for p in params if p.requires_grad]
+def make_optimizer(groups: list[tuple[Iterable[nn.Parameter], float]], betas: tuple[float, float],
+                   weight_decay: float, eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW with one parameter group per (parameters, learning rate) pair, over the parameters that require
+    gradients, as one fused kernel where every parameter allows it (CPU or CUDA floating point: several times
+    faster than a loop over tensors on small models)."""
+    param_groups = [{"params": [p for p in params if p.requires_grad], "lr": lr} for params, lr in groups]
+    trainable = [p for group in param_groups for p in group["params"]]
     fused = bool(trainable) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
-    return torch.optim.AdamW(trainable, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, fused=fused)
+    return torch.optim.AdamW(param_groups, betas=betas, weight_decay=weight_decay, eps=eps, fused=fused)
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, max_steps: int, schedule: str) -> float:
@@ -29,11 +31,6 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, max_steps: int, schedule
         progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return base_lr
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:

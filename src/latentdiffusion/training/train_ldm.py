@@ -3,7 +3,6 @@ frozen-pretrained or trained, the denoising loss with caption dropout, EMA, chec
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,11 @@ from ..text_encoder import TextEncoder
 from ..unet import UNet
 from ..vae import DiagonalGaussian
 from . import distributed
-from .batches import bernoulli, open_data, sample_generators
+from .batches import bernoulli
 from .config import LDMRunConfig, explicit
 from .ema import EMA
-from .loop import batches, due, evaluating, finish_step, to_host, unscale_and_clip
-from .optim import lr_at, make_optimizer, set_lr
+from .loop import MicroBatch, Setup, Stage, Task, evaluating, fit
 from .plots import image_grid
-from .precision import Precision
-from .run import RunFolder
 
 _TEXT_ENCODER_FLAGS = ("trainable", "layer")  # what a config may change on a pretrained text encoder
 
@@ -55,119 +51,99 @@ def train_ldm(config: LDMRunConfig, output: str | Path, vae: str | Path | None =
     """Train a text-to-image latent diffusion model into run folder `output`; returns it. `vae`, `init` and
     `text_encoder` are anything from_pretrained accepts; `raw` is the mapping the config was read from (what it
     sets explicitly is applied on top of a pretrained model's text encoder and scheduler)."""
-    runtime = distributed.setup(config.train.device)
-    try:
-        return _train(config, Path(output), vae, init, text_encoder, resume, raw or {}, runtime, progress)
-    finally:
-        distributed.teardown(runtime)
-
-
-def _train(config: LDMRunConfig, output: Path, vae_source: Any, init: Any, text_encoder_source: Any, resume: bool,
-           raw: dict[str, Any], runtime: distributed.Runtime, progress: bool) -> Path:
     cfg = config.train
     if cfg.cache_latents and (not config.data.center_crop or config.data.random_flip):
         raise ConfigError("train.cache_latents needs the same image every epoch: set data.center_crop: true and "
                           "data.random_flip: false")
-    run = RunFolder(output, runtime, resume, "ldm")
-    say = run.say
+    if cfg.lora.rank:
+        from .train_lora import LoraTask  # a subclass of LDMTask
 
-    # ---- data
-    dataset, order = open_data(config.data, cfg, runtime, run.start_step, say)
+        return fit(lambda setup: LoraTask(config, setup, vae, init, text_encoder, raw or {}), config, output, resume,
+                   "lora", progress)
+    return fit(lambda setup: LDMTask(config, setup, vae, init, text_encoder, raw or {}), config, output, resume,
+               "ldm", progress)
 
-    # ---- models
-    torch.manual_seed(cfg.seed)
-    if run.checkpoint:
-        pipe = load_native(run.checkpoint).pipeline()
-    else:
-        pipe = build_pipeline(config, raw, vae_source, init, text_encoder_source)
-    pipe.to(runtime.device)
-    unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
-    train_text = text_encoder.config.trainable
-    trained: list[nn.Module] = [unet, text_encoder] if train_text else [unet]
-    for module in trained:
-        module.train()
-    unet.gradient_checkpointing = cfg.gradient_checkpointing
-    if not train_text and text_encoder_source is None and init is None and not run.checkpoint:
-        say("note: the text encoder is frozen at its random initialisation; set model.text_encoder.trainable: true "
-            "or pass --text-encoder MODEL")
-    ema = [EMA(m, cfg.ema_decay) for m in trained] if cfg.ema_decay else []
-    ema_pipe = LatentDiffusion(vae, ema[0].model, ema[1].model if train_text else text_encoder,
-                               pipe.scheduler.config) if ema else pipe
-    for module in trained:  # building ema_pipe put the shared modules in eval mode
-        module.train()
-    run.save_config(config)
-    items: Dataset = cache_latents(vae, dataset, cfg.batch_size, runtime) if cfg.cache_latents else dataset
 
-    # ---- optimizer, precision, resumed state
-    loss_module = distributed.wrap(DiffusionLoss(pipe, cfg.snr_gamma, cfg.noise_offset), runtime)
-    optimizer = make_optimizer([p for m in trained for p in m.parameters()], cfg.learning_rate, cfg.adam_betas,
-                               cfg.weight_decay)
-    precision = Precision(cfg.mixed_precision, runtime.device)
-    if run.checkpoint:
-        optimizer.load_state_dict(run.state["optimizer"])
-        precision.scaler.load_state_dict(run.state["scaler"])
-        load_ema(ema, run.checkpoint / EMA_DIR, say)
-        run.restore_rng()
-    n_params = sum(p.numel() for p in optimizer.param_groups[0]["params"])
-    say(f"training {n_params / 1e6:.2f}M parameters ({'UNet + text encoder' if train_text else 'UNet'}) on "
-        f"{runtime.device}, precision {precision.mode}, steps {run.start_step} -> {cfg.max_steps}")
+class LDMTask(Task):
+    """One stage: the UNet (and a trainable text encoder) against the denoising loss, with caption dropout."""
 
-    # ---- the loop: forward, backward, clip, step, EMA, log, sample, checkpoint
-    data = batches(items, order, config.data.num_workers)
-    bar = tqdm(total=cfg.max_steps, initial=run.start_step, disable=not (progress and runtime.is_main),
-               desc="train", dynamic_ncols=True)
-    losses: list[float] = []
-    started, skipped = time.perf_counter(), run.state.get("skipped", 0)
-    for step in range(run.start_step, cfg.max_steps):
-        lr = lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule)
-        set_lr(optimizer, lr)
-        loss_sum = torch.zeros((), device=runtime.device)
-        for micro in range(cfg.gradient_accumulation):
-            batch = next(data)
-            gens = sample_generators(cfg.seed, step, order.first_position(micro), len(batch["text"]))
-            dropped = bernoulli(gens, cfg.caption_dropout).tolist()
-            captions = ["" if drop else text for drop, text in zip(dropped, batch["text"])]
-            latents = sample_latents(vae, batch, gens, runtime.device)  # (B, C, h, w), scaled
-            last = micro == cfg.gradient_accumulation - 1
-            with distributed.sync_gradients(loss_module, last):
-                with precision.autocast():
-                    loss = loss_module(latents, captions, gens) / cfg.gradient_accumulation
-                precision.backward(loss)
-            loss_sum += loss.detach()
-        grad_norm = unscale_and_clip(optimizer, precision, cfg.grad_clip)
-        values = to_host({"loss": loss_sum, "grad_norm": grad_norm}, runtime)
-        if finish_step(optimizer, precision, values, step, cfg.on_nonfinite, say):
-            for average, module in zip(ema, trained):
-                average.update(module, step - skipped)
-        else:
-            skipped += 1
-        done = step + 1
-        losses.append(values["loss"])
-        bar.update(1)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
-        if due(done, cfg.log_every, cfg.max_steps):
-            elapsed = time.perf_counter() - started
-            run.metrics.log({"step": done, "loss": sum(losses) / len(losses), "lr": lr,
-                             "grad_norm": values["grad_norm"], "skipped": skipped,
-                             "images_per_sec": (done - run.start_step) * order.global_batch / elapsed,
-                             "elapsed_sec": elapsed})
-            losses.clear()
-        if due(done, cfg.sample_every, cfg.max_steps) and runtime.is_main and cfg.validation_prompts:
-            save_samples(ema_pipe, cfg, run.sample_path(done))
-        if due(done, cfg.checkpoint_every, cfg.max_steps):
-            def write_models(folder: Path) -> None:
-                save_pipeline(pipe, folder)
-                if ema:
-                    save_pipeline(ema_pipe, folder / EMA_DIR)
+    def __init__(self, config: LDMRunConfig, setup: Setup, vae_source: Any, init: Any, text_encoder_source: Any,
+                 raw: dict[str, Any]):
+        cfg, run, runtime = config.train, setup.run, setup.runtime
+        self.cfg, self.run, self.runtime = cfg, run, runtime
+        self.setup_models(config, raw, vae_source, init, text_encoder_source)
+        pipe = self.pipe
+        self.items = cache_latents(pipe.vae, setup.dataset, cfg.batch_size, runtime) if cfg.cache_latents \
+            else setup.dataset
+        module = distributed.wrap(DiffusionLoss(pipe, cfg.snr_gamma, cfg.noise_offset), runtime)
+        self.stages = [Stage(self.param_groups(), self.loss, module, prepare=self.inputs)]
+        self.curve = ("loss", f"{run.path.name}: diffusion loss")
 
-            run.save_checkpoint(done, write_models, {
-                "kind": "ldm", "optimizer": optimizer.state_dict(), "scaler": precision.scaler.state_dict(),
-                "skipped": skipped, "epoch": step // order.steps_per_epoch,
-                "position": done % order.steps_per_epoch}, cfg.keep_checkpoints)
-            run.metrics.plot("loss", f"{output.name}: diffusion loss")
-    bar.close()
-    say(f"done: {run.path} (from_pretrained loads its newest checkpoint{', EMA weights' if ema else ''})")
-    return run.path
+    def setup_models(self, config: LDMRunConfig, raw: dict[str, Any], vae_source: Any, init: Any,
+                     text_encoder_source: Any) -> None:
+        """self.pipe on the device in train mode, self.ema and self.ema_pipe (the pipeline of averaged weights)."""
+        cfg, run = self.cfg, self.run
+        pipe = load_native(run.checkpoint).pipeline() if run.checkpoint else \
+            build_pipeline(config, raw, vae_source, init, text_encoder_source)
+        pipe.to(self.runtime.device)
+        unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
+        self.train_text = text_encoder.config.trainable
+        trained: list[nn.Module] = [unet, text_encoder] if self.train_text else [unet]
+        for module in trained:
+            module.train()
+        unet.gradient_checkpointing = cfg.gradient_checkpointing
+        if not self.train_text and text_encoder_source is None and init is None and not run.checkpoint:
+            run.say("note: the text encoder is frozen at its random initialisation; set model.text_encoder.trainable: "
+                    "true or pass --text-encoder MODEL")
+        self.ema = [(EMA(m, cfg.ema_decay), m) for m in trained] if cfg.ema_decay else []
+        averaged = [average.model for average, _ in self.ema]
+        self.ema_pipe = LatentDiffusion(vae, averaged[0], averaged[1] if self.train_text else text_encoder,
+                                        pipe.scheduler.config) if self.ema else pipe
+        for module in trained:  # building ema_pipe put the shared modules in eval mode
+            module.train()
+        self.pipe = pipe
+
+    def param_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """The UNet at train.learning_rate; a trained text encoder at train.text_encoder_lr where set."""
+        groups = [(list(self.pipe.unet.parameters()), self.cfg.learning_rate)]
+        if self.train_text:
+            lr = self.cfg.text_encoder_lr if self.cfg.text_encoder_lr is not None else self.cfg.learning_rate
+            if lr == self.cfg.learning_rate:
+                groups[0][0].extend(self.pipe.text_encoder.parameters())
+            else:
+                groups.append((list(self.pipe.text_encoder.parameters()), lr))
+        return groups
+
+    def describe(self) -> str:
+        n_params = sum(p.numel() for p in self.stages[0].params)
+        return f"{n_params / 1e6:.2f}M parameters ({'UNet + text encoder' if self.train_text else 'UNet'})"
+
+    def inputs(self, mb: MicroBatch) -> tuple[torch.Tensor, list[str], list[torch.Generator]]:
+        """Scaled latents (B, C, h, w), captions with caption dropout applied, one generator per image."""
+        batch = mb.batch
+        gens = mb.generators(len(batch["text"]))
+        dropped = bernoulli(gens, self.cfg.caption_dropout).tolist()
+        captions = ["" if drop else text for drop, text in zip(dropped, batch["text"])]
+        return sample_latents(self.pipe.vae, batch, gens, self.runtime.device), captions, gens
+
+    def loss(self, inputs: tuple[torch.Tensor, list[str], list[torch.Generator]]):
+        loss = self.stages[0].module(*inputs)
+        return loss, {"loss": loss}
+
+    def resume(self, state: dict[str, Any], checkpoint: Path) -> None:
+        load_ema([average for average, _ in self.ema], checkpoint / EMA_DIR, self.run.say)
+
+    def write_models(self, folder: Path) -> None:
+        save_pipeline(self.pipe, folder)
+        if self.ema:
+            save_pipeline(self.ema_pipe, folder / EMA_DIR)
+
+    def save_samples(self, step: int) -> None:
+        if self.cfg.validation_prompts:
+            save_samples(self.ema_pipe, self.cfg, self.run.sample_path(step))
+
+    def finished(self) -> str:
+        return f"done: {self.run.path} (from_pretrained loads its newest checkpoint{', EMA weights' if self.ema else ''})"
 
 
 def build_pipeline(config: LDMRunConfig, raw: dict[str, Any], vae: Any, init: Any, text_encoder: Any) -> LatentDiffusion:

@@ -3,8 +3,6 @@ weighted adaptively; the latent scaling factor is measured from data at every ch
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,7 +10,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..formats import load_vae
@@ -21,14 +18,10 @@ from ..formats.native import EMA_DIR, is_native, load_components as load_native
 from ..formats.native import save_components
 from ..vae import AutoencoderKL, DiagonalGaussian
 from . import distributed
-from .batches import open_data, sample_generators
 from .config import VAERunConfig, explicit
 from .ema import EMA
-from .loop import batches, due, evaluating, finish_step, to_host, unscale_and_clip
-from .optim import lr_at, make_optimizer, set_lr
+from .loop import MicroBatch, Setup, Stage, Task, evaluating, fit
 from .plots import image_grid
-from .precision import Precision
-from .run import RunFolder
 from .vae_losses import PatchDiscriminator, adaptive_weight, edge_loss, hinge_d_loss, hinge_g_loss
 
 
@@ -49,156 +42,107 @@ def train_vae(config: VAERunConfig, output: str | Path, init: str | Path | None 
               raw: dict[str, Any] | None = None, progress: bool = True) -> Path:
     """Train an autoencoder into run folder `output` (from scratch, or fine-tuning the VAE of `init`); returns it.
     `load_vae(output)` and `ldm train --vae output` use its newest checkpoint."""
-    runtime = distributed.setup(config.train.device)
-    try:
-        return _train(config, Path(output), init, resume, raw or {}, runtime, progress)
-    finally:
-        distributed.teardown(runtime)
+    return fit(lambda setup: VAETask(config, setup, init, raw or {}), config, output, resume, "vae", progress)
 
 
-def _train(config: VAERunConfig, output: Path, init: Any, resume: bool, raw: dict[str, Any],
-           runtime: distributed.Runtime, progress: bool) -> Path:
-    cfg = config.train
-    run = RunFolder(output, runtime, resume, "vae")
-    say = run.say
+class VAETask(Task):
+    """Two stages: the VAE against reconstruction + KL (+ the adaptive adversarial term once the discriminator has
+    started), then the patch discriminator against the hinge loss on the step's reals and reconstructions."""
 
-    # ---- data
-    dataset, order = open_data(config.data, cfg, runtime, run.start_step, say)
+    label = "train-vae"
 
-    # ---- models
-    torch.manual_seed(cfg.seed)
-    if run.checkpoint:
-        vae = load_native(run.checkpoint).vae()
-    elif init is not None:
-        if explicit(raw, "model.vae"):
-            raise ConfigError(f"config key 'model.vae.{next(iter(explicit(raw, 'model.vae')))}' conflicts with --init: "
-                              "the VAE's architecture comes from the --init model")
-        vae = load_vae(init)
-    else:
-        vae = AutoencoderKL(replace(config.model.vae, sample_size=config.data.resolution))
-        if cfg.logvar_init is not None:
-            vae.init_logvar(cfg.logvar_init)
-    disc = PatchDiscriminator(vae.config.out_channels, cfg.disc_channels, cfg.disc_layers)
-    vae.to(runtime.device).train()
-    disc.to(runtime.device).train()
-    ema = EMA(vae, cfg.ema_decay) if cfg.ema_decay else None
-    run.save_config(config)
-    model = distributed.wrap(Reconstruction(vae), runtime)
-    disc_model = distributed.wrap(disc, runtime)
-
-    # ---- optimizers, precision, resumed state
-    optimizer = make_optimizer(vae.parameters(), cfg.learning_rate, cfg.adam_betas, cfg.weight_decay)
-    disc_optimizer = make_optimizer(disc.parameters(), cfg.learning_rate, cfg.adam_betas, cfg.weight_decay)
-    precision = Precision(cfg.mixed_precision, runtime.device)
-    disc_precision = Precision(cfg.mixed_precision, runtime.device)
-    if run.checkpoint:
-        optimizer.load_state_dict(run.state["optimizer"])
-        disc_optimizer.load_state_dict(run.state["disc_optimizer"])
-        disc.load_state_dict(run.state["discriminator"])
-        precision.scaler.load_state_dict(run.state["scaler"])
-        disc_precision.scaler.load_state_dict(run.state["disc_scaler"])
-        if ema is not None and is_native(run.checkpoint / EMA_DIR):
-            ema.model.load_state_dict(load_native(run.checkpoint / EMA_DIR).weights["vae"])
-        run.restore_rng()
-    pixels = vae.config.in_channels * config.data.resolution ** 2
-    disc_note = f"discriminator from step {cfg.disc_start}" if cfg.disc_weight > 0 else "no discriminator"
-    say(f"training a {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M-parameter VAE on {runtime.device}, "
-        f"precision {precision.mode}, {disc_note}, steps {run.start_step} -> {cfg.max_steps}")
-
-    # ---- the loop: reconstruct, losses, backward, clip, step (VAE, then discriminator), log, grids, checkpoint
-    data = batches(dataset, order, config.data.num_workers)
-    bar = tqdm(total=cfg.max_steps, initial=run.start_step, disable=not (progress and runtime.is_main),
-               desc="train-vae", dynamic_ncols=True)
-    window: dict[str, list[float]] = defaultdict(list)
-    started, skipped = time.perf_counter(), run.state.get("skipped", 0)
-    last_layer = vae.decoder.conv_out.weight
-    for step in range(run.start_step, cfg.max_steps):
-        lr = lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule)
-        set_lr(optimizer, lr)
-        set_lr(disc_optimizer, lr)
-        use_disc = cfg.disc_weight > 0 and step >= cfg.disc_start
-        terms: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=runtime.device))
-        pairs = []  # (real, reconstruction) per micro-batch, for the discriminator
-        disc.requires_grad_(False)  # the generator's loss must not reach the discriminator's weights
-        for micro in range(cfg.gradient_accumulation):
-            x = next(data)["pixel_values"].to(runtime.device)  # (B, 3, H, W) in [-1, 1]
-            gens = sample_generators(cfg.seed, step, order.first_position(micro), x.shape[0])
-            last = micro == cfg.gradient_accumulation - 1
-            with distributed.sync_gradients(model, last):
-                with precision.autocast():
-                    rec, posterior = model(x, gens)
-                    error = x - rec
-                    rec_loss = error.abs().mean() + cfg.l2_weight * error.square().mean() \
-                        + cfg.edge_weight * edge_loss(x, rec)  # per pixel
-                    nll = rec_loss * pixels  # summed over pixels, as the recipe weighs it against the KL
-                    kl = posterior.kl().mean()
-                    loss = nll + cfg.kl_weight * kl
-                    if use_disc:
-                        g_loss = hinge_g_loss(disc(rec))
-                        d_weight = cfg.disc_weight * adaptive_weight(nll, g_loss, last_layer)
-                        loss = loss + d_weight * g_loss
-                        terms["g_loss"] += g_loss.detach() / cfg.gradient_accumulation
-                        terms["d_weight"] += d_weight / cfg.gradient_accumulation
-                precision.backward(loss / cfg.gradient_accumulation)
-            terms["loss"] += loss.detach() / cfg.gradient_accumulation
-            terms["rec_loss"] += rec_loss.detach() / cfg.gradient_accumulation
-            terms["kl"] += kl.detach() / cfg.gradient_accumulation
-            if use_disc:
-                pairs.append((x, rec.detach()))
-        terms["grad_norm"] = unscale_and_clip(optimizer, precision, cfg.grad_clip)
-        if use_disc:
-            disc.requires_grad_(True)
-            for micro, (real, fake) in enumerate(pairs):
-                last = micro == cfg.gradient_accumulation - 1
-                with distributed.sync_gradients(disc_model, last):
-                    with disc_precision.autocast():
-                        logits_real, logits_fake = disc_model(torch.cat([real, fake])).chunk(2)
-                        d_loss = hinge_d_loss(logits_real, logits_fake)
-                    disc_precision.backward(d_loss / cfg.gradient_accumulation)
-                terms["d_loss"] += d_loss.detach() / cfg.gradient_accumulation
-            terms["d_grad_norm"] = unscale_and_clip(disc_optimizer, disc_precision, cfg.grad_clip)
-        values = to_host(terms, runtime)
-        vae_values = {k: v for k, v in values.items() if not k.startswith("d_") or k == "d_weight"}
-        if finish_step(optimizer, precision, vae_values, step, cfg.on_nonfinite, say):
-            if ema is not None:
-                ema.update(vae, step - skipped)
+    def __init__(self, config: VAERunConfig, setup: Setup, init: Any, raw: dict[str, Any]):
+        cfg, run, runtime = config.train, setup.run, setup.runtime
+        if run.checkpoint:
+            vae = load_native(run.checkpoint).vae()
+        elif init is not None:
+            if explicit(raw, "model.vae"):
+                raise ConfigError(f"config key 'model.vae.{next(iter(explicit(raw, 'model.vae')))}' conflicts with "
+                                  "--init: the VAE's architecture comes from the --init model")
+            vae = load_vae(init)
         else:
-            skipped += 1
-        if use_disc:
-            finish_step(disc_optimizer, disc_precision, {"d_loss": values["d_loss"], "grad_norm": values["d_grad_norm"]},
-                        step, cfg.on_nonfinite, say)
-        done = step + 1
-        for key, value in values.items():
-            window[key].append(value)
-        bar.update(1)
-        bar.set_postfix(rec=f"{values['rec_loss']:.4f}", kl=f"{values['kl']:.1f}")
-        if due(done, cfg.log_every, cfg.max_steps):
-            elapsed = time.perf_counter() - started
-            run.metrics.log({"step": done, **{k: sum(v) / len(v) for k, v in window.items()}, "lr": lr,
-                             "skipped": skipped, "elapsed_sec": elapsed,
-                             "images_per_sec": (done - run.start_step) * order.global_batch / elapsed})
-            window.clear()
-        sampled = ema.model if ema is not None else vae
-        if due(done, cfg.sample_every, cfg.max_steps) and runtime.is_main:
-            save_reconstructions(sampled, dataset, cfg.sample_images, run.sample_path(done), runtime.device)
-        if due(done, cfg.checkpoint_every, cfg.max_steps):
-            def write_models(folder: Path) -> None:
-                for module, where in [(vae, folder)] + ([(ema.model, folder / EMA_DIR)] if ema else []):
-                    module.config.scaling_factor = measure_scaling_factor(
-                        module, dataset, cfg.scale_batches, cfg.batch_size, cfg.seed, runtime.device)
-                    save_components(where, Components(configs={"vae": module.config},
-                                                      weights={"vae": module.state_dict()}))
+            vae = AutoencoderKL(replace(config.model.vae, sample_size=config.data.resolution))
+            if cfg.logvar_init is not None:
+                vae.init_logvar(cfg.logvar_init)
+        disc = PatchDiscriminator(vae.config.out_channels, cfg.disc_channels, cfg.disc_layers)
+        vae.to(runtime.device).train()
+        disc.to(runtime.device).train()
+        self.cfg, self.run, self.runtime, self.vae, self.disc = cfg, run, runtime, vae, disc
+        self.items = self.dataset = setup.dataset
+        self.ema = [(EMA(vae, cfg.ema_decay), vae)] if cfg.ema_decay else []
+        self.pixels = vae.config.in_channels * config.data.resolution ** 2
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (real, reconstruction) per micro-batch
+        self.stages = [
+            Stage([(vae.parameters(), cfg.learning_rate)], self.vae_loss, distributed.wrap(Reconstruction(vae), runtime),
+                  prepare=self.images),
+            Stage([(disc.parameters(), cfg.learning_rate)], self.disc_loss, distributed.wrap(disc, runtime),
+                  active=self.use_disc, name="disc", grad_norm_key="d_grad_norm"),
+        ]
+        self.curve = ("rec_loss", f"{run.path.name}: reconstruction loss (L1 + edge, per pixel)")
 
-            run.save_checkpoint(done, write_models, {
-                "kind": "vae", "optimizer": optimizer.state_dict(), "disc_optimizer": disc_optimizer.state_dict(),
-                "discriminator": disc.state_dict(), "scaler": precision.scaler.state_dict(),
-                "disc_scaler": disc_precision.scaler.state_dict(), "skipped": skipped,
-                "epoch": step // order.steps_per_epoch, "position": done % order.steps_per_epoch},
-                cfg.keep_checkpoints)
-            run.metrics.plot("rec_loss", f"{output.name}: reconstruction loss (L1 + edge, per pixel)")
-    bar.close()
-    say(f"done: {run.path} (scaling_factor {vae.config.scaling_factor:.4f}; use it with `ldm train --vae {run.path}`)")
-    return run.path
+    def use_disc(self, step: int) -> bool:
+        return self.cfg.disc_weight > 0 and step >= self.cfg.disc_start
+
+    def describe(self) -> str:
+        note = f"discriminator from step {self.cfg.disc_start}" if self.cfg.disc_weight > 0 else "no discriminator"
+        return f"a {sum(p.numel() for p in self.vae.parameters()) / 1e6:.2f}M-parameter VAE ({note})"
+
+    def postfix(self, values: dict[str, float], lr: float) -> dict[str, str]:
+        return {"rec": f"{values['rec_loss']:.4f}", "kl": f"{values['kl']:.1f}"}
+
+    def images(self, mb: MicroBatch) -> tuple[torch.Tensor, list[torch.Generator], MicroBatch]:
+        x = mb.batch["pixel_values"].to(self.runtime.device)  # (B, 3, H, W) in [-1, 1]
+        return x, mb.generators(x.shape[0]), mb
+
+    def vae_loss(self, inputs: tuple[torch.Tensor, list[torch.Generator], MicroBatch]):
+        x, gens, mb = inputs
+        cfg = self.cfg
+        rec, posterior = self.stages[0].module(x, gens)
+        error = x - rec
+        rec_loss = error.abs().mean() + cfg.l2_weight * error.square().mean() + cfg.edge_weight * edge_loss(x, rec)
+        nll = rec_loss * self.pixels  # summed over pixels, as the recipe weighs it against the KL
+        kl = posterior.kl().mean()
+        loss = nll + cfg.kl_weight * kl
+        parts = {}
+        if self.use_disc(mb.step):
+            g_loss = hinge_g_loss(self.disc(rec))
+            d_weight = cfg.disc_weight * adaptive_weight(nll, g_loss, self.vae.decoder.conv_out.weight)
+            loss = loss + d_weight * g_loss
+            parts = {"g_loss": g_loss, "d_weight": d_weight}
+            if mb.index == 0:
+                self.pairs.clear()
+            self.pairs.append((x, rec.detach()))
+        return loss, {"loss": loss, "rec_loss": rec_loss, "kl": kl, **parts}
+
+    def disc_loss(self, mb: MicroBatch):
+        real, fake = self.pairs[mb.index]
+        logits_real, logits_fake = self.stages[1].module(torch.cat([real, fake])).chunk(2)
+        d_loss = hinge_d_loss(logits_real, logits_fake)
+        return d_loss, {"d_loss": d_loss}
+
+    def resume(self, state: dict[str, Any], checkpoint: Path) -> None:
+        self.disc.load_state_dict(state["discriminator"])
+        if self.ema and is_native(checkpoint / EMA_DIR):
+            self.ema[0][0].model.load_state_dict(load_native(checkpoint / EMA_DIR).weights["vae"])
+
+    def state(self) -> dict[str, Any]:
+        return {"discriminator": self.disc.state_dict()}
+
+    def write_models(self, folder: Path) -> None:
+        cfg = self.cfg
+        for module, where in [(self.vae, folder)] + [(average.model, folder / EMA_DIR) for average, _ in self.ema]:
+            module.config.scaling_factor = measure_scaling_factor(
+                module, self.dataset, cfg.scale_batches, cfg.batch_size, cfg.seed, self.runtime.device)
+            save_components(where, Components(configs={"vae": module.config}, weights={"vae": module.state_dict()}))
+
+    def save_samples(self, step: int) -> None:
+        sampled = self.ema[0][0].model if self.ema else self.vae
+        save_reconstructions(sampled, self.dataset, self.cfg.sample_images, self.run.sample_path(step),
+                             self.runtime.device)
+
+    def finished(self) -> str:
+        return (f"done: {self.run.path} (scaling_factor {self.vae.config.scaling_factor:.4f}; use it with "
+                f"`ldm train --vae {self.run.path}`)")
 
 
 def fixed_images(dataset: Dataset, indices: range, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,152 @@
+"""LoRA adapter files in and out: a .safetensors file in the diffusers/peft layout or the kohya layout (detected from
+its keys, translated by formats/lora_keys.py), checked against the pipeline it goes into."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import WeightsError
+from ..lora import AdapterWeights, adapted_modules
+from . import lora_keys
+from .native import list_checkpoints
+
+log = logging.getLogger("latentdiffusion")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers gives an adapter in a folder
+
+
+def lora_file(path: str | Path) -> Path:
+    """The adapter file at `path`: the file itself, or pytorch_lora_weights.safetensors (or the one .safetensors
+    file) in a folder."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / LORA_FILE] if (path / LORA_FILE).is_file() else sorted(path.glob("*.safetensors"))
+        if len(candidates) != 1:
+            raise WeightsError(f"{path}: expected {LORA_FILE} or one .safetensors file in the folder, found "
+                               f"{len(candidates)}")
+        return candidates[0]
+    if not path.is_file():
+        raise WeightsError(f"LoRA file not found: {path}")
+    return path
+
+
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A LoRA .safetensors file's tensors and metadata; WeightsError naming the file if it cannot be read."""
+    path = lora_file(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # not safetensors, truncated
+        raise WeightsError(f"cannot read the LoRA file {path}: {e}") from None
+
+
+def module_shapes(unet: torch.nn.Module, clip: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """What a LoRA file may adapt: "unet.<path>" / "text_encoder.<path>" -> the module's (base) weight shape."""
+    shapes = {}
+    for component, module in (("unet", unet), ("text_encoder", clip)):
+        for path, m in adapted_modules(module).items():
+            path = path.removesuffix(".base_layer")  # a module that already carries an adapter
+            shapes[f"{component}.{path}"] = tuple(m.weight.shape)
+    return shapes
+
+
+def load_lora_weights(path: str | Path, unet: torch.nn.Module, clip: torch.nn.Module) -> AdapterWeights:
+    """An adapter file's weights for our UNet and CLIP text model. WeightsError naming the first key that fits no
+    module when none does; a log message saying how many were used when only some do."""
+    source = lora_file(path)
+    tensors, metadata = read_lora_file(source)
+    if not tensors:
+        raise WeightsError(f"{source} holds no tensors")
+    weights, unused = lora_keys.from_file(tensors, metadata, module_shapes(unet, clip))
+    if not weights:
+        raise WeightsError(f"{source}: no key fits a module of this model ({lora_keys.detect_layout(list(tensors))} "
+                           f"layout read); the first that does not: {unused[0]!r}")
+    if unused:
+        log.info("%s: used %d of %d keys (%d modules); %d fit no module of this model, e.g. %r", source,
+                 len(tensors) - len(unused), len(tensors), len(weights), len(unused), unused[0])
+    return weights
+
+
+def save_lora_weights(weights: AdapterWeights, path: str | Path, layout: str = "diffusers") -> Path:
+    """Write an adapter as one .safetensors file in `layout` ("diffusers": what diffusers' load_lora_weights reads,
+    or "kohya"); a folder path gets pytorch_lora_weights.safetensors inside it."""
+    if layout not in lora_keys.LAYOUTS:
+        raise ValueError(f"unknown LoRA layout {layout!r}: choose from {', '.join(lora_keys.LAYOUTS)}")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / LORA_FILE
+    tensors, metadata = lora_keys.to_file(weights, layout)
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file(tensors, str(tmp), metadata=metadata or None)
+    tmp.replace(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- LoRA runs
+RUN_FILE = "lora_run.json"  # in a LoRA run's checkpoint: {"base": the base model's path, "adapter": file name}
+
+
+def write_lora_checkpoint(folder: Path, weights: AdapterWeights, base: Path) -> None:
+    """A LoRA run's checkpoint models: the adapter file (diffusers layout) and where its base model is."""
+    save_lora_weights(weights, folder / LORA_FILE)
+    (folder / RUN_FILE).write_text(json.dumps({"base": str(base), "adapter": LORA_FILE}, indent=2) + "\n")
+
+
+def lora_checkpoint(path: Path) -> Path | None:
+    """The LoRA checkpoint `path` is (or, for a run folder, its newest checkpoint), or None."""
+    if (path / RUN_FILE).is_file():
+        return path
+    checkpoints = list_checkpoints(path) if path.is_dir() else []
+    if checkpoints and (checkpoints[-1][1] / RUN_FILE).is_file():
+        return checkpoints[-1][1]
+    return None
+
+
+def lora_base(checkpoint: Path) -> Path:
+    """The base model a LoRA checkpoint was trained on; WeightsError naming the path if it is not there."""
+    try:
+        base = Path(json.loads((checkpoint / RUN_FILE).read_text())["base"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"cannot read {checkpoint / RUN_FILE}: {e}") from None
+    if not base.exists():
+        raise WeightsError(f"{checkpoint} is a LoRA adapter on the base model {base}, which is not there any more: "
+                           "put the base back at that path, or load it yourself and call pipe.load_lora("
+                           f"'{checkpoint / LORA_FILE}')")
+    return base
+
+
+def load_lora_run(checkpoint: Path, fuse: bool = False):
+    """The pipeline of a LoRA checkpoint: its base model with the adapter "lora" loaded (scale 1), or fused into
+    the weights (a merged model, adapter gone) with fuse=True."""
+    from . import load_pipeline  # the base may be any format
+
+    pipe = load_pipeline(lora_base(checkpoint))
+    pipe.load_lora(checkpoint / LORA_FILE, adapter_name="lora")
+    if fuse:
+        pipe.fuse_lora()
+        pipe.unload_lora(keep_fused=True)
+    return pipe
+
+
+def convert_lora(src: str | Path, dst: str | Path, layout: str, model: str | Path | None = None) -> Path:
+    """Rewrite an adapter file in `layout`, its modules named against `model`'s UNet and text encoder (any model
+    from_pretrained accepts) or, without one, against the Stable Diffusion 1.x architecture."""
+    if model is not None:
+        from . import load_pipeline
+
+        pipe = load_pipeline(model)
+        unet, clip = pipe.unet, pipe.text_encoder.model
+    else:
+        from ..text_encoder import TextEncoderConfig
+        from ..unet import UNet, UNetConfig
+        from transformers import CLIPTextModel
+
+        with torch.device("meta"):  # names and shapes only
+            unet, clip = UNet(UNetConfig()), CLIPTextModel(TextEncoderConfig().to_clip_config())
+    return save_lora_weights(load_lora_weights(src, unet, clip), dst, layout)

@@ -1,0 +1,92 @@
+"""LoRA fine-tuning (`ldm train --init BASE --lora-rank R`): the base model frozen, rank-R adapters on the UNet's
+attention (and optionally its feed-forward and projection layers, and the text encoder's attention) trained with the
+LDM's denoising loss. A checkpoint holds the adapter file and the training state, not the base (megabytes, not
+gigabytes), and names the base's path, so `from_pretrained(run)` gives base + adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import lora
+from ..errors import ConfigError
+from ..formats import load_pipeline
+from ..formats.lora import LORA_FILE, load_lora_weights, lora_base, write_lora_checkpoint
+from .config import LDMRunConfig
+from .train_ldm import LDMTask
+
+ADAPTER = "lora"  # the adapter's name inside the pipeline
+
+
+class LoraTask(LDMTask):
+    """LDMTask whose trained parameters are one adapter's: its stage is that adapter's lora_A / lora_B tensors
+    (the UNet's at train.learning_rate, the text encoder's at train.text_encoder_lr), and its checkpoint the
+    adapter file."""
+
+    def setup_models(self, config: LDMRunConfig, raw: dict[str, Any], vae_source: Any, init: Any,
+                     text_encoder_source: Any) -> None:
+        cfg, spec, run, device = self.cfg, self.cfg.lora, self.run, self.runtime.device
+        if vae_source is not None or text_encoder_source is not None:
+            raise ConfigError("--vae and --text-encoder do not apply to LoRA training: every component of the base "
+                              "comes from --init")
+        fixed = [f"model.{k}" for k in ("unet", "text_encoder", "vae", "scheduler") if (raw.get("model") or {}).get(k)]
+        if fixed:
+            raise ConfigError(f"config section '{fixed[0]}' conflicts with LoRA training: the --init base fixes it")
+        if run.checkpoint:
+            self.base = lora_base(run.checkpoint)
+        elif init is None:
+            raise ConfigError("LoRA training (train.lora.rank > 0) needs --init BASE: the model the adapters train on")
+        else:
+            self.base = Path(init).resolve()
+        pipe = load_pipeline(self.base)
+        dtype = getattr(torch, spec.base_dtype) if device.type == "cuda" else torch.float32
+        pipe.unet.requires_grad_(False).to(device, dtype)
+        pipe.text_encoder.requires_grad_(False).to(device, dtype)
+        pipe.vae.to(device)
+        alpha = spec.alpha if spec.alpha is not None else float(spec.rank)
+        self.train_text = spec.text_encoder
+        parts = [(pipe.unet, spec.targets)] + ([(pipe.text_encoder.model, spec.text_targets)] if self.train_text else [])
+        self.counts = []
+        for component, targets in parts:
+            paths = lora.target_paths(component, targets)
+            lora.add_adapter(component, ADAPTER, {p: spec.rank for p in paths}, {p: alpha for p in paths}, spec.dropout)
+            for p in lora.adapter_parameters(component, ADAPTER):
+                p.data = p.data.float()  # float32 adapters on a half-precision base: updates do not round away
+            self.counts.append(len(paths))
+        pipe.set_lora_scale(ADAPTER, 1.0)
+        if run.checkpoint:
+            weights = load_lora_weights(run.checkpoint / LORA_FILE, pipe.unet, pipe.text_encoder.model)
+            for name, component in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder.model)):
+                own = {k.split(".", 1)[1]: w for k, w in weights.items() if k.split(".", 1)[0] == name}
+                if own:
+                    lora.load_adapter_weights(component, ADAPTER, own)
+        pipe.unet.train()
+        pipe.text_encoder.model.train(self.train_text)
+        pipe.unet.gradient_checkpointing = cfg.gradient_checkpointing
+        if cfg.ema_decay:
+            run.say("note: a LoRA run keeps no EMA of its adapter (train.ema_decay is not used)")
+        self.ema, self.ema_pipe, self.pipe = [], pipe, pipe
+
+    def param_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """The UNet's adapter at train.learning_rate, the text encoder's at train.text_encoder_lr where set."""
+        groups = [(lora.adapter_parameters(self.pipe.unet, ADAPTER), self.cfg.learning_rate)]
+        if self.train_text:
+            lr = self.cfg.text_encoder_lr if self.cfg.text_encoder_lr is not None else self.cfg.learning_rate
+            groups.append((lora.adapter_parameters(self.pipe.text_encoder.model, ADAPTER), lr))
+        return groups
+
+    def describe(self) -> str:
+        n_params = sum(p.numel() for p in self.stages[0].params)
+        where = f"{self.counts[0]} UNet modules" + (f" + {self.counts[1]} text encoder modules" if self.train_text
+                                                     else "")
+        return f"{n_params / 1e6:.3f}M LoRA parameters (rank {self.cfg.lora.rank} on {where}; base {self.base} frozen)"
+
+    def write_models(self, folder: Path) -> None:
+        write_lora_checkpoint(folder, self.pipe.lora_weights(ADAPTER), self.base)
+
+    def finished(self) -> str:
+        return (f"done: {self.run.path} (from_pretrained loads {self.base} with the newest adapter; the adapter file "
+                f"alone: checkpoints/*/{LORA_FILE})")
