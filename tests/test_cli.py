@@ -87,9 +87,19 @@ def test_bad_training_options_are_one_line_errors(capsys, tmp_path, args, messag
 
 
 def test_bad_sampling_options_are_one_line_errors(capsys, run_dir, tmp_path):
-    code, _, err = run_cli(capsys, "sample", "--model", str(run_dir), "--prompt", "x", "--scheduler", "euler",
+    code, _, err = run_cli(capsys, "sample", "--model", str(run_dir), "--prompt", "x", "--scheduler", "euler-magic",
                            "--out", str(tmp_path / "x.png"))
-    assert code == 2 and "unknown scheduler 'euler'" in one_line_error(err)
+    assert code == 2 and "unknown scheduler 'euler-magic'" in one_line_error(err)
+    assert "euler_ancestral" in one_line_error(err)  # the message lists the names
+    for args, message in ((["--scheduler", "ddim", "--karras"], "use_karras_sigmas"),
+                          (["--mask", str(tmp_path / "m.png")], "--mask needs --image"),
+                          (["--image", str(tmp_path / "none.png")], "--image file not found"),
+                          (["--image", str(tmp_path / "bad.png")], "--image"),
+                          (["--image", str(tmp_path / "img.png"), "--strength", "0"], "strength")):
+        (tmp_path / "bad.png").write_text("not an image")
+        Image.new("RGB", (16, 16)).save(tmp_path / "img.png")
+        code, _, err = run_cli(capsys, "sample", "--model", str(run_dir), "--prompt", "x", "--steps", "2", *args)
+        assert code == 2 and message in one_line_error(err), args
     code, _, err = run_cli(capsys, "sample", "--model", str(tmp_path / "missing"), "--prompt", "x")
     assert code == 2 and "model not found" in one_line_error(err)
 
@@ -135,6 +145,21 @@ def test_sample_a_run_folder_directly(capsys, run_dir, tmp_path):
                            "a red circle", "--steps", "2", "--seed", "1", "--no-ema", "--out", str(single))
     assert code == 0, err
     assert Image.open(single).size == (16, 16)
+
+
+def test_sample_img2img_and_inpainting_with_a_sampler(capsys, run_dir, tmp_path):
+    Image.new("RGB", (24, 16), (200, 30, 30)).save(tmp_path / "image.png")
+    mask = Image.new("L", (24, 16), 0)
+    mask.paste(255, (4, 4, 12, 12))
+    mask.save(tmp_path / "mask.png")
+    for extra in (["--strength", "0.5"], ["--mask", str(tmp_path / "mask.png"), "--strength", "1"]):
+        out = tmp_path / "out.png"
+        code, _, err = run_cli(capsys, "sample", "--model", str(run_dir), "--prompt", "a red circle", "--steps", "4",
+                               "--scheduler", "euler", "--karras", "--image", str(tmp_path / "image.png"), *extra,
+                               "--out", str(out))
+        assert code == 0, err
+        assert Image.open(out).size == (24, 16)  # the image's size
+        assert "sampling" in err  # the progress bar, on by default
 
 
 def test_convert_round_trips_through_every_format(capsys, run_dir, tmp_path):

@@ -358,3 +358,24 @@ def test_fine_tuning_an_sd_single_file_exports_back(tmp_path):
     assert_identical(tuned.text_encoder.model.state_dict(), start.text_encoder.model.state_dict())
     steps = [(v - start.unet.state_dict()[k]).abs().max().item() for k, v in tuned.unet.state_dict().items()]
     assert 0 < max(steps) <= 2e-3  # one Adam step (lr 1e-3) away from the file's UNet
+
+
+def test_inpainting_unet_trains_with_random_masks(tmp_path, vae_dir):
+    """A config whose UNet takes 9 channels trains an inpainting model: random masks, masked images' latents."""
+    unet = {**TINY_LDM["model"]["unet"], "in_channels": 9}
+    base = {**TINY_LDM, "model": {**TINY_LDM["model"], "unet": unet}}
+    config, raw = load_run_config(LDMRunConfig, write_config(
+        tmp_path / "inpaint.yaml", base, max_steps=4, checkpoint_every=4, sample_every=4, sample_steps=1,
+        validation_prompts=["a red circle"]))
+    run = train_ldm(config, tmp_path / "run", vae=vae_dir, raw=raw, progress=False)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics(run))
+    assert (run / "samples" / "step-00000004.png").is_file()  # sampled with a whole-image mask
+    pipe = LatentDiffusion.from_pretrained(run)
+    assert pipe.unet.config.in_channels == 9
+    image, mask = torch.rand(1, 3, 16, 16), torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    out = pipe("a red circle", image=image, mask_image=mask, num_inference_steps=2, output_type="pt")
+    assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
+    cached, raw = load_run_config(LDMRunConfig, write_config(tmp_path / "cached.yaml", base, cache_latents=True))
+    with pytest.raises(ConfigError, match="cache_latents"):
+        train_ldm(cached, tmp_path / "cached", vae=vae_dir, raw=raw, progress=False)

@@ -12,9 +12,10 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import LatentDiffusionError
+from .samplers import SAMPLERS
 
 SubParsers = argparse._SubParsersAction  # what add_subparsers returns
 
@@ -107,8 +108,17 @@ def add_sample(subparsers: SubParsers) -> None:
                    "1 turns it off (default 7.5)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="image i uses seed S + i (default 0)")
     p.add_argument("--num-images", type=int, default=1, metavar="N")
-    p.add_argument("--scheduler", default="ddim", metavar="NAME", help="ddim or ddpm (default ddim)")
+    p.add_argument("--scheduler", default="ddim", metavar="NAME", help="the sampler: " + ", ".join(SAMPLERS)
+                   + " (default ddim)")
+    p.add_argument("--karras", action="store_true", help="Karras et al. (2022) noise levels (samplers that take them)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (default 0)")
+    p.add_argument("--image", metavar="FILE", default=None, help="img2img: start from this image (its size sets the "
+                   "output's); with --mask: the image to inpaint")
+    p.add_argument("--strength", type=float, default=0.8, metavar="S", help="with --image: how much of the schedule "
+                   "runs, in (0, 1]; 1 repaints from pure noise (default 0.8)")
+    p.add_argument("--mask", metavar="FILE", default=None, help="inpainting: white = repaint, black = keep (needs "
+                   "--image, of the same size)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--height", type=int, default=None, help="default: the model's training resolution")
     p.add_argument("--width", type=int, default=None, help="default: the model's training resolution")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
@@ -163,9 +173,14 @@ def run_sample(args: argparse.Namespace) -> int:
         pipe.load_lora(path, scale=scale)
     pipe = pipe.to(device, getattr(torch, args.dtype))
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
+    if args.mask is not None and args.image is None:
+        raise ValueError("--mask needs --image: the image to inpaint")
+    image = None if args.image is None else _open_image(args.image, "--image")
+    mask = None if args.mask is None else _open_image(args.mask, "--mask")
     kwargs = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   height=args.height, width=args.width, num_images_per_prompt=args.num_images, generator=generators,
-                  scheduler=args.scheduler, eta=args.eta, output_type="pt", progress=True)
+                  scheduler=args.scheduler, use_karras_sigmas=args.karras, eta=args.eta, image=image,
+                  strength=args.strength, mask_image=mask, output_type="pt", progress=not args.no_progress)
     if args.upscaler:
         from .upscaler import cascade
 
@@ -201,14 +216,10 @@ def add_upscale(subparsers: SubParsers) -> None:
 
 def run_upscale(args: argparse.Namespace) -> int:
     import torch
-    from PIL import Image, UnidentifiedImageError
 
     from .pipeline import LatentDiffusion
 
-    try:
-        image = Image.open(args.image).convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise FileNotFoundError(f"--image {args.image}: cannot read it as an image ({e})") from None
+    image = _open_image(args.image, "--image")
     pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None)
     pipe = pipe.to(_device(args.device), getattr(torch, args.dtype))
     images = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, noise_level=args.noise_level,
@@ -227,6 +238,20 @@ def _lora_spec(spec: str) -> tuple[str, float]:
         except ValueError:
             pass
     return spec, 1.0
+
+
+def _open_image(path: str, flag: str) -> Any:
+    """The image file for a flag, or a ValueError naming the flag and the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag} file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{flag} {path} is not a readable image: {e}") from None
 
 
 def add_convert(subparsers: SubParsers) -> None:

@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
@@ -17,7 +18,9 @@ from . import lora
 from .conditioning import Conditioning, run_unet
 from .guidance import ClassifierFreeGuidance
 from .noise import Generator, randn
-from .samplers import SAMPLERS, Denoiser, NoiseLevels, input_scale, sampler_entry
+from .images import ImageInput, image_tensor, mask_tensor, random_inpainting_masks
+from .samplers import SAMPLERS, Denoiser, NoiseLevels, add_noise, input_scale, sampler_entry
+from .samplers.levels import vp_to_k_scale
 from .schedulers import NoiseSchedule, SchedulerConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .unet import UNet, UNetConfig
@@ -115,12 +118,25 @@ class LatentDiffusion(nn.Module):
         if len(captions) != images.shape[0]:
             raise ValueError(f"got {len(captions)} captions for {images.shape[0]} images")
         latents = self.encode_images(images, generator)
-        return self.diffusion_loss(latents, self.text_encoder(list(captions)), generator, snr_gamma, noise_offset)
+        concat = self.random_inpainting_concat(images, generator) if self.concat_channels else None
+        return self.diffusion_loss(latents, self.text_encoder(list(captions)), generator, snr_gamma, noise_offset,
+                                   concat)
+
+    def random_inpainting_concat(self, images: torch.Tensor, generator: Generator = None) -> torch.Tensor:
+        """An inpainting UNet's extra input for training images (B,3,H,W) in [-1,1]: random masks (rectangles,
+        strokes, whole images; see images.random_inpainting_masks) and the images' latents with them grey."""
+        b, _, h, w = images.shape
+        masks = random_inpainting_masks(b, h, w, generator).to(images.device)
+        pixels = (images.to(self.device).float() / 2 + 0.5).clamp(0, 1)
+        return self.inpainting_concat(pixels, masks.to(self.device), generator, (b, 0, h, w))
 
     def diffusion_loss(self, latents: torch.Tensor, context: torch.Tensor, generator: Generator = None,
-                       snr_gamma: float | None = None, noise_offset: float = 0.0) -> torch.Tensor:
+                       snr_gamma: float | None = None, noise_offset: float = 0.0,
+                       concat: torch.Tensor | None = None, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """The denoising loss (DDPM eq. 14) on scaled latents, optionally min-SNR-gamma weighted (Hang et al., 2023)
-        and with offset noise (a per-channel constant added to the noise)."""
+        and with offset noise (a per-channel constant added to the noise); `concat` (B,Cc,h,w): channels the UNet
+        takes beside the latents (inpainting; an upsampler's noised low-res image), `class_labels` (B,): an
+        upsampler's noise levels."""
         b, c = latents.shape[:2]
         noise = randn(latents.shape, generator, latents.device, latents.dtype)
         if noise_offset:
@@ -128,7 +144,7 @@ class LatentDiffusion(nn.Module):
         t = self._random_timesteps(b, generator, latents.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         target = self.scheduler.training_target(latents, noise, t)
-        pred = self.unet(noisy, t, context)
+        pred = run_unet(self.unet, noisy, t, Conditioning(context, concat, class_labels))
         per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
         if snr_gamma is not None:
             per_sample = per_sample * self._min_snr_weight(t, snr_gamma)
@@ -180,48 +196,62 @@ class LatentDiffusion(nn.Module):
         use_karras_sigmas: bool = False,
         eta: float = 0.0,
         output_type: str = "pil",
+        image: ImageInput | None = None,
+        strength: float = 0.8,
+        mask_image: ImageInput | None = None,
         guidance_rescale: float = 0.0,
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         progress: bool = False,
-        image: Image.Image | list[Image.Image] | torch.Tensor | None = None,
         noise_level: int | torch.Tensor = 20,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate images for `prompt`: encode prompt -> conditioning and starting latents -> noise levels ->
-        sampler -> decode. `latents` are unit-variance noise (B, C, h, w), scaled to the sampler's first noise level;
-        `callback(step, timestep, latents)` runs after every step (latents in the sampler's scale x0 + sigma eps).
-        Upsampler models: `image` (the low-res image, its size the latents' size) is noised at `noise_level` and
-        concatenated to the latents; the output is vae_scale_factor times larger."""
+        sampler -> decode. `latents`: unit-variance noise (B, C, h, w), scaled to the sampler's first noise level.
+        img2img: `image` noised to the level `strength` of the way up the schedule; inpainting: `mask_image` too
+        (white = repaint). Upsampler models: `image` is the low-res image (its size the latents' size), noised at
+        `noise_level` and concatenated to the latents; the output is vae_scale_factor times larger.
+        `callback(step, timestep, latents)` runs after every step (latents: x0 + sigma * eps)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
-        low_res = self._low_res(image, len(prompts), height, width)  # (P, 3, h, w) in [-1, 1], or None
+        low_res = self._low_res(image, mask_image, len(prompts), height, width)  # (P, 3, h, w) in [-1, 1] or None
         if low_res is not None:
+            pixels, mask = None, None
             height, width = (side * self.vae_scale_factor for side in low_res.shape[2:])
-        if latents is not None and latents.ndim == 4:  # given noise sets the size unless height/width say otherwise
-            height = latents.shape[2] * self.vae_scale_factor if height is None else height
-            width = latents.shape[3] * self.vae_scale_factor if width is None else width
+        else:
+            pixels, mask = self._source_images(image, mask_image, len(prompts), num_images_per_prompt)
+            height, width = self._size(pixels, latents, height, width)
         shape = self._latent_shape(len(prompts) * num_images_per_prompt, height, width)
-        self._check_call(num_inference_steps, guidance_scale, output_type, scheduler, eta, latents, shape)
+        self._check_call(num_inference_steps, guidance_scale, output_type, scheduler, eta, latents, shape, strength)
         entry = sampler_entry(scheduler, use_karras_sigmas)
         levels = entry.levels(self.scheduler.config, num_inference_steps, use_karras_sigmas)
+        if pixels is not None:  # img2img / inpainting run the last int(steps * strength) steps, as diffusers does
+            levels = levels.tail(self._steps_run(num_inference_steps, strength))
+        contexts = self._contexts(prompts, negatives, num_images_per_prompt, guidance_scale)
 
-        cond = Conditioning(self.encode_prompt(prompts)).repeat_interleave(num_images_per_prompt)
-        uncond = None
-        if guidance_scale != 1.0:
-            uncond = Conditioning(self.encode_prompt(negatives)).repeat_interleave(num_images_per_prompt)
+        augmented = None
         if low_res is not None:  # conditioning augmentation, drawn before the latents' noise (as diffusers does)
             noise_levels = self.upscaler.check_noise_level(noise_level).to(self.device).expand(shape[0])  # (N,)
-            noisy = augment(low_res.repeat_interleave(num_images_per_prompt, dim=0).to(self.device), noise_levels,
-                            self.upscaler, generator)
-            for bundle in (cond, uncond) if uncond is not None else (cond,):
-                bundle.concat, bundle.class_labels = noisy, noise_levels
+            augmented = augment(low_res.repeat_interleave(num_images_per_prompt, dim=0).to(self.device),
+                                noise_levels, self.upscaler, generator)
+        repaint_all = mask is not None and strength == 1.0  # inpainting at full strength starts from pure noise
+        x0 = None
+        if pixels is not None and not (repaint_all and self.concat_channels):
+            x0 = self.encode_images(pixels * 2 - 1, generator).float()
+        noise = randn(shape, generator, self.device) if latents is None else latents.to(self.device, torch.float32)
+        x = noise * levels.init_noise_sigma if x0 is None or repaint_all else add_noise(x0, noise, levels.sigmas[0])
+        if augmented is not None:
+            cond, uncond = (None if c is None else Conditioning(c, augmented, noise_levels) for c in contexts)
+        else:
+            concat = self.inpainting_concat(pixels, mask, generator, shape) if self.concat_channels else None
+            cond, uncond = (None if c is None else Conditioning(c, concat) for c in contexts)
         guided = ClassifierFreeGuidance(self._run_unet, cond, uncond, guidance_scale, guidance_rescale)
         denoiser = Denoiser(guided, self.scheduler.config, levels)
 
-        noise = randn(shape, generator, self.device) if latents is None else latents.to(self.device, torch.float32)
-        x = noise * levels.init_noise_sigma
+        keep_known = None  # an ordinary UNet inpaints by putting the known region back after every step
+        if mask is not None and not self.concat_channels:
+            keep_known = self._keep_known(x0, noise, mask, levels)
         options = {**entry.options(self.scheduler.config, levels), **({"eta": eta} if eta else {})}
         with tqdm(total=len(levels.timesteps), disable=not progress, desc="sampling") as bar:
-            step_callback = self._step_callback(levels, callback, bar)
+            step_callback = self._step_callback(levels, keep_known, callback, bar)
             x = entry.function(denoiser, x, levels.sigmas, generator=generator, callback=step_callback, **options)
         latents = (x * input_scale(float(levels.sigmas[-1]))).to(self.dtype)  # the final level's x_t
 
@@ -230,27 +260,120 @@ class LatentDiffusion(nn.Module):
         images = self.decode_latents(latents)
         return images if output_type == "pt" else to_pil(images)
 
+    def _contexts(self, prompts: list[str], negatives: list[str], n: int,
+                  guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(conditional, unconditional or None) contexts, each prompt's repeated n times."""
+        cond = self.encode_prompt(prompts).repeat_interleave(n, dim=0)
+        uncond = None if guidance_scale == 1.0 else self.encode_prompt(negatives).repeat_interleave(n, dim=0)
+        return cond, uncond
+
     def _run_unet(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet on float32 sampler latents, run in the model's dtype, its output back in float32."""
         return run_unet(self.unet, x.to(self.dtype), t, cond).float()
 
+    def _source_images(self, image: ImageInput | None, mask_image: ImageInput | None, n_prompts: int,
+                       n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The image (B,3,H,W) in [0,1] and the mask (B,1,H,W) of 0/1 on the device, one per prompt repeated n times."""
+        if mask_image is not None and image is None:
+            raise ValueError("mask_image needs image: pass the image to inpaint as image=")
+        if self.concat_channels and image is not None and mask_image is None:
+            raise ValueError(f"this is an inpainting model (unet.in_channels {self.unet.config.in_channels}): pass "
+                             "mask_image= with image=")
+        if image is None:
+            return None, None
+        pixels = image_tensor(image, "image")
+        mask = None if mask_image is None else mask_tensor(mask_image, "mask_image")
+        factor = self.vae_scale_factor
+        if pixels.shape[2] % factor or pixels.shape[3] % factor:
+            raise ValueError(f"image size {pixels.shape[3]}x{pixels.shape[2]} (WxH) is not divisible by the VAE "
+                             f"factor {factor}")
+        if mask is not None and mask.shape[2:] != pixels.shape[2:]:
+            raise ValueError(f"mask_image size {mask.shape[3]}x{mask.shape[2]} differs from the image's "
+                             f"{pixels.shape[3]}x{pixels.shape[2]} (WxH)")
+
+        def per_image(t: torch.Tensor, name: str) -> torch.Tensor:
+            if t.shape[0] not in (1, n_prompts):
+                raise ValueError(f"{name} holds {t.shape[0]} images for {n_prompts} prompts: give one, or one each")
+            return t.expand(n_prompts, *t.shape[1:]).repeat_interleave(n, dim=0).to(self.device)
+
+        return per_image(pixels, "image"), None if mask is None else per_image(mask, "mask_image")
+
+    def _size(self, pixels: torch.Tensor | None, latents: torch.Tensor | None, height: int | None,
+              width: int | None) -> tuple[int | None, int | None]:
+        """Height and width: the image's where one is given, else given noise's unless height/width say otherwise."""
+        if pixels is not None:
+            size = tuple(pixels.shape[2:])
+            if (height or size[0], width or size[1]) != size:
+                raise ValueError(f"height/width {height}x{width} contradict the image's size {size[0]}x{size[1]}")
+            return size
+        if latents is not None and latents.ndim == 4:
+            height = latents.shape[2] * self.vae_scale_factor if height is None else height
+            width = latents.shape[3] * self.vae_scale_factor if width is None else width
+        return height, width
+
     @staticmethod
-    def _step_callback(levels: NoiseLevels, callback: Callable | None, bar: tqdm) -> Callable:
-        """The sampler's callback(i, sigma_next, x): advances the progress bar and calls the user's
-        callback(step, timestep, latents)."""
-        def after_step(i: int, sigma_next: float, x: torch.Tensor) -> None:
+    def _steps_run(steps: int, strength: float) -> int:
+        """img2img runs the last int(steps * strength) steps of the schedule (diffusers' get_timesteps)."""
+        run = min(int(steps * strength), steps)
+        if run < 1:
+            raise ValueError(f"strength={strength} with num_inference_steps={steps} leaves no step to run "
+                             "(int(steps * strength) = 0): raise either")
+        return run
+
+    def inpainting_concat(self, pixels: torch.Tensor | None, mask: torch.Tensor | None, generator: Generator,
+                          shape: tuple[int, ...]) -> torch.Tensor:
+        """What an inpainting UNet takes beside the latents (B, C, h, w) of `shape`: the mask (B,1,H,W), 1 = repaint,
+        at latent size and the latents of the image (B,3,H,W) in [0,1] with that region grey, (B, 1 + C, h, w), as
+        SD 1.5 inpainting. No image: all repainted from a grey image (text-to-image, as whole-image masks teach)."""
+        if self.concat_channels != self.vae.config.latent_channels + 1:
+            raise ValueError(f"unet.in_channels {self.unet.config.in_channels}: a UNet with {self.concat_channels} "
+                             "extra input channels is not an inpainting UNet (latent channels + mask + masked latents)")
+        if pixels is None:
+            b, _, h, w = shape
+            factor = self.vae_scale_factor
+            pixels = torch.full((b, 3, h * factor, w * factor), 0.5, device=self.device)
+            mask = torch.ones(b, 1, h * factor, w * factor, device=self.device)
+        masked = (pixels * 2 - 1) * (1 - mask)
+        masked_latents = self.encode_images(masked, generator)
+        small_mask = F.interpolate(mask, size=masked_latents.shape[2:])  # nearest
+        return torch.cat([small_mask.to(masked_latents.dtype), masked_latents], dim=1)
+
+    @staticmethod
+    def _keep_known(x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
+                    levels: NoiseLevels) -> Callable[[int, float, torch.Tensor], torch.Tensor]:
+        """After step i, the region to keep becomes the image's latents noised to the next level with the starting
+        noise (clean after the last step), so an ordinary UNet repaints only the masked region."""
+        keep = 1 - F.interpolate(mask, size=x0.shape[2:])  # (B,1,h,w), nearest
+        last = len(levels.timesteps) - 1
+        clean = x0 * vp_to_k_scale(float(levels.sigmas[-1]))  # x0 as the final level's latents, in sampler scale
+
+        def put_back(i: int, sigma_next: float, x: torch.Tensor) -> torch.Tensor:
+            known = clean if i == last else add_noise(x0, noise, sigma_next)
+            return keep * known + (1 - keep) * x
+
+        return put_back
+
+    @staticmethod
+    def _step_callback(levels: NoiseLevels, put_back: Callable | None, callback: Callable | None,
+                       bar: tqdm) -> Callable:
+        """The sampler's callback(i, sigma_next, x): puts the known region back (inpainting with an ordinary UNet),
+        advances the progress bar and calls the user's callback(step, timestep, latents)."""
+        def after_step(i: int, sigma_next: float, x: torch.Tensor) -> torch.Tensor:
+            x = x if put_back is None else put_back(i, sigma_next, x)
             bar.update(1)
             if callback is not None:
                 callback(i, levels.timesteps[i], x)
+            return x
 
         return after_step
 
-    def _low_res(self, image, prompts: int, height: int | None, width: int | None) -> torch.Tensor | None:
+    def _low_res(self, image: ImageInput | None, mask_image: ImageInput | None, prompts: int, height: int | None,
+                 width: int | None) -> torch.Tensor | None:
         """An upsampler's low-res images (prompts, 3, h, w) in [-1, 1], checked; None for other models."""
         if self.upscaler is None:
-            if image is not None:
-                raise ValueError("image: this model is not an upsampler (its config has no upscaler section)")
             return None
+        if mask_image is not None:
+            raise ValueError("mask_image: an upsampler model does not inpaint (its image= is the low-res image)")
         factor = 2 ** (len(self.unet.config.block_channels) - 1)
         low_res = low_res_batch(image, prompts, factor, self.upscaler.image_channels)
         for name, given, side in (("height", height, low_res.shape[2]), ("width", width, low_res.shape[3])):
@@ -278,7 +401,7 @@ class LatentDiffusion(nn.Module):
         return batch, self.vae.config.latent_channels, height // factor, width // factor
 
     def _check_call(self, steps: int, guidance_scale: float, output_type: str, scheduler: str, eta: float,
-                    latents: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+                    latents: torch.Tensor | None, shape: tuple[int, ...], strength: float) -> None:
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
         if steps > self.scheduler.config.num_train_timesteps:
@@ -295,6 +418,8 @@ class LatentDiffusion(nn.Module):
         if eta and "eta" not in SAMPLERS[scheduler].user_options:
             takers = ", ".join(n for n, e in SAMPLERS.items() if "eta" in e.user_options)
             raise ValueError(f"eta applies to the {takers} scheduler only, not {scheduler!r}")
+        if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
+            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for this prompt count, "
                              "num_images_per_prompt, height and width")

@@ -12,12 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from .errors import ConfigError
+from .images import ImageInput, image_tensor
 from .noise import Generator, randn
 from .schedulers.schedule import SchedulerConfig, make_alphas_cumprod, q_sample
 
@@ -59,22 +58,13 @@ class UpscalerConfig:
         return levels.long()
 
 
-def low_res_batch(image: Any, batch: int, multiple: int, channels: int) -> Tensor:
+def low_res_batch(image: ImageInput | None, batch: int, multiple: int, channels: int) -> Tensor:
     """The low-res image(s) as float32 (batch, C, h, w) in [-1, 1]: a PIL image, a list of them, or a tensor
     (B, C, h, w) in [0, 1] with B = 1 (shared by every prompt) or B = batch. ValueError naming `image` when it is
     missing, has another channel count, or a side that is not a multiple of `multiple` (the UNet's downsampling)."""
     if image is None:
         raise ValueError("image: an upsampler model needs the low-resolution image to upsample (image=...)")
-    if isinstance(image, Image.Image) or (isinstance(image, (list, tuple)) and image
-                                          and all(isinstance(i, Image.Image) for i in image)):
-        images = [image] if isinstance(image, Image.Image) else list(image)
-        if len({i.size for i in images}) > 1:
-            raise ValueError(f"image: the low-res images differ in size: {sorted({i.size for i in images})}")
-        arrays = np.stack([np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in images])
-        image = torch.from_numpy(arrays).permute(0, 3, 1, 2)  # (B, 3, h, w) in [0, 1]
-    if not isinstance(image, Tensor) or image.dim() != 4:
-        raise ValueError(f"image must be a PIL image, a list of them or a tensor (B, C, h, w) in [0, 1], got "
-                         f"{tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__}")
+    image = image_tensor(image, "image")  # (B, 3, h, w) in [0, 1]
     b, c, h, w = image.shape
     if c != channels:
         raise ValueError(f"image has {c} channels; this upsampler takes {channels}")
@@ -117,7 +107,7 @@ def cascade(base: LatentDiffusion, upscaler: LatentDiffusion, prompt: str | list
     each = lambda items: None if items is None else [p for p in items for _ in range(num_images_per_prompt)]  # noqa: E731
     steps = upscale_steps or base_kwargs.get("num_inference_steps", 50)
     guidance = upscale_guidance if upscale_guidance is not None else base_kwargs.get("guidance_scale", 7.5)
+    shared = {k: base_kwargs[k] for k in ("scheduler", "use_karras_sigmas", "eta", "progress") if k in base_kwargs}
     return upscaler(each(prompts), negative_prompt=each(negatives), image=low_res, noise_level=noise_level,
-                    num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                    scheduler=base_kwargs.get("scheduler", "ddim"), output_type=output_type,
-                    progress=base_kwargs.get("progress", False))
+                    num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type=output_type,
+                    **shared)

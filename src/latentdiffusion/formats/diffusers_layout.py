@@ -201,8 +201,10 @@ def save_components(path: str | Path, components: Components) -> None:
     scheduler.pop("variance_type")
     _write_json(path / "scheduler" / "scheduler_config.json", {"_class_name": "DDIMScheduler", **scheduler})
     shutil.copytree(components.tokenizer_dir or TOKENIZER_DIR, path / "tokenizer", dirs_exist_ok=True)
+    inpainting = configs["unet"].in_channels == 2 * configs["vae"].latent_channels + 1  # mask + masked-image latents
     index = {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
+        "_diffusers_version": "0.30.0",
         "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
         "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],

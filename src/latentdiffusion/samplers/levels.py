@@ -63,8 +63,9 @@ def input_scale(sigma: float) -> float:
     return 1.0 / vp_to_k_scale(sigma)
 
 
-def add_noise(x0: Tensor, noise: Tensor, sigma: float) -> Tensor:
+def add_noise(x0: Tensor, noise: Tensor, sigma: float | Tensor) -> Tensor:
     """x at noise level sigma for clean x0 and unit noise: x0 + sigma * noise (the noise itself at sigma = inf)."""
+    sigma = float(sigma)
     return noise.to(x0.dtype) if math.isinf(sigma) else x0 + sigma * noise
 
 

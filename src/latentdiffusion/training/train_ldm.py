@@ -40,9 +40,12 @@ class DiffusionLoss(nn.Module):
         super().__init__()
         self.pipe, self.snr_gamma, self.noise_offset = pipe, snr_gamma, noise_offset
 
-    def forward(self, latents: torch.Tensor, captions: list[str], generators: list[torch.Generator]) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, captions: list[str], generators: list[torch.Generator],
+                pixels: torch.Tensor | None = None) -> torch.Tensor:
         context = self.pipe.text_encoder(captions)  # (B, T, D)
-        return self.pipe.diffusion_loss(latents, context, generators, self.snr_gamma, self.noise_offset)
+        # an inpainting UNet also takes random masks and the masked images' latents (pixels (B,3,H,W) in [-1,1])
+        concat = self.pipe.random_inpainting_concat(pixels, generators) if self.pipe.concat_channels else None
+        return self.pipe.diffusion_loss(latents, context, generators, self.snr_gamma, self.noise_offset, concat)
 
 
 def train_ldm(config: LDMRunConfig, output: str | Path, vae: str | Path | None = None, init: str | Path | None = None,
@@ -86,6 +89,9 @@ class LDMTask(Task):
         pipe = load_native(run.checkpoint).pipeline() if run.checkpoint else \
             build_pipeline(config, raw, vae_source, init, text_encoder_source)
         pipe.to(self.runtime.device)
+        if pipe.concat_channels and cfg.cache_latents:
+            raise ConfigError(f"model.unet.in_channels {pipe.unet.config.in_channels} (an inpainting UNet) trains on "
+                              "freshly masked images: set train.cache_latents: false")
         unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
         self.train_text = text_encoder.config.trainable
         trained: list[nn.Module] = [unet, text_encoder] if self.train_text else [unet]
@@ -98,7 +104,7 @@ class LDMTask(Task):
         self.ema = [(EMA(m, cfg.ema_decay), m) for m in trained] if cfg.ema_decay else []
         averaged = [average.model for average, _ in self.ema]
         self.ema_pipe = LatentDiffusion(vae, averaged[0], averaged[1] if self.train_text else text_encoder,
-                                        pipe.scheduler.config) if self.ema else pipe
+                                        pipe.scheduler.config, pipe.upscaler) if self.ema else pipe
         for module in trained:  # building ema_pipe put the shared modules in eval mode
             module.train()
         self.pipe = pipe
@@ -118,15 +124,16 @@ class LDMTask(Task):
         n_params = sum(p.numel() for p in self.stages[0].params)
         return f"{n_params / 1e6:.2f}M parameters ({'UNet + text encoder' if self.train_text else 'UNet'})"
 
-    def inputs(self, mb: MicroBatch) -> tuple[torch.Tensor, list[str], list[torch.Generator]]:
-        """Scaled latents (B, C, h, w), captions with caption dropout applied, one generator per image."""
+    def inputs(self, mb: MicroBatch) -> tuple[torch.Tensor, list[str], list[torch.Generator], torch.Tensor | None]:
+        """Scaled latents (B, C, h, w), captions with caption dropout applied, one generator per image, and the
+        images (B, 3, H, W) in [-1, 1] (None with cached latents) for the masked-image latents of inpainting."""
         batch = mb.batch
         gens = mb.generators(len(batch["text"]))
         dropped = bernoulli(gens, self.cfg.caption_dropout).tolist()
         captions = ["" if drop else text for drop, text in zip(dropped, batch["text"])]
-        return sample_latents(self.pipe.vae, batch, gens, self.runtime.device), captions, gens
+        return sample_latents(self.pipe.vae, batch, gens, self.runtime.device), captions, gens, batch.get("pixel_values")
 
-    def loss(self, inputs: tuple[torch.Tensor, list[str], list[torch.Generator]]):
+    def loss(self, inputs: tuple[torch.Tensor, ...]):
         loss = self.stages[0].module(*inputs)
         return loss, {"loss": loss}
 
