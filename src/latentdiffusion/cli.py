@@ -95,6 +95,26 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_upscaler(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser("train-upscaler", help="train an upsampler (the low-res image as conditioning)",
+                              description="Train an upsampler on a frozen VAE: each image's low-res input is made on "
+                              "the fly (downsampled by the VAE's factor, train.downsample: bicubic or area) and noised "
+                              "at a random level (conditioning augmentation). `ldm upscale --model DIR` samples it.")
+    _training_options(p)
+    p.add_argument("--vae", metavar="VAE", help="the frozen VAE (its factor is the upsampling factor): a train-vae run "
+                   "or any model from_pretrained accepts")
+    p.add_argument("--text-encoder", metavar="MODEL", help="use MODEL's pretrained text encoder and tokenizer")
+    p.set_defaults(run=run_train_upscaler)
+
+
+def run_train_upscaler(args: argparse.Namespace) -> int:
+    from .training import UpscalerRunConfig, load_run_config, train_upscaler
+
+    config, _ = load_run_config(UpscalerRunConfig, args.config, args.set, _flag_values(args))
+    train_upscaler(config, args.output, vae=args.vae, text_encoder=args.text_encoder, resume=args.resume)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------------- models
 def add_sample(subparsers: SubParsers) -> None:
     p = subparsers.add_parser("sample", help="generate images from a prompt",
@@ -329,8 +349,8 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[SubParsers], None]] = [add_demo, add_train_vae, add_train, add_sample, add_convert,
-                                                add_upscale]
+COMMANDS: list[Callable[[SubParsers], None]] = [add_demo, add_train_vae, add_train, add_train_upscaler, add_sample,
+                                                add_upscale, add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:
