@@ -192,15 +192,16 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "latentdiffusion", *args]
 
 
-def test_resume_after_sigkill_is_bit_identical(tmp_path, vae_dir):
-    cfg = write_config(tmp_path / "ldm.yaml", TINY_LDM)
-    common = ["--config", str(cfg), "--vae", str(vae_dir), "--data", "builtin:shapes"]
-    reference = subprocess.Popen(_cli("train", *common, "--output", str(tmp_path / "reference")), env=ENV,
+def assert_sigkill_resume_is_bit_identical(tmp_path: Path, command: list[str], names: tuple[str, ...]) -> None:
+    """Run `ldm COMMAND` (6 steps, a checkpoint every 2) once unbroken and once killed outright after its step-2
+    checkpoint (with a half-written checkpoint left beside it), then resumed: the step-6 weights `names` agree bit
+    for bit. Shared by every trainer's SIGKILL test."""
+    reference = subprocess.Popen(_cli(*command, "--output", str(tmp_path / "reference")), env=ENV,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     # A run that goes on far longer, killed outright as soon as its step-2 checkpoint is whole.
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli("train", *common, "--output", str(killed), "--max-steps", "1000"), env=ENV,
+    proc = subprocess.Popen(_cli(*command, "--output", str(killed), "--max-steps", "1000"), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step-00000002").exists():
@@ -214,16 +215,22 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, vae_dir):
     (partial / "unet.safetensors").write_bytes(b"truncated")
     assert all(p.name.startswith("step-") for _, p in list_checkpoints(killed))
 
-    resumed = subprocess.run(_cli("train", *common, "--output", str(killed), "--resume"), env=ENV,
+    resumed = subprocess.run(_cli(*command, "--output", str(killed), "--resume"), env=ENV,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and ".tmp-step-00000006-99999" in resumed.stderr
     assert reference.wait() == 0
     done_ref, done_resumed = (tmp_path / "reference/checkpoints/step-00000006", killed / "checkpoints/step-00000006")
-    for name in ("unet", "text_encoder", "ema/unet", "ema/text_encoder"):
+    for name in names:
         assert_identical(weights(done_ref, name), weights(done_resumed, name))
     assert not partial.exists()
     assert [p.name for _, p in list_checkpoints(killed)] == ["step-00000004", "step-00000006"]  # keep_checkpoints=2
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, vae_dir):
+    cfg = write_config(tmp_path / "ldm.yaml", TINY_LDM)
+    command = ["train", "--config", str(cfg), "--vae", str(vae_dir), "--data", "builtin:shapes"]
+    assert_sigkill_resume_is_bit_identical(tmp_path, command, ("unet", "text_encoder", "ema/unet", "ema/text_encoder"))
 
 
 def test_two_gloo_processes_make_the_same_update_as_one(tmp_path, vae_dir):
