@@ -12,7 +12,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 
 from conftest import perturb_  # noqa: E402
 from latentdiffusion import LatentDiffusion  # noqa: E402
-from latentdiffusion.errors import ConfigError  # noqa: E402
+from latentdiffusion.errors import ConfigError, WeightsError  # noqa: E402
 from latentdiffusion.schedulers.schedule import make_alphas_cumprod  # noqa: E402
 from latentdiffusion.text_encoder import TOKENIZER_DIR  # noqa: E402
 from latentdiffusion.upscaler import UpscalerConfig, augment  # noqa: E402
@@ -123,6 +123,8 @@ def test_round_trip_and_export(pipe, reference, tmp_path):
     b = theirs(PROMPT, image=low_res_image(), generator=torch.Generator().manual_seed(1), **kwargs).images
     assert torch.equal(a, pipe(PROMPT, image=low_res_image(), generator=torch.Generator().manual_seed(1), **kwargs))
     assert (a - torch.as_tensor(b)).abs().max() < 5e-4
+    with pytest.raises(WeightsError, match="upscaler"):
+        pipe.save_pretrained(tmp_path / "x4.safetensors", format="single-file")
 
 
 @pytest.mark.parametrize("kwargs, culprit", [

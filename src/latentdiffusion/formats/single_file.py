@@ -181,4 +181,7 @@ def load_components(path: str | Path, use_ema: bool = False) -> Components:
 def save_components(path: str | Path, components: Components) -> None:
     """Components (a whole model) as one SD 1.x single file."""
     components.require("unet", "vae", "text_encoder")
+    if "upscaler" in components.configs:  # the file has no place for the low-res schedule and max_noise_level
+        raise WeightsError(f"cannot save {path} as a single file: an upsampler model needs its upscaler section; save "
+                           "it in the native format or the diffusers layout instead")
     save_single_file(path, **{k: (components.configs[k], components.weights[k]) for k in ("unet", "vae", "text_encoder")})
