@@ -180,3 +180,20 @@ def test_cli_upscale_and_its_errors(reference_dir, tmp_path, capsys):
     Image.new("RGB", (10, 12)).save(tmp_path / "odd.png")
     assert main(args[:4] + [str(tmp_path / "odd.png")] + args[5:]) == 2
     assert "image" in capsys.readouterr().err
+
+
+def test_cli_cascade(reference_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from latentdiffusion.cli import main
+    from test_pipeline import tiny_reference
+
+    tiny_reference().save_pretrained(tmp_path / "base", safe_serialization=True)  # 16x16 images
+    out = tmp_path / "cascade.png"
+    assert main(["sample", "--model", str(tmp_path / "base"), "--prompt", PROMPT, "--steps", "1", "--upscaler",
+                 str(reference_dir), "--upscale-steps", "1", "--noise-level", "5", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert Image.open(out).size == (64, 64)
+    assert main(["sample", "--model", str(tmp_path / "base"), "--prompt", PROMPT, "--steps", "1", "--upscaler",
+                 str(tmp_path / "base"), "--out", str(out)]) == 2
+    assert "not an upsampler" in capsys.readouterr().err
