@@ -182,6 +182,7 @@ def test_cli_upscale_and_its_errors(reference_dir, tmp_path, capsys):
     assert "image" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_cascade(reference_dir, tmp_path, capsys):
     from PIL import Image
 
