@@ -104,7 +104,10 @@ def cascade(base: LatentDiffusion, upscaler: LatentDiffusion, prompt: str | list
         [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     low_res = base(prompts, negative_prompt=negatives, num_images_per_prompt=num_images_per_prompt,
                    generator=generator, output_type="pt", **base_kwargs)  # (N, 3, H, W) in [0, 1]
-    each = lambda items: None if items is None else [p for p in items for _ in range(num_images_per_prompt)]  # noqa: E731
+
+    def each(items: list[str] | None) -> list[str] | None:  # one entry per base image
+        return None if items is None else [p for p in items for _ in range(num_images_per_prompt)]
+
     steps = upscale_steps or base_kwargs.get("num_inference_steps", 50)
     guidance = upscale_guidance if upscale_guidance is not None else base_kwargs.get("guidance_scale", 7.5)
     shared = {k: base_kwargs[k] for k in ("scheduler", "use_karras_sigmas", "eta", "progress") if k in base_kwargs}
