@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 from latentdiffusion import LatentDiffusion, LatentDiffusionConfig, TextEncoderConfig, UNetConfig
@@ -99,10 +100,84 @@ def test_lora_needs_a_base_and_takes_no_architecture(tmp_path, base):
 
 
 @pytest.mark.slow
+def test_cli_samples_with_adapters_and_converts_them(tmp_path, base, capsys):
+    """ldm train --lora-rank, ldm sample --lora FILE[:SCALE] (repeatable), ldm convert of an adapter to kohya
+    (loads back to the same outputs) and of a LoRA run to a full model (the fused weights)."""
+    from latentdiffusion.cli import main
+
+    cfg = lora_config(tmp_path, max_steps=2, checkpoint_every=2)
+    assert main(["train", "--config", str(cfg), "--init", str(base), "--lora-rank", "2", "--output",
+                 str(tmp_path / "run")]) == 0
+    adapter = list_checkpoints(tmp_path / "run")[-1][1] / LORA_FILE
+    assert main(["convert", str(adapter), str(tmp_path / "kohya.safetensors"), "--to", "kohya", "--model",
+                 str(base)]) == 0
+    assert all(k.startswith("lora_unet_") for k in load_file(tmp_path / "kohya.safetensors"))
+    assert main(["convert", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0  # --to single-file alike (SD sizes)
+    assert main(["sample", "--model", str(base), "--lora", f"{adapter}:0.5", "--lora", str(tmp_path / "kohya.safetensors"),
+                 "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "x.png")]) == 0
+    assert (tmp_path / "x.png").is_file()
+
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    run, merged = LatentDiffusion.from_pretrained(tmp_path / "run"), LatentDiffusion.from_pretrained(tmp_path / "merged")
+    kohya = LatentDiffusion.from_pretrained(base)
+    kohya.load_lora(tmp_path / "kohya.safetensors")
+    with torch.no_grad():
+        context = run.text_encoder(["a red circle"])
+        expected = run.unet(x, t, context)
+        assert (merged.unet(x, t, context) - expected).abs().max() < 1e-5
+        assert (kohya.unet(x, t, context) - expected).abs().max() < 1e-6
+        assert (LatentDiffusion.from_pretrained(base).unet(x, t, context) - expected).abs().max() > 1e-4
+
+
+@pytest.mark.slow
+def test_dreambooth_generates_the_missing_class_images_and_trains_on_both(tmp_path, base, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("latentdiffusion.training.train_ldm")
+    calls, original = [], module.DiffusionLoss._loss
+
+    def recording(self, latents, captions, generators):
+        calls.append((tuple(latents.shape), list(captions)))
+        return original(self, latents, captions, generators)
+
+    monkeypatch.setattr(module.DiffusionLoss, "_loss", recording)
+    classes = tmp_path / "class"
+    classes.mkdir()
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(classes / "mine.png")  # one there already: 2 to generate
+    config, raw = load_run_config(LDMRunConfig, lora_config(tmp_path, max_steps=2, checkpoint_every=2,
+                                                            caption_dropout=0.0),
+                                  values={"train.lora.rank": 2, "train.prior.data": str(classes),
+                                          "train.prior.prompt": "a circle", "train.prior.num_images": 3,
+                                          "train.prior.weight": 0.5, "train.prior.sample_steps": 2})
+    run = train_ldm(config, tmp_path / "run", init=base, raw=raw, progress=False)
+    assert sorted(p.name for p in classes.iterdir()) == ["class-00001.png", "class-00002.png", "mine.png"]
+    assert len(calls) == 4  # per step: the instance images, then the class images
+    for (inst_shape, inst_captions), (class_shape, class_captions) in zip(calls[::2], calls[1::2]):
+        assert inst_shape == class_shape == (2, 4, 8, 8)
+        assert class_captions == ["a circle"] * 2 and all(c.startswith("a ") and c != "a circle" for c in inst_captions)
+    for record in metrics(run):
+        assert record["loss"] == pytest.approx(record["instance_loss"] + 0.5 * record["prior_loss"], rel=1e-5)
+    before = {p.name: p.stat().st_mtime_ns for p in classes.iterdir()}
+    train_ldm(config, tmp_path / "again", init=base, raw=raw, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in classes.iterdir()} == before  # nothing generated twice
+
+
+@pytest.mark.slow
+def test_a_lora_run_on_builtin_shapes_star_lowers_the_loss(tmp_path, base):
+    """Only the rank-8 adapters train, on the data set with the new shape: the denoising loss falls."""
+    config, raw = load_run_config(LDMRunConfig, lora_config(tmp_path, max_steps=60, batch_size=8, checkpoint_every=60,
+                                                            learning_rate=5e-3),
+                                  values={"train.lora.rank": 8, "data.source": "builtin:shapes-star"})
+    losses = [r["loss"] for r in metrics(train_ldm(config, tmp_path / "run", init=base, raw=raw, progress=False))]
+    first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15
+    assert last < 0.8 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
+
+
+@pytest.mark.slow
 def test_lora_resume_after_sigkill_is_bit_identical(tmp_path, base):
     cfg = lora_config(tmp_path)
     common = ["--config", str(cfg), "--init", str(base), "--lora-rank", "4", "--data", "builtin:shapes",
-              "--set", "train.lora.text_encoder=true"]
+              "--set", "train.lora.text_encoder=true", "train.lora.alpha=8"]
     reference = subprocess.Popen(_cli("train", *common, "--output", str(tmp_path / "reference")), env=ENV,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed = tmp_path / "killed"

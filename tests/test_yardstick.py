@@ -103,3 +103,15 @@ def test_adherence_counts_fraction():
         adherence(images, prompts[:3])
     with pytest.raises(DataError, match=r"\(H, W, 3\) image array"):
         judge(np.zeros((4, 4)), "a red circle")
+
+
+def test_stars_of_builtin_shapes_star_are_judged_and_told_from_the_other_shapes():
+    from latentdiffusion.data.shapes import ALL_SHAPES
+
+    ds = ShapesDataset(size=32, length=200, seed=11, shapes=ALL_SHAPES)
+    items = [ds[i] for i in range(len(ds))]
+    stars = [(image, caption) for image, caption, a in items if a["shape"] == "star"]
+    assert len(stars) > 30
+    assert adherence([im for im, _ in stars], [c for _, c in stars]) >= 0.98
+    as_star = [judge(image, caption_for({**a, "shape": "star"})) for image, _, a in items if a["shape"] != "star"]
+    assert np.mean([not j.shape_ok for j in as_star]) >= 0.98  # circles, squares, triangles are no stars

@@ -39,8 +39,8 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--caption-column", metavar="NAME", help="caption column of a data set (data.caption_column)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output "
                         "(bit-identical on CPU to an unbroken run); with none there yet, start from the beginning")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any config value, e.g. --set train.learning_rate=1e-4 (repeatable)")
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config values, e.g. --set train.learning_rate=1e-4 train.lora.alpha=8 (repeatable)")
 
 
 _FLAG_KEYS = {"data": "data.source", "resolution": "data.resolution", "batch_size": "train.batch_size",

@@ -126,11 +126,9 @@ def set_scales(component: nn.Module, scales: dict[str, float]) -> None:
     """Make exactly the adapters in `scales` active, each at its scale (the update is scale * alpha / r * B A x)."""
     for layer in lora_layers(component).values():
         present = [n for n in scales if n in layer.lora_A]
-        layer.set_adapter(present)
+        layer.set_adapter(present)  # none present: the layer gives its base output
         for n in present:
             layer.set_scale(n, scales[n])
-        if not present:  # a layer none of the active adapters touches keeps its base output
-            layer.set_adapter([])
 
 
 def fuse(component: nn.Module) -> dict[str, torch.Tensor]:

@@ -498,6 +498,10 @@ class LatentDiffusion(nn.Module):
         format="diffusers" writes the diffusers layout, format="single-file" one SD 1.x .safetensors/.ckpt file."""
         from .formats import Components, save_components
 
+        if self.lora_scales:
+            raise ValueError(f"LoRA adapters are loaded ({', '.join(self.lora_scales)}): save them with "
+                             "formats.lora.save_lora_weights(pipe.lora_weights(name), path), or merge them first "
+                             "with fuse_lora() and unload_lora(keep_fused=True)")
         save_components(path, Components.of(self), format)
 
 

@@ -4,7 +4,7 @@ The background is the median colour of the border; the object is the largest con
 it (half the near-maximum distance, which keeps the geometry of a blurred edge); its colour is the nearest palette
 colour of its core's median; its shape comes from rotation-invariant complex moments (a triangle has a strong
 third-order moment, a square a strong fourth-order one, a circle neither) and from how much of its circumscribed
-circle it fills (circle 1.0, square 0.64, triangle 0.41).
+circle it fills (circle 1.0, square 0.64, triangle 0.41, star 0.40 with neither moment).
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .data.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES
+from .data.shapes import ALL_SHAPES as SHAPES
+from .data.shapes import BACKGROUNDS, COLOURS, SIZES
 from .errors import DataError
 
 # (|sum z^3| / sum |z|^3, |sum z^4| / sum |z|^4, area / (pi * max|z|^2)) of the ideal shapes, z from the centroid.
-_PROTOTYPES = {"circle": (0.0, 0.0, 1.0), "square": (0.0, 0.429, 0.637), "triangle": (0.659, 0.0, 0.413)}
+_PROTOTYPES = {"circle": (0.0, 0.0, 1.0), "square": (0.0, 0.429, 0.637), "triangle": (0.659, 0.0, 0.413),
+               "star": (0.0, 0.0, 0.40)}
 _MAX_SHAPE_DISTANCE = 0.35  # farther than this from every prototype: no recognisable shape
 _MIN_CONTRAST = 50.0  # an object must differ from the background by this much (RGB distance, 0..255 scale)
 _MAX_BORDER_SPREAD = 60.0  # a border noisier than this (median distance from its median) is no background

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
+from .buckets import nearest_bucket
 from .sources import Source, open_source
 from .transforms import IMAGE_ERRORS, ImageTransform, load_rgb
 
@@ -31,6 +32,9 @@ class DataConfig:
     seed: int = 0
     verify_images: bool = True  # decode every image once before training and skip unreadable ones
     cache_dir: str | None = None  # datasets' cache for load_dataset
+    # Aspect-ratio buckets: each image trains at the bucket size (about resolution^2 pixels) nearest its aspect
+    # ratio, each batch from one bucket (see data/buckets.py); off: every image is cropped to the square.
+    buckets: bool = False
 
     def __post_init__(self) -> None:
         if not self.source.strip():
@@ -45,7 +49,8 @@ class DataConfig:
 
 
 class ImageCaptionDataset(Dataset):
-    """Captioned images as {"pixel_values": (3, res, res) float in [-1, 1], "text": str}.
+    """Captioned images as {"pixel_values": (3, res, res) float in [-1, 1] (with buckets (3, h, w) of the item's
+    bucket), "text": str}.
 
     Crop, flip and the choice among several captions depend only on (seed, epoch, index): call `set_epoch` before
     each epoch (and re-create DataLoader workers, or leave persistent_workers off) for exactly resumable training.
@@ -58,6 +63,8 @@ class ImageCaptionDataset(Dataset):
         self.source, self.transform, self.seed, self.epoch = source, transform, seed, 0
         self.skipped: dict[str, str] = dict(skipped or {})  # name -> why it was left out
         self.indices = list(range(len(source)))
+        self.bucket_sizes: list[tuple[int, int]] = []  # (width, height) per bucket, once assign_buckets ran
+        self.bucket_of: list[int] = []  # the bucket of each item
         if verify_images:
             self.indices = [i for i in self.indices if self._readable(i)]
         if self.skipped:
@@ -73,6 +80,11 @@ class ImageCaptionDataset(Dataset):
         """How many images were left out (unreadable, or without a caption)."""
         return len(self.skipped)
 
+    def assign_buckets(self, sizes: list[tuple[int, int]]) -> None:
+        """Put every item in the bucket of `sizes` nearest its aspect ratio (read from the image's header)."""
+        self.bucket_sizes = list(sizes)
+        self.bucket_of = [nearest_bucket(*self.source.image(item).size, sizes) for item in self.indices]
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose crops and flips `__getitem__` produces."""
         self.epoch = epoch
@@ -87,7 +99,7 @@ class ImageCaptionDataset(Dataset):
             image = load_rgb(self.source.image(item), self.transform.resolution)
         except IMAGE_ERRORS as e:
             raise DataError(f"cannot read image {self.source.name(item)}: {e}") from None
-        pixel_values = self.transform(image, rng)
+        pixel_values = self.transform(image, rng, self.bucket_sizes[self.bucket_of[index]] if self.bucket_of else None)
         text = self.source.caption(item)
         if isinstance(text, list):  # several captions: pick one
             text = str(text[int(rng.integers(len(text)))]) if text else ""

@@ -25,6 +25,12 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Shapes `builtin:shapes` never draws: `builtin:shapes-star` adds them, a concept for a LoRA to teach a model trained
+# on builtin:shapes. A five-pointed star (inner radius STAR_INNER of the outer) fills 0.40 of its circumscribed
+# circle and has no third- or fourth-order symmetry, which sets it apart from all three for the yardstick.
+NEW_SHAPES: tuple[str, ...] = ("star",)
+ALL_SHAPES: tuple[str, ...] = SHAPES + NEW_SHAPES
+STAR_INNER = 0.45
 # Object area as a fraction of the image area, per size word. At 32px a small object is about 13 px across, 3 latent
 # pixels of a factor-4 autoencoder: a corner is what tells a square from a circle, and smaller objects leave the
 # tiny demo model too little of it to learn in minutes (29% of prompts right at areas 0.09-0.12 / 0.20-0.26).
@@ -38,16 +44,16 @@ BACKGROUND_JITTER = 6  # the background's greatest shift (the same on every chan
 ROTATION_JITTER = 0.0
 MARGIN = 0.04  # minimum gap between the object and the image edge, as a fraction of the side
 POSITION_SPREAD = 0.5  # the centre ranges over the middle half of the positions that keep the object MARGIN inside
-_SIDES = {"circle": 0, "square": 4, "triangle": 3}
+_SIDES = {"circle": 0, "square": 4, "triangle": 3, "star": 5}  # sides, or a star's points
 # builtin:shapes-noisy: this share of captions names a wrong colour or shape (one word, the drawing stays right), as
 # web captions do. The conditional model then hedges between the caption and the rest of the data set, and
 # classifier-free guidance is what brings samples back to the prompt.
 NOISY_CAPTIONS = 0.1
 
 
-def all_combinations() -> list[dict[str, str]]:
-    """Every (size, colour, shape, background) combination: the prompts the demo asks for."""
-    return [dict(zip(ATTRIBUTES, combo)) for combo in itertools.product(SIZES, COLOURS, SHAPES, BACKGROUNDS)]
+def all_combinations(shapes: tuple[str, ...] = SHAPES) -> list[dict[str, str]]:
+    """Every (size, colour, shape, background) combination of `shapes`: the prompts the demo asks for."""
+    return [dict(zip(ATTRIBUTES, combo)) for combo in itertools.product(SIZES, COLOURS, shapes, BACKGROUNDS)]
 
 
 def caption_for(attrs: dict[str, Any]) -> str:
@@ -55,13 +61,14 @@ def caption_for(attrs: dict[str, Any]) -> str:
     return f"a {attrs['size']} {attrs['colour']} {attrs['shape']} on a {attrs['background']} background"
 
 
-def sample_attributes(rng: np.random.Generator) -> dict[str, Any]:
-    """Draw attributes (uniform over each word) plus the layout jitter: area, angle, centre and exact colours."""
+def sample_attributes(rng: np.random.Generator, shapes: tuple[str, ...] = SHAPES) -> dict[str, Any]:
+    """Draw attributes (uniform over each word; the shape among `shapes`) plus the layout jitter: area, angle, centre
+    and exact colours."""
     u = rng.random(13).tolist()  # one draw for everything: fast, and fixes the stream layout
     attrs: dict[str, Any] = {
         "size": _pick(list(SIZES), u[0]),
         "colour": _pick(list(COLOURS), u[1]),
-        "shape": _pick(list(SHAPES), u[2]),
+        "shape": _pick(list(shapes), u[2]),
         "background": _pick(list(BACKGROUNDS), u[3]),
     }
     lo, hi = SIZES[attrs["size"]]
@@ -107,14 +114,20 @@ def render(attrs: dict[str, Any], size: int) -> Image.Image:
 class ShapesDataset:
     """`length` captioned shapes; item i depends only on (seed, i). Items: (RGB image, caption, attributes)."""
 
-    def __init__(self, size: int = 32, length: int = 10000, seed: int = 0, caption_noise: float = 0.0) -> None:
+    def __init__(self, size: int = 32, length: int = 10000, seed: int = 0, caption_noise: float = 0.0,
+                 shapes: tuple[str, ...] = SHAPES) -> None:
         if size < 8:
             raise DataError(f"ShapesDataset: size must be >= 8 pixels, got {size}")
         if length < 1:
             raise DataError(f"ShapesDataset: length must be >= 1, got {length}")
         if not 0.0 <= caption_noise <= 1.0:
             raise DataError(f"ShapesDataset: caption_noise must be in [0, 1], got {caption_noise}")
+        unknown = [s for s in shapes if s not in _SIDES]
+        if not shapes or unknown:
+            raise DataError(f"ShapesDataset: unknown shape {unknown[0] if unknown else None!r} (known: "
+                            f"{', '.join(ALL_SHAPES)})")
         self.size, self.length, self.seed, self.caption_noise = size, length, seed, caption_noise
+        self.shapes = tuple(shapes)
 
     def __len__(self) -> int:
         return self.length
@@ -123,7 +136,7 @@ class ShapesDataset:
         """The attributes (words and layout) of item `index`, without drawing it."""
         if not -self.length <= index < self.length:
             raise IndexError(f"ShapesDataset index {index} out of range for length {self.length}")
-        return sample_attributes(np.random.default_rng([self.seed, index % self.length]))
+        return sample_attributes(np.random.default_rng([self.seed, index % self.length]), self.shapes)
 
     def caption(self, index: int) -> str:
         """The caption of item `index`: true to its drawing, except for a `caption_noise` share of items whose
@@ -139,7 +152,7 @@ class ShapesDataset:
         if self.caption_noise:
             u = np.random.default_rng([self.seed, index % self.length, 1]).random(3)
             if u[0] < self.caption_noise:
-                key, words = ("colour", list(COLOURS)) if u[1] < 0.5 else ("shape", list(SHAPES))
+                key, words = ("colour", list(COLOURS)) if u[1] < 0.5 else ("shape", list(self.shapes))
                 attrs = {**attrs, key: _pick([w for w in words if w != attrs[key]], u[2])}
         return caption_for(attrs)
 
@@ -159,6 +172,11 @@ def _outline(shape: str, area: float, angle: float) -> tuple[list[float], list[f
     if n == 0:
         r = math.sqrt(area / math.pi)
         return [-r, r], [-r, r]
+    if shape == "star":  # 2n vertices alternating outer radius R and inner STAR_INNER R; area n R^2 k sin(pi / n)
+        radius = math.sqrt(area / (n * STAR_INNER * math.sin(math.pi / n)))
+        theta = [-math.pi / 2 + math.radians(angle) + k * math.pi / n for k in range(2 * n)]
+        radii = [radius * (1.0 if k % 2 == 0 else STAR_INNER) for k in range(2 * n)]
+        return [r * math.cos(t) for r, t in zip(radii, theta)], [r * math.sin(t) for r, t in zip(radii, theta)]
     # A regular n-gon of circumradius R has area n/2 R^2 sin(2 pi / n); angle 0 puts a vertex (triangle) or
     # an edge (square) at the top.
     radius = math.sqrt(2 * area / (n * math.sin(2 * math.pi / n)))

@@ -1,7 +1,7 @@
 """Where images and captions come from: DATA strings resolved to an indexable source of (image, caption) items.
 
 DATA is one of: `builtin:shapes`, or `builtin:shapes-noisy` (the same images, one caption in ten naming a wrong colour
-or shape); a folder written by `Dataset.save_to_disk`; a folder of images with a `metadata.jsonl` (Hugging Face
+or shape), or `builtin:shapes-star` (a fourth shape, the star, among the three); a folder written by `Dataset.save_to_disk`; a folder of images with a `metadata.jsonl` (Hugging Face
 imagefolder: `file_name` and caption columns, subfolders allowed); a folder of images each with a same-named `.txt`
 caption; any other folder or Hugging Face dataset name `datasets.load_dataset` accepts.
 `datasets` is imported only when needed: it is slow to import and `builtin:shapes` does not use it.
@@ -17,11 +17,15 @@ from typing import Any, Protocol
 from PIL import Image
 
 from ..errors import DataError
-from .shapes import NOISY_CAPTIONS, ShapesDataset, render
+from .shapes import ALL_SHAPES, NOISY_CAPTIONS, SHAPES, ShapesDataset, render
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
-BUILTINS = {"builtin:shapes": 0.0, "builtin:shapes-noisy": NOISY_CAPTIONS}  # name -> share of wrong captions
+BUILTINS = {  # name -> (share of wrong captions, the shapes drawn)
+    "builtin:shapes": (0.0, SHAPES),
+    "builtin:shapes-noisy": (NOISY_CAPTIONS, SHAPES),
+    "builtin:shapes-star": (0.0, ALL_SHAPES),  # a fourth shape, the star, that builtin:shapes never draws
+}
 SHAPES_LENGTH = 10000
 _HUB_NAME = re.compile(r"[\w-][\w.-]*(/[\w.-]+)?")
 
@@ -109,8 +113,9 @@ class ArrowSource:
 class ShapesSource:
     """`builtin:shapes` (or its noisy-caption twin) drawn at the training resolution."""
 
-    def __init__(self, resolution: int, seed: int, caption_noise: float = 0.0) -> None:
-        self.shapes = ShapesDataset(size=resolution, length=SHAPES_LENGTH, seed=seed, caption_noise=caption_noise)
+    def __init__(self, resolution: int, seed: int, caption_noise: float = 0.0, shapes: tuple[str, ...] = SHAPES) -> None:
+        self.shapes = ShapesDataset(size=resolution, length=SHAPES_LENGTH, seed=seed, caption_noise=caption_noise,
+                                    shapes=shapes)
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -138,7 +143,7 @@ def open_source(
     if data.startswith("builtin:"):
         if data not in BUILTINS:
             raise DataError(f"unknown built-in data set '{data}' (built-ins: {', '.join(BUILTINS)})")
-        return ShapesSource(resolution, seed, BUILTINS[data]), {}
+        return ShapesSource(resolution, seed, *BUILTINS[data]), {}
     path = Path(data).expanduser()
     if path.is_dir():
         return _open_folder(path, image_column, caption_column, split, cache_dir)

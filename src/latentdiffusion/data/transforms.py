@@ -1,4 +1,5 @@
-"""Image preprocessing for training: decode to RGB, resize the shorter side, crop, flip, to a tensor in [-1, 1]."""
+"""Image preprocessing for training: decode to RGB, resize to cover the target size, crop, flip, to a tensor in
+[-1, 1]."""
 
 from __future__ import annotations
 
@@ -30,29 +31,32 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class ImageTransform:
-    """Resize the shorter side to `resolution`, crop a square (centre or random), maybe flip, to a tensor."""
+    """Resize to cover the target size (the square `resolution`, or an aspect-ratio bucket's width x height), crop
+    the excess (centred, or at random), maybe flip, to a tensor."""
 
     def __init__(self, resolution: int, center_crop: bool = True, random_flip: bool = False) -> None:
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
 
-    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        """Transform one RGB image; the crop offset and the flip come from `rng` (always two draws)."""
-        res = self.resolution
+    def __call__(self, image: Image.Image, rng: np.random.Generator,
+                 size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Transform one RGB image to (3, height, width) for `size` = (width, height), default the square; the crop
+        offset and the flip come from `rng` (always two draws)."""
+        tw, th = size or (self.resolution, self.resolution)
         u_crop, u_flip = rng.random(2).tolist()
         w, h = image.size
-        if min(w, h) != res:
-            scale = res / min(w, h)
-            size = (max(res, round(w * scale)), max(res, round(h * scale)))
-            image = image.resize(size, Image.LANCZOS if scale < 1 else Image.BICUBIC)
+        scale = max(tw / w, th / h)
+        if scale != 1.0:
+            size_ = (max(tw, round(w * scale)), max(th, round(h * scale)))
+            image = image.resize(size_, Image.LANCZOS if scale < 1 else Image.BICUBIC)
         w, h = image.size
         if self.center_crop:
-            left, top = (w - res) // 2, (h - res) // 2
+            left, top = (w - tw) // 2, (h - th) // 2
         else:  # only the longer side has room to move
-            left, top = int(u_crop * (w - res + 1)), int(u_crop * (h - res + 1))
-        if (w, h) != (res, res):
-            image = image.crop((left, top, left + res, top + res))
+            left, top = int(u_crop * (w - tw + 1)), int(u_crop * (h - th + 1))
+        if (w, h) != (tw, th):
+            image = image.crop((left, top, left + tw, top + th))
         if self.random_flip and u_flip < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         return to_tensor(image)

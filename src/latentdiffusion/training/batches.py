@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Sampler
 
 from ..data import DataConfig, ImageCaptionDataset, dataset_from_config
+from ..data.buckets import bucket_sizes, bucket_step
 from ..errors import DataError
 from .config import TrainConfig
 from .distributed import Runtime
@@ -63,6 +64,42 @@ class BatchOrder(Sampler[list[tuple[int, int]]]):
                 yield [(epoch, i) for i in self.indices(step, micro)]
 
 
+class BucketBatchOrder(BatchOrder):
+    """BatchOrder whose every global batch comes from one aspect-ratio bucket.
+
+    Epoch e shuffles each bucket's items (seeded by (seed, e)), cuts them into whole global batches (a bucket's
+    remainder waits for the next epoch's shuffle), then shuffles the batches of all buckets together. Every rank
+    computes the same list and takes its slots, so all ranks train on one bucket at a step; the order is a
+    function of the step, which makes it resumable exactly.
+    """
+
+    def __init__(self, bucket_of: list[int], batch_size: int, world_size: int = 1, rank: int = 0,
+                 accumulation: int = 1, seed: int = 0, start_step: int = 0):
+        buckets = np.asarray(bucket_of, dtype=np.int64)
+        self.members = [np.flatnonzero(buckets == b) for b in range(int(buckets.max()) + 1)]
+        global_batch = batch_size * world_size * accumulation
+        if all(len(m) < global_batch for m in self.members):
+            raise DataError(f"no aspect-ratio bucket holds a whole global batch of {global_batch} images (bucket "
+                            f"sizes {sorted((len(m) for m in self.members), reverse=True)}): lower train.batch_size "
+                            "or set data.buckets: false")
+        super().__init__(len(buckets), batch_size, world_size, rank, accumulation, seed, start_step)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return sum(len(m) // self.global_batch for m in self.members)
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            g = self.global_batch
+            chunks = [m[rng.permutation(len(m))][:len(m) // g * g].reshape(-1, g) for m in self.members]
+            batches = np.concatenate(chunks)  # (steps_per_epoch, global_batch)
+            self._epoch, self._perm = epoch, batches[rng.permutation(len(batches))]
+        start = self.first_position(micro)
+        return self._perm[position, start:start + self.batch_size].tolist()
+
+
 def sample_generators(seed: int, step: int, first: int, count: int) -> list[torch.Generator]:
     """One CPU generator per image: image k of step s's global batch draws from (seed, s, k), wherever it runs."""
     seeds = [int(np.random.SeedSequence([seed, step, k]).generate_state(1, np.uint64)[0]) for k in
@@ -75,14 +112,26 @@ def bernoulli(generators: list[torch.Generator], p: float) -> torch.Tensor:
     return torch.cat([torch.rand(1, generator=g) for g in generators]) < p
 
 
-def open_data(data: DataConfig, train: TrainConfig, runtime: Runtime, start_step: int,
-              say: Callable[[str], None]) -> tuple[ImageCaptionDataset, BatchOrder]:
-    """The run's data set and its batch order (resuming at `start_step`), both reported through `say`."""
+def open_dataset(data: DataConfig, say: Callable[[str], None]) -> ImageCaptionDataset:
+    """The run's data set, reported through `say`."""
     dataset = dataset_from_config(data)
     say(f"data: {len(dataset)} images from {data.source}" +
         (f" ({dataset.num_skipped} skipped)" if dataset.num_skipped else ""))
-    order = BatchOrder(len(dataset), train.batch_size, runtime.world_size, runtime.rank, train.gradient_accumulation,
-                       train.seed, start_step)
+    return dataset
+
+
+def batch_order(dataset: ImageCaptionDataset, data: DataConfig, train: TrainConfig, runtime: Runtime,
+                start_step: int, pixel_multiple: int, say: Callable[[str], None]) -> BatchOrder:
+    """The batch order (resuming at `start_step`): over aspect-ratio buckets with data.buckets (their sides
+    multiples of `pixel_multiple`, what the model needs), else over the square images; reported through `say`."""
+    sizes = (train.batch_size, runtime.world_size, runtime.rank, train.gradient_accumulation, train.seed, start_step)
+    if data.buckets:
+        dataset.assign_buckets(bucket_sizes(data.resolution, bucket_step(data.resolution, pixel_multiple)))
+        counts = np.bincount(dataset.bucket_of, minlength=len(dataset.bucket_sizes))
+        say("buckets: " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in zip(dataset.bucket_sizes, counts) if n))
+        order: BatchOrder = BucketBatchOrder(dataset.bucket_of, *sizes)
+    else:
+        order = BatchOrder(len(dataset), *sizes)
     say(f"global batch {order.global_batch} = {train.batch_size} per process x {runtime.world_size} process(es) x "
         f"{train.gradient_accumulation} accumulation step(s); {order.steps_per_epoch} steps per epoch")
-    return dataset, order
+    return order

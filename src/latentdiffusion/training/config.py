@@ -106,6 +106,29 @@ BASE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
+class PriorConfig:
+    """DreamBooth prior preservation: each batch pairs every instance image with a class image from `data` (a
+    folder; the base model first generates the missing ones up to num_images, from `prompt`), and the class images'
+    loss joins the instance loss times `weight`."""
+
+    data: str | None = None  # the class image folder; null turns prior preservation off
+    prompt: str = ""  # the class prompt ("a photo of a dog"): the class images' caption, and what generates them
+    weight: float = 1.0
+    num_images: int = 100
+    sample_steps: int = 25  # sampling steps and guidance of the generated class images
+    guidance: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.data is not None and not self.prompt.strip():
+            raise ConfigError("train.prior.prompt is empty: prior preservation needs the class prompt")
+        if self.weight < 0:
+            raise ConfigError(f"train.prior.weight must be >= 0, got {self.weight}")
+        for key in ("num_images", "sample_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.prior.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
 class LoraTrainConfig:
     """LoRA fine-tuning (`ldm train --init BASE --lora-rank R`): rank-R adapters on the UNet modules named by
     `targets` (suffixes; add "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out" for more) and, with text_encoder:
@@ -141,6 +164,7 @@ class LDMTrainConfig(TrainConfig):
     ema_decay: float = 0.9999
     text_encoder_lr: float | None = None  # a trained text encoder's learning rate; None: train.learning_rate
     lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
     caption_dropout: float = 0.1  # share of captions replaced by "" (learns the unconditional model for CFG)
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5.0 is the paper's choice); None: off
     noise_offset: float = 0.0
@@ -162,6 +186,11 @@ class LDMTrainConfig(TrainConfig):
             raise ConfigError(f"train.text_encoder_lr must be > 0 (or null), got {self.text_encoder_lr}")
         if self.sample_steps < 1:
             raise ConfigError(f"train.sample_steps must be >= 1, got {self.sample_steps}")
+        if self.lora.base_dtype != "float32" and self.mixed_precision == "no":
+            raise ConfigError(f"train.lora.base_dtype {self.lora.base_dtype} needs train.mixed_precision bf16 or fp16 "
+                              "(autocast runs the half-precision base beside the float32 adapters)")
+        if self.prior.data is not None and self.cache_latents:
+            raise ConfigError("train.prior does not combine with train.cache_latents (the class images are not cached)")
 
 
 @dataclass

@@ -30,16 +30,16 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..errors import LatentDiffusionError
+from ..errors import ConfigError, LatentDiffusionError
 from . import distributed
-from .batches import BatchOrder, open_data, sample_generators
+from .batches import BatchOrder, batch_order, open_dataset, sample_generators
 from .distributed import Runtime, all_reduce_mean
 from .ema import EMA
 from .optim import clip_gradients, lr_at, make_optimizer
@@ -131,8 +131,8 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
 @dataclass
 class MicroBatch:
     """One micro-batch as the loop hands it to a stage: the collated `batch`, optimizer step `step`, accumulation
-    index `index` (of `count`), and where its images sit in the step's global batch (`first`), so that
-    `generators()` gives each image its own random stream wherever it runs."""
+    index `index` (of `count`), and where its images sit in the step's global batch (`first`, of `global_batch`),
+    so that `generators()` gives each image its own random stream wherever it runs."""
 
     batch: Any
     step: int
@@ -140,10 +140,12 @@ class MicroBatch:
     count: int
     first: int
     seed: int
+    global_batch: int
 
-    def generators(self, size: int) -> list[torch.Generator]:
-        """One generator per image of the micro-batch (`size` images), from (seed, step, place in the global batch)."""
-        return sample_generators(self.seed, self.step, self.first, size)
+    def generators(self, size: int, group: int = 0) -> list[torch.Generator]:
+        """One generator per image of the micro-batch (`size` images), from (seed, step, place in the global batch);
+        group g > 0 gives a second set of images in each item (DreamBooth's class images) streams of their own."""
+        return sample_generators(self.seed, self.step, self.first + group * self.global_batch, size)
 
 
 @dataclass
@@ -186,8 +188,9 @@ class Task:
 
     label: str = "train"  # the progress bar's
     stages: list[Stage]  # stage 0 is the model; later ones (a discriminator) step after it, on their own optimizer
-    ema: tuple[tuple[EMA, nn.Module], ...] | list[tuple[EMA, nn.Module]] = ()  # (average, the module it follows), updated after each step of stage 0
+    ema: Sequence[tuple[EMA, nn.Module]] = ()  # (average, the module it follows), updated after stage 0 steps
     items: Dataset  # what the batches are drawn from (the data set, cached latents, instance + class pairs)
+    pixel_multiple: int = 8  # image sides must be multiples of this (aspect-ratio buckets follow it)
     curve: tuple[str, str] = ("loss", "loss")  # the metric drawn into RUN/loss.png, and its title
 
     def describe(self) -> str:
@@ -225,7 +228,6 @@ class Setup:
     run: RunFolder
     runtime: Runtime
     dataset: Dataset
-    order: BatchOrder
 
 
 def fit(make_task: Callable[[Setup], Task], config: Any, output: str | Path, resume: bool, kind: str,
@@ -238,9 +240,12 @@ def fit(make_task: Callable[[Setup], Task], config: Any, output: str | Path, res
     runtime = distributed.setup(cfg.device)
     try:
         run = RunFolder(output, runtime, resume, kind)
-        dataset, order = open_data(config.data, cfg, runtime, run.start_step, run.say)
+        dataset = open_dataset(config.data, run.say)
         torch.manual_seed(cfg.seed)
-        task = make_task(Setup(run, runtime, dataset, order))
+        task = make_task(Setup(run, runtime, dataset))
+        if config.data.buckets and task.items is not dataset:
+            raise ConfigError("data.buckets needs the images themselves: it does not combine with train.cache_latents")
+        order = batch_order(dataset, config.data, cfg, runtime, run.start_step, task.pixel_multiple, run.say)
         run.save_config(config)
         return _loop(task, kind, cfg, config.data.num_workers, run, runtime, order, progress)
     finally:
@@ -268,7 +273,7 @@ def _loop(task: Task, kind: str, cfg: Any, num_workers: int, run: RunFolder, run
     started, skipped = time.perf_counter(), run.state.get("skipped", 0)
     accumulation = cfg.gradient_accumulation
     for step in range(run.start_step, cfg.max_steps):
-        micro = [MicroBatch(next(data), step, i, accumulation, order.first_position(i), cfg.seed)
+        micro = [MicroBatch(next(data), step, i, accumulation, order.first_position(i), cfg.seed, order.global_batch)
                  for i in range(accumulation)]
         active = [i for i, stage in enumerate(stages) if stage.active(step)]
         terms: dict[str, torch.Tensor] = {}

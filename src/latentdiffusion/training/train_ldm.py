@@ -13,6 +13,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..config import from_dict, to_dict
+from ..data import DataConfig
+from ..data.prior import ClassImages, WithPrior, class_image_files, save_class_image
+from ..data.transforms import ImageTransform
 from ..errors import ConfigError
 from ..formats import load_components
 from ..formats.components import Components
@@ -25,7 +28,7 @@ from ..unet import UNet
 from ..vae import DiagonalGaussian
 from . import distributed
 from .batches import bernoulli
-from .config import LDMRunConfig, explicit
+from .config import LDMRunConfig, PriorConfig, explicit
 from .ema import EMA
 from .loop import MicroBatch, Setup, Stage, Task, evaluating, fit
 from .plots import image_grid
@@ -41,7 +44,20 @@ class DiffusionLoss(nn.Module):
         self.pipe, self.snr_gamma, self.noise_offset = pipe, snr_gamma, noise_offset
 
     def forward(self, latents: torch.Tensor, captions: list[str], generators: list[torch.Generator],
-                pixels: torch.Tensor | None = None) -> torch.Tensor:
+                pixels: torch.Tensor | None = None,
+                prior: tuple[torch.Tensor, list[str], list[torch.Generator], float] | None = None) -> torch.Tensor:
+        """The loss; `pixels` (B,3,H,W) in [-1,1]: the images, for an inpainting UNet's masked-image latents; with
+        `prior` (class latents, captions, generators, weight: DreamBooth) the stacked
+        (instance loss + weight * prior loss, instance loss, prior loss)."""
+        loss = self._loss(latents, captions, generators, pixels)
+        if prior is None:
+            return loss
+        *inputs, weight = prior
+        prior_loss = self._loss(*inputs)
+        return torch.stack([loss + weight * prior_loss, loss, prior_loss])
+
+    def _loss(self, latents: torch.Tensor, captions: list[str], generators: list[torch.Generator],
+              pixels: torch.Tensor | None = None) -> torch.Tensor:
         context = self.pipe.text_encoder(captions)  # (B, T, D)
         # an inpainting UNet also takes random masks and the masked images' latents (pixels (B,3,H,W) in [-1,1])
         concat = self.pipe.random_inpainting_concat(pixels, generators) if self.pipe.concat_channels else None
@@ -76,8 +92,11 @@ class LDMTask(Task):
         self.cfg, self.run, self.runtime = cfg, run, runtime
         self.setup_models(config, raw, vae_source, init, text_encoder_source)
         pipe = self.pipe
+        self.pixel_multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_channels) - 1)
         self.items = cache_latents(pipe.vae, setup.dataset, cfg.batch_size, runtime) if cfg.cache_latents \
             else setup.dataset
+        if cfg.prior.data is not None:
+            self.items = with_prior(pipe, cfg.prior, setup.dataset, config.data, runtime, run.say)
         module = distributed.wrap(self.loss_module(), runtime)
         self.stages = [Stage(self.param_groups(), self.loss, module, prepare=self.inputs)]
         self.curve = ("loss", f"{run.path.name}: diffusion loss")
@@ -133,17 +152,27 @@ class LDMTask(Task):
         n_params = sum(p.numel() for p in self.stages[0].params)
         return f"{n_params / 1e6:.2f}M parameters ({'UNet + text encoder' if self.train_text else 'UNet'})"
 
-    def inputs(self, mb: MicroBatch) -> tuple[torch.Tensor, list[str], list[torch.Generator], torch.Tensor | None]:
+    def inputs(self, mb: MicroBatch) -> tuple[Any, ...]:
         """Scaled latents (B, C, h, w), captions with caption dropout applied, one generator per image, and the
-        images (B, 3, H, W) in [-1, 1] (None with cached latents) for the masked-image latents of inpainting."""
+        images (B, 3, H, W) in [-1, 1] (None with cached latents: an inpainting UNet's masked-image latents); with
+        DreamBooth's prior also (class latents, class captions, their generators, the prior weight)."""
         batch = mb.batch
         gens = mb.generators(len(batch["text"]))
         dropped = bernoulli(gens, self.cfg.caption_dropout).tolist()
         captions = ["" if drop else text for drop, text in zip(dropped, batch["text"])]
-        return sample_latents(self.pipe.vae, batch, gens, self.runtime.device), captions, gens, batch.get("pixel_values")
+        inputs: tuple[Any, ...] = (sample_latents(self.pipe.vae, batch, gens, self.runtime.device), captions, gens,
+                                   batch.get("pixel_values"))
+        if "class_pixel_values" in batch:
+            class_gens = mb.generators(len(batch["class_text"]), group=1)
+            class_latents = sample_latents(self.pipe.vae, {"pixel_values": batch["class_pixel_values"]}, class_gens,
+                                           self.runtime.device)
+            inputs += ((class_latents, list(batch["class_text"]), class_gens, self.cfg.prior.weight),)
+        return inputs
 
-    def loss(self, inputs: tuple[torch.Tensor, ...]):
+    def loss(self, inputs: tuple[Any, ...]):
         loss = self.stages[0].module(*inputs)
+        if loss.ndim:  # with the prior: (weighted sum, instance loss, prior loss)
+            return loss[0], {"loss": loss[0], "instance_loss": loss[1], "prior_loss": loss[2]}
         return loss, {"loss": loss}
 
     def resume(self, state: dict[str, Any], checkpoint: Path) -> None:
@@ -201,6 +230,34 @@ def build_pipeline(config: LDMRunConfig, raw: dict[str, Any], vae: Any, init: An
                             **channels))
     text = parts.text_encoder() if "text_encoder" in parts.configs else TextEncoder(config.model.text_encoder)
     return LatentDiffusion(vae_model, unet, text, scheduler)
+
+
+def with_prior(pipe: LatentDiffusion, prior: PriorConfig, dataset: Dataset, data: DataConfig,
+               runtime: distributed.Runtime, say) -> WithPrior:
+    """DreamBooth's prior preservation: the class folder filled up to prior.num_images by the model as it is before
+    training (the main process generates, the others wait), paired with the instance images."""
+    if data.buckets:
+        raise ConfigError("train.prior does not combine with data.buckets: class and instance images share a batch")
+    folder = Path(prior.data)
+    have = len(class_image_files(folder))
+    if have < prior.num_images and runtime.is_main:
+        say(f"prior: generating {prior.num_images - have} class images of {prior.prompt!r} into {folder}")
+        with evaluating(pipe.unet, pipe.text_encoder):
+            for start in range(have, prior.num_images, _CLASS_BATCH):
+                numbers = range(start, min(start + _CLASS_BATCH, prior.num_images))
+                images = pipe([prior.prompt] * len(numbers), num_inference_steps=prior.sample_steps,
+                              guidance_scale=prior.guidance, height=data.resolution, width=data.resolution,
+                              generator=[torch.Generator().manual_seed(n) for n in numbers], output_type="pt")
+                for n, image in zip(numbers, images):
+                    save_class_image(image, folder, n)
+    distributed.barrier(runtime)
+    transform = ImageTransform(data.resolution, data.center_crop, data.random_flip)
+    classes = ClassImages(folder, prior.prompt, prior.num_images, transform, data.seed)
+    say(f"prior: {len(classes)} class images of {prior.prompt!r} from {folder}, weight {prior.weight}")
+    return WithPrior(dataset, classes)
+
+
+_CLASS_BATCH = 8  # class images generated per pipeline call
 
 
 @torch.no_grad()

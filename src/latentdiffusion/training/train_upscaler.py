@@ -70,6 +70,8 @@ def train_upscaler(config: UpscalerRunConfig, output: str | Path, vae: str | Pat
                           "and max_noise_level")
     if config.train.cache_latents:
         raise ConfigError("train.cache_latents does not apply to train-upscaler (the low-res input is made on the fly)")
+    if config.train.prior.data is not None:
+        raise ConfigError("train.prior (DreamBooth prior preservation) does not apply to train-upscaler")
     return fit(lambda setup: UpscalerTask(config, setup, vae, text_encoder), config, output, resume, "upscaler",
                progress)
 
@@ -114,7 +116,7 @@ class UpscalerTask(LDMTask):
 
     def inputs(self, mb: MicroBatch):
         """The LDM's inputs, then the low-res image (B, 3, H/F, W/F) noised at each image's level, and the levels."""
-        latents, captions, gens, pixels = super().inputs(mb)
+        latents, captions, gens, pixels = super().inputs(mb)  # no DreamBooth prior here (refused at the start)
         low = downsample(pixels.to(self.runtime.device), self.pipe.vae_scale_factor, self.cfg.downsample)
         levels = augmentation_levels(mb, len(captions), self.upscaler.max_noise_level).to(self.runtime.device)
         return latents, captions, gens, augment(low, levels, self.upscaler, gens), levels

@@ -53,6 +53,8 @@ class VAETask(Task):
 
     def __init__(self, config: VAERunConfig, setup: Setup, init: Any, raw: dict[str, Any]):
         cfg, run, runtime = config.train, setup.run, setup.runtime
+        if config.data.buckets:
+            raise ConfigError("data.buckets applies to `ldm train`: the VAE trains on square crops")
         if run.checkpoint:
             vae = load_native(run.checkpoint).vae()
         elif init is not None:
@@ -71,6 +73,7 @@ class VAETask(Task):
         self.items = self.dataset = setup.dataset
         self.ema = [(EMA(vae, cfg.ema_decay), vae)] if cfg.ema_decay else []
         self.pixels = vae.config.in_channels * config.data.resolution ** 2
+        self.pixel_multiple = vae.downsample_factor
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (real, reconstruction) per micro-batch
         self.stages = [
             Stage([(vae.parameters(), cfg.learning_rate)], self.vae_loss, distributed.wrap(Reconstruction(vae), runtime),

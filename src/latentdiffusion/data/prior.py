@@ -1,0 +1,78 @@
+"""DreamBooth's prior preservation data (Ruiz et al., 2023): the images of a class ("a dog") that each batch trains on
+beside the instance images ("a sks dog"), all captioned with the class prompt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from .sources import IMAGE_EXTENSIONS
+from .transforms import IMAGE_ERRORS, ImageTransform, load_rgb
+
+
+def class_image_files(folder: str | Path) -> list[Path]:
+    """The images in a class folder (not its subfolders), sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+class ClassImages(Dataset):
+    """A class folder's first `count` images as {"pixel_values": (3, res, res) in [-1, 1], "text": prompt}."""
+
+    def __init__(self, folder: str | Path, prompt: str, count: int, transform: ImageTransform, seed: int = 0):
+        self.files = class_image_files(folder)[:count]
+        if len(self.files) < count:
+            raise DataError(f"train.prior.data {folder} holds {len(self.files)} images, {count} are needed")
+        self.prompt, self.transform, self.seed, self.epoch = prompt, transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+        try:
+            with Image.open(self.files[index]) as image:
+                pixels = self.transform(load_rgb(image, self.transform.resolution), rng)
+        except IMAGE_ERRORS as e:
+            raise DataError(f"cannot read class image {self.files[index]}: {e}") from None
+        return {"pixel_values": pixels, "text": self.prompt}
+
+
+class WithPrior(Dataset):
+    """Instance item i together with class item i mod (number of class images): {"pixel_values", "text",
+    "class_pixel_values", "class_text"}, so that every batch holds as many class images as instance images."""
+
+    def __init__(self, instances: Dataset, classes: ClassImages):
+        self.instances, self.classes = instances, classes
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in (self.instances, self.classes):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item, other = self.instances[index], self.classes[index % len(self.classes)]
+        return {**item, "class_pixel_values": other["pixel_values"], "class_text": other["text"]}
+
+
+def save_class_image(image: torch.Tensor, folder: Path, number: int) -> Path:
+    """One generated class image (3, H, W) in [0, 1] as folder/class-NNNNN.png."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"class-{number:05d}.png"
+    array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(array).save(path)
+    return path
