@@ -42,7 +42,7 @@ def max_difference(ours, theirs, kwargs: dict, name: str, karras: bool, seed: in
 
 @torch.no_grad()
 @pytest.mark.parametrize("name,karras,overrides", [
-    ("euler", False, EPSILON),
+    pytest.param("euler", False, EPSILON, marks=pytest.mark.slow),
     pytest.param("euler", True, V_LINSPACE, marks=pytest.mark.slow),
     pytest.param("euler", False, V_ZERO_SNR, marks=pytest.mark.slow),
     pytest.param("euler_ancestral", False, EPSILON, marks=pytest.mark.slow),
@@ -57,3 +57,27 @@ def test_sampler_matches_diffusers(pipe, reference, name, karras, overrides):
     kwargs = dict(negative_prompt=NEGATIVES, num_inference_steps=4, guidance_scale=7.5, latents=start_latents(),
                   output_type="pt")
     assert max_difference(ours, theirs, kwargs, name, karras) < TOL
+
+
+def test_denoiser_closed_forms_and_per_sample_sigmas():
+    """x0 from each prediction type at sigma (Karras et al. 2022, table 1, VP preconditioning), scalar and (B,)."""
+    from latentdiffusion.samplers import Denoiser
+    from latentdiffusion.schedulers import SchedulerConfig
+
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 4, 4, 4, generator=g,
+                                                                                   dtype=torch.float64)
+    seen = []
+    sigmas = torch.tensor([3.0, 0.5], dtype=torch.float64)
+    for pred in ("epsilon", "v_prediction", "sample"):
+        denoiser = Denoiser(lambda x_in, t: (seen.append((x_in, t)), out)[1], SchedulerConfig(prediction_type=pred))
+        for i, s in enumerate(sigmas.tolist()):
+            c_in = 1 / (1 + s * s) ** 0.5
+            expected = {"epsilon": x - s * out, "sample": out,
+                        "v_prediction": x * c_in**2 - s * c_in * out}[pred]
+            torch.testing.assert_close(denoiser(x, s), expected)
+            torch.testing.assert_close(seen[-1][0], x * c_in)
+            torch.testing.assert_close(denoiser(x, sigmas)[i], expected[i])
+    # calls: scalar sigma 3, both, scalar sigma 0.5, both: the timesteps agree and fall with sigma
+    t_scalar = torch.tensor([float(seen[0][1]), float(seen[2][1])])
+    assert t_scalar[0] > t_scalar[1] and torch.allclose(seen[1][1], t_scalar, atol=1e-3)

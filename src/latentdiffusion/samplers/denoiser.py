@@ -43,15 +43,33 @@ class Denoiser:
         return float(sigma_to_timestep(torch.tensor([sigma], dtype=torch.float64), self.table)[0])
 
     def __call__(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        if isinstance(sigma, Tensor) and sigma.ndim == 1:
+            return self._per_sample(x, sigma)
         sigma = float(sigma)  # a CPU scalar: no device sync
         t = torch.tensor(self.timestep(sigma), dtype=torch.float32)
         x_in = x * input_scale(sigma)  # variance-preserving x_t
         out = self.model(x_in, t)
-        alpha_bar = torch.tensor(1.0 / (1.0 + sigma * sigma), dtype=x.dtype if x.dtype == torch.float64
-                                 else torch.float32, device=x.device)
-        x0, _ = predict_x0_eps(out.to(alpha_bar.dtype), x_in.to(alpha_bar.dtype), alpha_bar,
-                               self.config.prediction_type)
-        return x0.to(x.dtype)
+        # a CPU 0-dim alpha_bar broadcasts over x on any device without a copy
+        alpha_bar = torch.tensor(1.0 / (1.0 + sigma * sigma), dtype=_compute_dtype(x))
+        return self._x0(out, x_in, alpha_bar).to(x.dtype)
+
+    def _per_sample(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """A (B,) sigma: each sample at its own noise level (finite levels, timesteps by interpolation)."""
+        sigma = sigma.double().cpu()
+        t = sigma_to_timestep(sigma, self.table).float()
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        x_in = x * (1.0 / (1.0 + sigma**2).sqrt()).to(x.device, _compute_dtype(x)).reshape(shape)
+        out = self.model(x_in, t.to(x.device))
+        alpha_bar = (1.0 / (1.0 + sigma**2)).to(x.device, _compute_dtype(x)).reshape(shape)
+        return self._x0(out, x_in, alpha_bar).to(x.dtype)
+
+    def _x0(self, out: Tensor, x_in: Tensor, alpha_bar: Tensor) -> Tensor:
+        dtype = alpha_bar.dtype
+        return predict_x0_eps(out.to(dtype), x_in.to(dtype), alpha_bar, self.config.prediction_type)[0]
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def to_eps(x: Tensor, x0: Tensor, sigma: float) -> Tensor:
