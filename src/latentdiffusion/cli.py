@@ -133,6 +133,25 @@ def run_train_controlnet(args: argparse.Namespace) -> int:
         values["data.conditioning_column"] = args.conditioning_column
     config, _ = load_run_config(ControlNetRunConfig, args.config, args.set, values)
     train_controlnet(config, args.output, model=args.model, init=args.init, resume=args.resume)
+
+
+def add_train_upscaler(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser("train-upscaler", help="train an upsampler (the low-res image as conditioning)",
+                              description="Train an upsampler on a frozen VAE: each image's low-res input is made on "
+                              "the fly (downsampled by the VAE's factor, train.downsample: bicubic or area) and noised "
+                              "at a random level (conditioning augmentation). `ldm upscale --model DIR` samples it.")
+    _training_options(p)
+    p.add_argument("--vae", metavar="VAE", help="the frozen VAE (its factor is the upsampling factor): a train-vae run "
+                   "or any model from_pretrained accepts")
+    p.add_argument("--text-encoder", metavar="MODEL", help="use MODEL's pretrained text encoder and tokenizer")
+    p.set_defaults(run=run_train_upscaler)
+
+
+def run_train_upscaler(args: argparse.Namespace) -> int:
+    from .training import UpscalerRunConfig, load_run_config, train_upscaler
+
+    config, _ = load_run_config(UpscalerRunConfig, args.config, args.set, _flag_values(args))
+    train_upscaler(config, args.output, vae=args.vae, text_encoder=args.text_encoder, resume=args.resume)
     return 0
 
 
@@ -179,6 +198,9 @@ def add_sample(subparsers: SubParsers) -> None:
                    "the --controlnet in the same position (resized to the output size)")
     p.add_argument("--controlnet-scale", action="append", type=float, default=[], metavar="S",
                    help="conditioning scale of each --controlnet (default 1.0 each)")
+    p.add_argument("--upscaler", metavar="MODEL", help="a cascade: upsample the images with this upsampler model "
+                   "(same prompt, seed, steps and guidance unless --upscale-steps / --upscale-guidance)")
+    _upscale_options(p)
     p.set_defaults(run=run_sample)
 
 
@@ -190,10 +212,10 @@ def _controls(args: argparse.Namespace, device: str, dtype: object) -> dict[str,
     from .data.transforms import IMAGE_ERRORS, load_rgb
 
     if len(args.control_image) != len(args.controlnet):
-        raise ValueError(f"give one --control-image per --controlnet: got {len(args.control_image)} for "
+        raise ArgumentError(f"give one --control-image per --controlnet: got {len(args.control_image)} for "
                          f"{len(args.controlnet)}")
     if args.controlnet_scale and len(args.controlnet_scale) != len(args.controlnet):
-        raise ValueError(f"give one --controlnet-scale per --controlnet, or none: got {len(args.controlnet_scale)} "
+        raise ArgumentError(f"give one --controlnet-scale per --controlnet, or none: got {len(args.controlnet_scale)} "
                          f"for {len(args.controlnet)}")
     if not args.controlnet:
         return {}
@@ -202,21 +224,45 @@ def _controls(args: argparse.Namespace, device: str, dtype: object) -> dict[str,
         try:
             images.append(load_rgb(Image.open(path)))
         except IMAGE_ERRORS as e:
-            raise ValueError(f"--control-image {path}: not a readable image ({e})") from None
+            raise ArgumentError(f"--control-image {path}: not a readable image ({e})") from None
     nets = [ControlNet.from_pretrained(path).to(device, dtype).eval() for path in args.controlnet]
     return {"controlnet": nets, "control_image": images,
             "controlnet_conditioning_scale": args.controlnet_scale or [1.0] * len(nets)}
 
 
+def _upscale_options(p: argparse.ArgumentParser, first: bool = False) -> None:
+    p.add_argument("--noise-level", type=int, default=20, metavar="N", help="noise added to the low-res image "
+                   "(conditioning augmentation), 0 .. the model's max_noise_level (default 20)")
+    if not first:
+        p.add_argument("--upscale-steps", type=int, metavar="N", help="upsampler's denoising steps (default: --steps)")
+        p.add_argument("--upscale-guidance", type=float, metavar="G", help="upsampler's guidance (default: --guidance)")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _save_images(images, out: Path) -> None:
+    from .pipeline import to_pil
+    from .training.plots import image_grid
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    picture = image_grid(images, min(len(images), 4)) if len(images) > 1 else to_pil(images)[0]
+    picture.save(out)
+    print(f"wrote {out} ({len(images)} image{'s' if len(images) > 1 else ''}, "
+          f"{images.shape[-1]}x{images.shape[-2]})")
+
+
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .pipeline import LatentDiffusion, to_pil
-    from .training.plots import image_grid
+    from .pipeline import LatentDiffusion
 
     if args.num_images < 1:
         raise ArgumentError(f"--num-images must be >= 1, got {args.num_images}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = _device(args.device)
     pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None, vae=args.vae,
                                            text_encoder=args.text_encoder, prediction_type=args.prediction_type)
     for spec in args.lora:
@@ -229,17 +275,56 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ArgumentError("--mask needs --image: the image to inpaint")
     image = None if args.image is None else _open_image(args.image, "--image")
     mask = None if args.mask is None else _open_image(args.mask, "--mask")
-    images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, height=args.height, width=args.width,
-                  num_images_per_prompt=args.num_images, generator=generators, scheduler=args.scheduler,
-                  use_karras_sigmas=args.karras, eta=args.eta, image=image, strength=args.strength, mask_image=mask,
-                  output_type="pt", progress=not args.no_progress, **controls)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    picture = image_grid(images, min(len(images), 4)) if len(images) > 1 else to_pil(images)[0]
-    picture.save(out)
-    print(f"wrote {out} ({len(images)} image{'s' if len(images) > 1 else ''}, "
-          f"{images.shape[-1]}x{images.shape[-2]})")
+    kwargs = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  height=args.height, width=args.width, num_images_per_prompt=args.num_images, generator=generators,
+                  scheduler=args.scheduler, use_karras_sigmas=args.karras, eta=args.eta, image=image,
+                  strength=args.strength, mask_image=mask, output_type="pt", progress=not args.no_progress,
+                  **controls)
+    if args.upscaler:
+        from .upscaler import cascade
+
+        upscaler = LatentDiffusion.from_pretrained(args.upscaler, use_ema=False if args.no_ema else None)
+        upscaler = upscaler.to(device, getattr(torch, args.dtype))
+        images = cascade(pipe, upscaler, args.prompt, noise_level=args.noise_level, upscale_steps=args.upscale_steps,
+                         upscale_guidance=args.upscale_guidance, **kwargs)
+    else:
+        images = pipe(args.prompt, **kwargs)
+    _save_images(images, Path(args.out))
+    return 0
+
+
+def add_upscale(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser("upscale", help="upsample an image with an upsampler model (e.g. SD x4 upscaler)",
+                              description="Upsample FILE with an upsampler model: the image, noised at --noise-level, "
+                              "conditions the model (its size must be a multiple of the UNet's downsampling factor).")
+    p.add_argument("--model", metavar="MODEL", required=True, help="an upsampler: anything from_pretrained accepts")
+    p.add_argument("--image", metavar="FILE", required=True, help="the low-resolution image")
+    p.add_argument("--prompt", metavar="TEXT", required=True)
+    p.add_argument("--negative-prompt", metavar="TEXT", default=None)
+    _upscale_options(p, first=True)
+    p.add_argument("--steps", type=int, default=50, metavar="N", help="denoising steps (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, metavar="G", help="guidance scale (default 7.5)")
+    p.add_argument("--scheduler", default="ddim", metavar="NAME", help="sampler name (default ddim)")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--no-ema", action="store_true", help="use a checkpoint's raw weights, not its EMA weights")
+    p.add_argument("--out", metavar="FILE.png", default="upscaled.png", help="output image (default upscaled.png)")
+    p.set_defaults(run=run_upscale)
+
+
+def run_upscale(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipeline import LatentDiffusion
+
+    image = _open_image(args.image, "--image")
+    pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None)
+    pipe = pipe.to(_device(args.device), getattr(torch, args.dtype))
+    images = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, noise_level=args.noise_level,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
+                  generator=torch.Generator().manual_seed(args.seed), output_type="pt", progress=True)
+    _save_images(images, Path(args.out))
     return 0
 
 
@@ -367,8 +452,8 @@ def _controlnet_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[SubParsers], None]] = [add_demo, add_train_vae, add_train, add_train_controlnet, add_sample,
-                                                add_convert]
+COMMANDS: list[Callable[[SubParsers], None]] = [add_demo, add_train_vae, add_train, add_train_controlnet,
+                                                add_train_upscaler, add_sample, add_upscale, add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:

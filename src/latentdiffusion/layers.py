@@ -162,19 +162,24 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LayerNorm self-attention, cross-attention to the context, then the GEGLU feed-forward, each residual."""
+    """Pre-LayerNorm self-attention, cross-attention to the context, then the GEGLU feed-forward, each residual.
+    `only_cross_attention` makes the first attention attend to the context too (SD x4 upscaler's
+    `disable_self_attentions`, diffusers' `only_cross_attention`)."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, upcast: bool = False) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, upcast: bool = False,
+                 only_cross_attention: bool = False) -> None:
         super().__init__()
+        self.only_cross_attention = only_cross_attention
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, head_dim, upcast=upcast)
+        self.attn1 = Attention(dim, heads, head_dim, context_dim=context_dim if only_cross_attention else None,
+                               upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = x + self.attn1(self.norm1(x))  # (B, N, C)
+        x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)  # (B, N, C)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -191,6 +196,7 @@ class Transformer2D(nn.Module):
         groups: int,
         linear_projection: bool,
         upcast_attention: bool = False,
+        only_cross_attention: bool = False,
     ) -> None:
         super().__init__()
         self.linear_projection = linear_projection
@@ -198,7 +204,8 @@ class Transformer2D(nn.Module):
         proj = nn.Linear if linear_projection else (lambda i, o: nn.Conv2d(i, o, 1))
         self.proj_in = proj(channels, channels)
         self.transformer_blocks = nn.ModuleList(
-            TransformerBlock(channels, heads, channels // heads, context_dim, upcast_attention) for _ in range(depth)
+            TransformerBlock(channels, heads, channels // heads, context_dim, upcast_attention, only_cross_attention)
+            for _ in range(depth)
         )
         self.proj_out = proj(channels, channels)
 

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from . import lora
 from .arguments import integer, real, texts
 from .conditioning import Conditioning, Control, run_unet
-from .errors import ArgumentError, ConfigError
 from .controlnet import ControlNet
+from .errors import ArgumentError, ConfigError
 from .guidance import ClassifierFreeGuidance
 from .images import ImageInput, image_tensor, mask_tensor, random_inpainting_masks
 from .noise import Generator, randint, randn
@@ -26,6 +26,7 @@ from .samplers.levels import vp_to_k_scale
 from .schedulers import NoiseSchedule, SchedulerConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .unet import UNet, UNetConfig
+from .upscaler import UpscalerConfig, augment, low_res_batch
 from .vae import AutoencoderKL, VAEConfig
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
@@ -39,12 +40,14 @@ class LatentDiffusionConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    upscaler: UpscalerConfig | None = None  # set for upsampler models (the low-res image concatenated to the latents)
 
 
 class LatentDiffusion(nn.Module):
     """Latent diffusion (Rombach et al., 2022): prompt -> context; noise -> (UNet + guidance + scheduler) -> VAE -> pixels."""
 
-    def __init__(self, vae: AutoencoderKL, unet: UNet, text_encoder: TextEncoder, scheduler: SchedulerConfig):
+    def __init__(self, vae: AutoencoderKL, unet: UNet, text_encoder: TextEncoder, scheduler: SchedulerConfig,
+                 upscaler: UpscalerConfig | None = None):
         super().__init__()
         if unet.config.context_dim != text_encoder.config.hidden_size:
             raise ConfigError(f"unet.context_dim {unet.config.context_dim} != text_encoder.hidden_size "
@@ -54,7 +57,14 @@ class LatentDiffusion(nn.Module):
             raise ConfigError(f"unet.in_channels {unet.config.in_channels} / out_channels {unet.config.out_channels} "
                              f"do not fit vae.latent_channels {latent}: in_channels must be the latent channels "
                              "plus any concatenated ones (inpainting: 2 * latent + 1), out_channels the latent ones")
-        self.vae, self.unet, self.text_encoder = vae, unet, text_encoder
+        if upscaler is not None:
+            if unet.config.in_channels != latent + upscaler.image_channels:
+                raise ConfigError(f"unet.in_channels {unet.config.in_channels} != vae.latent_channels {latent} + "
+                                 f"{upscaler.image_channels} low-res image channels (upscaler.image_channels)")
+            if (unet.config.num_class_embeds or 0) <= upscaler.max_noise_level:
+                raise ConfigError(f"upscaler.max_noise_level {upscaler.max_noise_level} needs unet.num_class_embeds > "
+                                 f"{upscaler.max_noise_level}, got {unet.config.num_class_embeds}")
+        self.vae, self.unet, self.text_encoder, self.upscaler = vae, unet, text_encoder, upscaler
         self.vae.requires_grad_(False)
         self.scheduler = NoiseSchedule(scheduler)  # the training noise schedule; samplers take their levels from it
         self.lora_scales: dict[str, float] = {}  # the LoRA adapters loaded, each with its scale
@@ -64,11 +74,13 @@ class LatentDiffusion(nn.Module):
     @classmethod
     def from_config(cls, config: LatentDiffusionConfig) -> LatentDiffusion:
         """A model with fresh random weights."""
-        return cls(AutoencoderKL(config.vae), UNet(config.unet), TextEncoder(config.text_encoder), config.scheduler)
+        return cls(AutoencoderKL(config.vae), UNet(config.unet), TextEncoder(config.text_encoder), config.scheduler,
+                   config.upscaler)
 
     @property
     def config(self) -> LatentDiffusionConfig:
-        return LatentDiffusionConfig(self.vae.config, self.unet.config, self.text_encoder.config, self.scheduler.config)
+        return LatentDiffusionConfig(self.vae.config, self.unet.config, self.text_encoder.config, self.scheduler.config,
+                                     self.upscaler)
 
     @property
     def device(self) -> torch.device:
@@ -122,12 +134,13 @@ class LatentDiffusion(nn.Module):
 
     def diffusion_loss(self, latents: torch.Tensor, context: torch.Tensor | Conditioning, generator: Generator = None,
                        snr_gamma: float | None = None, noise_offset: float = 0.0,
-                       concat: torch.Tensor | None = None) -> torch.Tensor:
+                       concat: torch.Tensor | None = None, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """The denoising loss (DDPM eq. 14) on scaled latents given a context (B, T, D) or a whole conditioning
         bundle (ControlNet training), optionally min-SNR-gamma weighted (Hang et al., 2023) and with offset noise
-        (a per-channel constant added to the noise); `concat` (B,Cc,h,w): channels an inpainting UNet takes beside
-        the latents. With a list of generators, image i's noise, offset and timestep all come from generator i: any
-        split of the batch draws the same values."""
+        (a per-channel constant added to the noise); `concat` (B,Cc,h,w): channels the UNet takes beside the latents
+        (inpainting; an upsampler's noised low-res image), `class_labels` (B,): an upsampler's noise levels. With a
+        list of generators, image i's noise, offset and timestep all come from generator i: any split of the batch
+        draws the same values."""
         b, c = latents.shape[:2]
         noise = randn(latents.shape, generator, latents.device, latents.dtype)
         if noise_offset:
@@ -135,7 +148,7 @@ class LatentDiffusion(nn.Module):
         t = self._random_timesteps(b, generator, latents.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         target = self.scheduler.training_target(latents, noise, t)
-        cond = context if isinstance(context, Conditioning) else Conditioning(context, concat)
+        cond = context if isinstance(context, Conditioning) else Conditioning(context, concat, class_labels)
         pred = run_unet(self.unet, noisy, t, cond)
         per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
         if snr_gamma is not None:
@@ -195,19 +208,27 @@ class LatentDiffusion(nn.Module):
         controlnet_conditioning_scale: float | list[float] = 1.0,
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         progress: bool = False,
+        noise_level: int | torch.Tensor = 20,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate images for `prompt`: encode prompt -> conditioning and starting latents -> noise levels ->
         sampler -> decode. `latents`: unit-variance noise (B, C, h, w), scaled to the sampler's first noise level.
         img2img: `image` noised to the level `strength` of the way up the schedule; inpainting: `mask_image` too
-        (white = repaint). `callback(step, timestep, latents)` runs after every step (latents: x0 + sigma * eps).
+        (white = repaint). Upsampler models: `image` is the low-res image (its size the latents' size), noised at
+        `noise_level` and concatenated to the latents; the output is vae_scale_factor times larger.
+        `callback(step, timestep, latents)` runs after every step (latents: x0 + sigma * eps).
         `controlnet` (one or a list) with one `control_image` each (PIL, list of PIL, or (B, 3, H, W) in [0, 1]; one
         image for all prompts or one per prompt) adds its residuals times `controlnet_conditioning_scale` (one, or
         one per ControlNet) to the UNet's, in both halves of guidance (Zhang et al. 2023)."""
         prompts, num_inference_steps, num_images_per_prompt, height, width = self._check_arguments(
             prompt, num_inference_steps, num_images_per_prompt, height, width)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
-        pixels, mask = self._source_images(image, mask_image, len(prompts), num_images_per_prompt)
-        height, width = self._size(pixels, latents, height, width)
+        low_res = self._low_res(image, mask_image, len(prompts), height, width)  # (P, 3, h, w) in [-1, 1] or None
+        if low_res is not None:
+            pixels, mask = None, None
+            height, width = (side * self.vae_scale_factor for side in low_res.shape[2:])
+        else:
+            pixels, mask = self._source_images(image, mask_image, len(prompts), num_images_per_prompt)
+            height, width = self._size(pixels, latents, height, width)
         shape = self._latent_shape(len(prompts) * num_images_per_prompt, height, width)
         self._check_call(num_inference_steps, guidance_scale, output_type, scheduler, eta, latents, shape, strength)
         entry = sampler_entry(scheduler, use_karras_sigmas)
@@ -216,16 +237,25 @@ class LatentDiffusion(nn.Module):
             levels = levels.tail(self._steps_run(num_inference_steps, strength))
         contexts = self._contexts(prompts, negatives, num_images_per_prompt, guidance_scale)
 
+        augmented = None
+        if low_res is not None:  # conditioning augmentation, drawn before the latents' noise (as diffusers does)
+            noise_levels = self.upscaler.check_noise_level(noise_level).to(self.device).expand(shape[0])  # (N,)
+            augmented = augment(low_res.repeat_interleave(num_images_per_prompt, dim=0).to(self.device),
+                                noise_levels, self.upscaler, generator)
         repaint_all = mask is not None and strength == 1.0  # inpainting at full strength starts from pure noise
         x0 = None
         if pixels is not None and not (repaint_all and self.concat_channels):
             x0 = self.encode_images(pixels * 2 - 1, generator).float()
         noise = randn(shape, generator, self.device) if latents is None else latents.to(self.device, torch.float32)
         x = noise * levels.init_noise_sigma if x0 is None or repaint_all else add_noise(x0, noise, levels.sigmas[0])
-        concat = self.inpainting_concat(pixels, mask, generator, shape) if self.concat_channels else None
+        if augmented is not None:  # an upsampler: the noised low-res image and its noise level
+            concat, labels = augmented, noise_levels
+        else:  # an inpainting UNet: the mask and the masked image's latents
+            concat = self.inpainting_concat(pixels, mask, generator, shape) if self.concat_channels else None
+            labels = None
         controls = self._controls(controlnet, control_image, controlnet_conditioning_scale, len(prompts),
                                   num_images_per_prompt, shape)
-        cond, uncond = (None if c is None else Conditioning(c, concat, controls=controls) for c in contexts)
+        cond, uncond = (None if c is None else Conditioning(c, concat, labels, controls) for c in contexts)
         guided = ClassifierFreeGuidance(self._run_unet, cond, uncond, guidance_scale, guidance_rescale)
         denoiser = Denoiser(guided, self.scheduler.config, levels)
 
@@ -370,6 +400,21 @@ class LatentDiffusion(nn.Module):
             return x
 
         return after_step
+
+    def _low_res(self, image: ImageInput | None, mask_image: ImageInput | None, prompts: int, height: int | None,
+                 width: int | None) -> torch.Tensor | None:
+        """An upsampler's low-res images (prompts, 3, h, w) in [-1, 1], checked; None for other models."""
+        if self.upscaler is None:
+            return None
+        if mask_image is not None:
+            raise ArgumentError("mask_image: an upsampler model does not inpaint (its image= is the low-res image)")
+        factor = 2 ** (len(self.unet.config.block_channels) - 1)
+        low_res = low_res_batch(image, prompts, factor, self.upscaler.image_channels)
+        for name, given, side in (("height", height, low_res.shape[2]), ("width", width, low_res.shape[3])):
+            if given is not None and given != side * self.vae_scale_factor:
+                raise ArgumentError(f"{name}={given}: an upsampler's output is {self.vae_scale_factor} x the image's "
+                                 f"{name} ({side}); leave {name} out")
+        return low_res
 
     def _negative_prompts(self, negative_prompt: str | list[str] | None, n: int) -> list[str]:
         if negative_prompt is None:

@@ -34,6 +34,9 @@ class UNetConfig:
     norm_groups: int = 32
     linear_projection: bool = False  # SD 2.x: Linear proj_in/proj_out; SD 1.x: 1x1 conv
     upcast_attention: bool = False  # SD 2.1: attention computed in float32 (no float16 overflow); same numbers in fp32
+    # Per level: the transformers' first attention attends to the context instead of the pixels (SD x4 upscaler:
+    # (True, True, True, False)); None = self-attention everywhere. The middle block always has self-attention.
+    only_cross_attention: tuple[bool, ...] | None = None
     sample_size: int = 64  # latent side at the training resolution
     dropout: float = 0.0
     # Also add an MLP of the context's mean over its tokens to the timestep embedding, so that every resnet sees the
@@ -59,6 +62,11 @@ class UNetConfig:
                 f"UNetConfig.cross_attention has {len(self.cross_attention)} entries but block_channels has "
                 f"{len(self.block_channels)} levels"
             )
+        if self.only_cross_attention is not None:
+            self.only_cross_attention = tuple(self.only_cross_attention)
+            if len(self.only_cross_attention) != len(self.block_channels):
+                raise ConfigError(f"UNetConfig.only_cross_attention has {len(self.only_cross_attention)} entries but "
+                                  f"block_channels has {len(self.block_channels)} levels")
         bad = [c for c in self.block_channels if c % self.norm_groups]
         if bad:
             raise ConfigError(f"UNetConfig.block_channels {bad} not divisible by norm_groups={self.norm_groups}")
@@ -86,9 +94,9 @@ def _resnet(cfg: UNetConfig, in_channels: int, channels: int) -> ResnetBlock:
     return ResnetBlock(in_channels, channels, 4 * cfg.block_channels[0], cfg.norm_groups, EPS, cfg.dropout)
 
 
-def _transformer(cfg: UNetConfig, channels: int) -> Transformer2D:
+def _transformer(cfg: UNetConfig, channels: int, only_cross: bool = False) -> Transformer2D:
     return Transformer2D(channels, cfg.heads(channels), cfg.context_dim, cfg.transformer_depth, cfg.norm_groups,
-                         cfg.linear_projection, cfg.upcast_attention)
+                         cfg.linear_projection, cfg.upcast_attention, only_cross)
 
 
 def embed_timesteps(embedding: TimestepEmbedding, timesteps: Tensor | int | float, sample: Tensor) -> Tensor:
@@ -104,10 +112,10 @@ def embed_timesteps(embedding: TimestepEmbedding, timesteps: Tensor | int | floa
 class Level(nn.Module):
     """Resnets at one resolution, each followed by a Transformer2D when the level has cross-attention."""
 
-    def __init__(self, cfg: UNetConfig, in_channels: list[int], channels: int, cross: bool) -> None:
+    def __init__(self, cfg: UNetConfig, in_channels: list[int], channels: int, cross: bool, only_cross: bool) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(_resnet(cfg, c, channels) for c in in_channels)
-        self.attentions = nn.ModuleList(_transformer(cfg, channels) for _ in in_channels) if cross else None
+        self.attentions = nn.ModuleList(_transformer(cfg, channels, only_cross) for _ in in_channels) if cross else None
 
     def layer(self, j: int, x: Tensor, temb: Tensor, context: Tensor, run: Runner) -> Tensor:
         """Resnet j, then its transformer if any."""
@@ -118,8 +126,9 @@ class Level(nn.Module):
 class DownLevel(Level):
     """Encoder level: returns the features and every intermediate as a skip for the decoder."""
 
-    def __init__(self, cfg: UNetConfig, in_channels: int, channels: int, cross: bool, downsample: bool) -> None:
-        super().__init__(cfg, [in_channels] + [channels] * (cfg.layers_per_block - 1), channels, cross)
+    def __init__(self, cfg: UNetConfig, in_channels: int, channels: int, cross: bool, only_cross: bool,
+                 downsample: bool) -> None:
+        super().__init__(cfg, [in_channels] + [channels] * (cfg.layers_per_block - 1), channels, cross, only_cross)
         self.downsamplers = nn.ModuleList([Downsample(channels)]) if downsample else None
 
     def forward(self, x: Tensor, temb: Tensor, context: Tensor, run: Runner) -> tuple[Tensor, list[Tensor]]:
@@ -150,10 +159,11 @@ class MidLevel(nn.Module):
 class UpLevel(Level):
     """Decoder level: each resnet takes the features concatenated with one skip, popped from the end of `skips`."""
 
-    def __init__(self, cfg: UNetConfig, prev: int, channels: int, skip_last: int, cross: bool, upsample: bool) -> None:
+    def __init__(self, cfg: UNetConfig, prev: int, channels: int, skip_last: int, cross: bool, only_cross: bool,
+                 upsample: bool) -> None:
         n = cfg.layers_per_block + 1
         ins = [(prev if j == 0 else channels) + (skip_last if j == n - 1 else channels) for j in range(n)]
-        super().__init__(cfg, ins, channels, cross)
+        super().__init__(cfg, ins, channels, cross, only_cross)
         self.upsamplers = nn.ModuleList([Upsample(channels)]) if upsample else None
 
     def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor, run: Runner) -> Tensor:
@@ -172,6 +182,7 @@ class UNet(nn.Module):
         self.config = config
         self.gradient_checkpointing = False
         ch, cross, n = config.block_channels, config.cross_attention, len(config.block_channels)
+        only = config.only_cross_attention or (False,) * n
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], 4 * ch[0])
         self.class_embedding: nn.Module | None = None
@@ -180,12 +191,13 @@ class UNet(nn.Module):
         elif config.num_class_embeds is not None:
             self.class_embedding = nn.Embedding(config.num_class_embeds, 4 * ch[0])
         self.down_blocks = nn.ModuleList(
-            DownLevel(config, ch[max(i - 1, 0)], ch[i], cross[i], i < n - 1) for i in range(n)
+            DownLevel(config, ch[max(i - 1, 0)], ch[i], cross[i], only[i], i < n - 1) for i in range(n)
         )
         self.mid_block = MidLevel(config, ch[-1])
-        rch, rcross = ch[::-1], cross[::-1]
+        rch, rcross, ronly = ch[::-1], cross[::-1], only[::-1]
         self.up_blocks = nn.ModuleList(
-            UpLevel(config, rch[max(i - 1, 0)], rch[i], rch[min(i + 1, n - 1)], rcross[i], i < n - 1) for i in range(n)
+            UpLevel(config, rch[max(i - 1, 0)], rch[i], rch[min(i + 1, n - 1)], rcross[i], ronly[i], i < n - 1)
+            for i in range(n)
         )
         self.conv_norm_out = nn.GroupNorm(config.norm_groups, ch[0], eps=EPS)
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)

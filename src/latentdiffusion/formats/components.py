@@ -13,6 +13,7 @@ from ..pipeline import LatentDiffusion
 from ..schedulers import SchedulerConfig
 from ..text_encoder import TextEncoder, TextEncoderConfig
 from ..unet import UNet, UNetConfig
+from ..upscaler import UpscalerConfig
 from ..vae import AutoencoderKL, VAEConfig
 from .weights import build_with_weights
 
@@ -21,7 +22,9 @@ COMPONENT_CONFIGS: dict[str, type] = {
     "unet": UNetConfig,
     "text_encoder": TextEncoderConfig,
     "scheduler": SchedulerConfig,
+    "upscaler": UpscalerConfig,  # upsampler models only
 }
+CONFIG_ONLY = ("scheduler", "upscaler")  # components without weights
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Components:
         """The components of a pipeline (tensors shared, not copied)."""
         return cls(
             configs={"vae": pipe.vae.config, "unet": pipe.unet.config, "text_encoder": pipe.text_encoder.config,
-                     "scheduler": pipe.scheduler.config},
+                     "scheduler": pipe.scheduler.config, **({"upscaler": pipe.upscaler} if pipe.upscaler else {})},
             weights={"vae": pipe.vae.state_dict(), "unet": pipe.unet.state_dict(),
                      "text_encoder": pipe.text_encoder.model.state_dict()},
             tokenizer_dir=pipe.text_encoder.tokenizer_dir,
@@ -72,7 +75,8 @@ class Components:
         """The whole model in `dtype` (a float16 VAE stays float32, as `LatentDiffusion.to` keeps it)."""
         self.require("vae", "unet", "text_encoder")
         scheduler = self.configs.get("scheduler", SchedulerConfig())
-        pipe = LatentDiffusion(self.vae(dtype), self.unet(dtype), self.text_encoder(dtype), scheduler)
+        pipe = LatentDiffusion(self.vae(dtype), self.unet(dtype), self.text_encoder(dtype), scheduler,
+                               self.configs.get("upscaler"))
         return pipe if dtype is None else pipe.to(dtype=dtype)
 
     def _weights(self, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from ..schedulers import SchedulerConfig
 from ..schedulers.schedule import VARIANCE_TYPES
 from ..text_encoder import OPENAI_PAD, TOKENIZER_DIR, TextEncoderConfig
 from ..unet import UNetConfig
+from ..upscaler import UpscalerConfig
 from ..vae import VAEConfig
 from .components import Components
 from .weights import atomic_write, read_weights, write_safetensors
@@ -41,8 +42,7 @@ _CLASS_NAMES = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "CLIPTex
 _UNET_FIXED = {"act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "center_input_sample": False,
                "class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None,
                "time_cond_proj_dim": None, "mid_block_type": "UNetMidBlock2DCrossAttn", "dual_cross_attention": False,
-               "num_class_embeds": None, "resnet_time_scale_shift": "default", "downsample_padding": 1,
-               "only_cross_attention": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
+               "resnet_time_scale_shift": "default", "downsample_padding": 1, "conv_in_kernel": 3, "conv_out_kernel": 3,
                "time_embedding_type": "positional", "norm_eps": 1e-5, "mid_block_scale_factor": 1}
 
 
@@ -92,6 +92,7 @@ def load_components(path: Path) -> Components:
         if "text_encoder" in components.configs:
             components.configs["text_encoder"] = dataclasses.replace(
                 components.configs["text_encoder"], pad_token=_pad_token(path / "tokenizer"))
+    _load_upscaler(components, path)
     return components
 
 
@@ -104,6 +105,29 @@ def _pad_token(folder: Path) -> str:
             if isinstance(token, str):
                 return token
     return OPENAI_PAD
+
+
+UPSCALE_PIPELINE = "StableDiffusionUpscalePipeline"
+
+
+def _load_upscaler(components: Components, path: Path) -> None:
+    """An upscale pipeline's extra entries: the `low_res_scheduler` folder and `max_noise_level`."""
+    index = _read_json(path / MODEL_INDEX)
+    if index.get("_class_name") != UPSCALE_PIPELINE:
+        return
+    low_res = path / "low_res_scheduler" / "scheduler_config.json"
+    if not low_res.is_file():
+        raise WeightsError(f"{path}: an {UPSCALE_PIPELINE} folder without {low_res.relative_to(path)}")
+    components.configs["upscaler"] = UpscalerConfig(scheduler_config_from_diffusers(_read_json(low_res)),
+                                                    index.get("max_noise_level", 350))
+
+
+def _save_upscaler(path: Path, upscaler: UpscalerConfig) -> dict[str, Any]:
+    """Write the `low_res_scheduler` folder; the model_index.json entries of an upscale pipeline."""
+    low_res = dataclasses.asdict(upscaler.low_res_scheduler)
+    _write_json(path / "low_res_scheduler" / "scheduler_config.json", {"_class_name": "DDPMScheduler", **low_res})
+    return {"_class_name": UPSCALE_PIPELINE, "low_res_scheduler": ["diffusers", "DDPMScheduler"],
+            "max_noise_level": upscaler.max_noise_level, "watermarker": [None, None]}
 
 
 def _load_component(components: Components, name: str, folder: Path) -> None:
@@ -144,12 +168,19 @@ def unet_config_from_diffusers(c: dict[str, Any]) -> UNetConfig:
         layers_per_block=c.get("layers_per_block", 2),
         cross_attention=tuple("CrossAttn" in t for t in c["down_block_types"]),
         transformer_depth=layers,
+        num_class_embeds=c.get("num_class_embeds"),
+        only_cross_attention=_per_level(c.get("only_cross_attention", False), len(channels)),
         num_heads=heads[0] if len(set(heads)) == 1 else None,
         head_dim=per_head.pop() if len(set(heads)) > 1 and len(per_head) == 1 else None,
         context_dim=c.get("cross_attention_dim", 768), norm_groups=c.get("norm_num_groups", 32),
         linear_projection=c.get("use_linear_projection", False), sample_size=c.get("sample_size", 64),
         upcast_attention=bool(c.get("upcast_attention", False)),
     )
+
+
+def _per_level(flag: bool | list[bool], levels: int) -> tuple[bool, ...] | None:
+    flags = (bool(flag),) * levels if isinstance(flag, bool) else tuple(flag)
+    return flags if any(flags) else None
 
 
 def vae_config_from_diffusers(c: dict[str, Any]) -> VAEConfig:
@@ -230,14 +261,18 @@ def save_components(path: str | Path, components: Components) -> None:
     _write_json(path / "scheduler" / "scheduler_config.json", {"_class_name": "DDIMScheduler", **scheduler})
     _write_tokenizer(Path(components.tokenizer_dir or TOKENIZER_DIR), path / "tokenizer", text_cfg.pad_token)
     inpainting = configs["unet"].in_channels == 2 * configs["vae"].latent_channels + 1  # mask + masked-image latents
-    _write_json(path / MODEL_INDEX, {
+    index = {
         "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
         "_diffusers_version": "0.30.0",
         "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
         "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-    })
+    }
+    if "upscaler" in configs:
+        index.pop("requires_safety_checker")
+        index.update(_save_upscaler(path, configs["upscaler"]))
+    _write_json(path / MODEL_INDEX, index)
 
 
 def _write_tokenizer(source: Path, folder: Path, pad_token: str) -> None:
@@ -260,6 +295,8 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
         "cross_attention_dim": cfg.context_dim, "attention_head_dim": heads[0] if cfg.num_heads else heads,
         "transformer_layers_per_block": cfg.transformer_depth, "use_linear_projection": cfg.linear_projection,
         "upcast_attention": cfg.upcast_attention, "norm_num_groups": cfg.norm_groups,
+        "num_class_embeds": cfg.num_class_embeds,
+        "only_cross_attention": list(cfg.only_cross_attention) if cfg.only_cross_attention else False,
         **{k: v for k, v in _UNET_FIXED.items() if v is not None},
     }
 

@@ -13,7 +13,7 @@ import yaml
 
 from ..config import from_dict, to_dict
 from ..errors import WeightsError
-from .components import COMPONENT_CONFIGS, Components
+from .components import COMPONENT_CONFIGS, CONFIG_ONLY, Components
 from .weights import atomic_write, read_checkpoint, write_safetensors
 
 CONFIG_FILE = "latentdiffusion.yaml"
@@ -92,7 +92,7 @@ def load_components(path: str | Path) -> Components:
         if name not in meta:
             continue
         components.configs[name] = from_dict(cls, meta[name], name)
-        if name != "scheduler":
+        if name not in CONFIG_ONLY:
             components.weights[name] = read_checkpoint(path / f"{name}.safetensors")
     if (path / "tokenizer").is_dir():
         components.tokenizer_dir = path / "tokenizer"

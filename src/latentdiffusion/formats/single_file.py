@@ -405,5 +405,8 @@ def load_components(path: str | Path, use_ema: bool = False, prediction_type: st
 def save_components(path: str | Path, components: Components) -> None:
     """Components (a whole model) as one SD single file."""
     components.require("unet", "vae", "text_encoder")
+    if "upscaler" in components.configs:  # the file has no place for the low-res schedule and max_noise_level
+        raise WeightsError(f"cannot save {path} as a single file: an upsampler model needs its upscaler section; save "
+                           "it in the native format or the diffusers layout instead")
     parts = {k: (components.configs[k], components.weights[k]) for k in ("unet", "vae", "text_encoder")}
     save_single_file(path, **parts, scheduler=components.configs.get("scheduler"))

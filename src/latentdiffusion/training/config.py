@@ -16,6 +16,7 @@ from ..data import DataConfig
 from ..errors import ConfigError
 from ..lora import TEXT_ATTENTION, UNET_ATTENTION
 from ..pipeline import LatentDiffusionConfig
+from ..upscaler import UpscalerConfig
 from .optim import LR_SCHEDULES
 from .precision import PRECISIONS
 
@@ -210,6 +211,31 @@ class LDMRunConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
+DOWNSAMPLE_FILTERS = ("bicubic", "area")
+
+
+@dataclass
+class UpscalerTrainConfig(LDMTrainConfig):
+    """An upsampler's training: the LDM's options plus how the low-res input is made."""
+
+    downsample: str = "bicubic"  # bicubic (antialiased, as PIL's) | area (box average)
+    validation_images: int = 4  # the sample grid: low-res | ours | truth for the first N training images
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.downsample not in DOWNSAMPLE_FILTERS:
+            raise ConfigError(f"train.downsample must be one of {', '.join(DOWNSAMPLE_FILTERS)}, got {self.downsample!r}")
+
+
+@dataclass
+class UpscalerRunConfig:
+    """`ldm train-upscaler`: model.unet / text_encoder / scheduler / upscaler; the VAE comes from --vae."""
+
+    model: LatentDiffusionConfig = field(default_factory=lambda: LatentDiffusionConfig(upscaler=UpscalerConfig()))
+    train: UpscalerTrainConfig = field(default_factory=UpscalerTrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
 PRESETS_DIR = Path(__file__).resolve().parents[3] / "configs"  # the repository's presets (a source checkout)
 
 
@@ -225,7 +251,8 @@ def resolve_config_path(name: str | Path) -> Path:
     raise ConfigError(f"config file not found: {name}" + (f" (presets: {', '.join(presets)})" if presets else ""))
 
 
-_MODEL_SECTIONS = {VAERunConfig: ("vae",), LDMRunConfig: ("unet", "text_encoder", "scheduler")}
+_MODEL_SECTIONS = {VAERunConfig: ("vae",), LDMRunConfig: ("unet", "text_encoder", "scheduler"),
+                   UpscalerRunConfig: ("unet", "text_encoder", "scheduler", "upscaler")}
 
 
 def load_run_config(cls: type[T], path: str | Path | None, overrides: list[str] = (),
@@ -245,7 +272,7 @@ def load_run_config(cls: type[T], path: str | Path | None, overrides: list[str] 
         raise ConfigError(f"config section 'model' must be a mapping, got {model!r}")
     unused = [k for k in model if k not in used and k in LatentDiffusionConfig.__dataclass_fields__]
     if unused:
-        why = "it comes from --vae or --init" if cls is LDMRunConfig else "only the VAE is trained here"
+        why = "only the VAE is trained here" if cls is VAERunConfig else "it comes from --vae or --init"
         raise ConfigError(f"config section 'model.{unused[0]}' is not used by this command ({why}); "
                           f"this command reads model.{', model.'.join(used)}")
     return from_dict(cls, raw, ""), raw

@@ -98,7 +98,7 @@ class LDMTask(Task):
             else setup.dataset
         if cfg.prior.data is not None:
             self.items = with_prior(pipe, cfg.prior, setup.dataset, config.data, runtime, run.say)
-        module = distributed.wrap(DiffusionLoss(pipe, cfg.snr_gamma, cfg.noise_offset), runtime)
+        module = distributed.wrap(self.loss_module(), runtime)
         self.stages = [Stage(self.param_groups(), self.loss, module, prepare=self.inputs)]
         self.curve = ("loss", f"{run.path.name}: diffusion loss")
 
@@ -107,7 +107,7 @@ class LDMTask(Task):
         """self.pipe on the device in train mode, self.ema and self.ema_pipe (the pipeline of averaged weights)."""
         cfg, run = self.cfg, self.run
         pipe = load_native(run.checkpoint).pipeline() if run.checkpoint else \
-            build_pipeline(config, raw, vae_source, init, text_encoder_source)
+            self.new_pipeline(config, raw, vae_source, init, text_encoder_source)
         pipe.to(self.runtime.device, PARAMETER_DTYPE)  # whatever dtype the files stored
         if pipe.concat_channels and cfg.cache_latents:
             raise ConfigError(f"model.unet.in_channels {pipe.unet.config.in_channels} (an inpainting UNet) trains on "
@@ -124,10 +124,19 @@ class LDMTask(Task):
         self.ema = [(EMA(m, cfg.ema_decay), m) for m in trained] if cfg.ema_decay else []
         averaged = [average.model for average, _ in self.ema]
         self.ema_pipe = LatentDiffusion(vae, averaged[0], averaged[1] if self.train_text else text_encoder,
-                                        pipe.scheduler.config) if self.ema else pipe
+                                        pipe.scheduler.config, pipe.upscaler) if self.ema else pipe
         for module in trained:  # building ema_pipe put the shared modules in eval mode
             module.train()
         self.pipe = pipe
+
+    def new_pipeline(self, config: Any, raw: dict[str, Any], vae_source: Any, init: Any,
+                     text_encoder_source: Any) -> LatentDiffusion:
+        """The pipeline a fresh run starts from (a trainer of another model overrides this)."""
+        return build_pipeline(config, raw, vae_source, init, text_encoder_source)
+
+    def loss_module(self) -> nn.Module:
+        """The module whose forward is the loss (DistributedDataParallel wraps it)."""
+        return DiffusionLoss(self.pipe, self.cfg.snr_gamma, self.cfg.noise_offset)
 
     def param_groups(self) -> list[tuple[list[nn.Parameter], float]]:
         """The UNet at train.learning_rate; a trained text encoder at train.text_encoder_lr where set."""

@@ -1,0 +1,97 @@
+"""Upsampler training (`ldm train-upscaler`): a short run whose checkpoint loads with from_pretrained and upsamples,
+the low-res input (filter, noise levels from their own stream), exact resume after SIGKILL, the loss falls, bad input.
+Tiny models at 16x16 on the factor-2 VAE of test_training."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from latentdiffusion import LatentDiffusion
+from latentdiffusion.errors import ConfigError
+from latentdiffusion.training import UpscalerRunConfig, load_run_config, train_upscaler
+from latentdiffusion.training.loop import MicroBatch
+from latentdiffusion.training.train_upscaler import augmentation_levels, downsample
+from test_training import (resume_after_sigkill, metrics, one_thread,  # noqa: F401
+                           vae_dir)
+
+TINY_UPSCALER = {
+    "model": {
+        "unet": {"block_channels": [32, 64], "layers_per_block": 1, "cross_attention": [False, True],
+                 "num_heads": 2, "context_dim": 32, "norm_groups": 8},
+        "text_encoder": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
+                         "max_length": 8, "trainable": True},
+        "upscaler": {"max_noise_level": 350},
+    },
+    "train": {"max_steps": 6, "batch_size": 2, "learning_rate": 1e-3, "ema_decay": 0.9, "checkpoint_every": 2,
+              "keep_checkpoints": 2, "log_every": 1, "sample_every": 0, "caption_dropout": 0.5, "device": "cpu"},
+    "data": {"source": "builtin:shapes", "resolution": 16},
+}
+
+
+def write(path: Path, **train) -> Path:
+    path.write_text(yaml.safe_dump({**TINY_UPSCALER, "train": {**TINY_UPSCALER["train"], **train}}))
+    return path
+
+
+def test_a_short_run_loads_with_from_pretrained_and_upsamples(tmp_path, vae_dir):
+    config, _ = load_run_config(UpscalerRunConfig, write(tmp_path / "up.yaml", max_steps=2, sample_every=2,
+                                                         sample_steps=1, validation_images=2))
+    run = train_upscaler(config, tmp_path / "run", vae=vae_dir, progress=False)
+    assert (run / "samples" / "step-00000002.png").is_file()
+    pipe = LatentDiffusion.from_pretrained(run)
+    assert pipe.upscaler.max_noise_level == 350 and pipe.unet.config.num_class_embeds == 351
+    assert pipe.unet.config.in_channels == 4 + 3 and pipe.unet.config.sample_size == 8
+    out = pipe("a red circle", image=torch.rand(1, 3, 8, 8), num_inference_steps=2, noise_level=10, output_type="pt")
+    assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
+
+
+def test_low_res_input_and_noise_levels():
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    area = downsample(images, 2, "area")
+    assert torch.allclose(area, images.unflatten(2, (8, 2)).unflatten(4, (8, 2)).mean(dim=(3, 5)), atol=1e-6)
+    bicubic = downsample(images, 2, "bicubic")
+    assert bicubic.shape == (2, 3, 8, 8) and bicubic.abs().max() <= 1
+    flat = torch.full((1, 3, 16, 16), 0.3)
+    assert torch.allclose(downsample(flat, 2, "bicubic"), torch.full((1, 3, 8, 8), 0.3), atol=1e-6)
+
+    def levels(first: int, size: int, step: int = 5) -> torch.Tensor:
+        return augmentation_levels(MicroBatch(None, step, 0, 1, first, seed=7), size, 350)
+
+    whole = levels(0, 8)
+    assert torch.equal(torch.cat([levels(0, 3), levels(3, 5)]), whole)  # per image, wherever it runs
+    assert not torch.equal(levels(0, 8, step=6), whole)
+    many = torch.cat([levels(0, 500, step=s) for s in range(4)]).numpy()
+    assert many.min() == 0 and many.max() == 350 and abs(many.mean() - 175) < 10  # uniform on [0, 350]
+    assert abs(np.corrcoef(many[:-1], many[1:])[0, 1]) < 0.1
+
+
+def test_bad_upscaler_runs_name_the_culprit(tmp_path, vae_dir):
+    config, _ = load_run_config(UpscalerRunConfig, write(tmp_path / "up.yaml"))
+    with pytest.raises(ConfigError, match="--vae"):
+        train_upscaler(config, tmp_path / "novae", progress=False)
+    with pytest.raises(ConfigError, match="train.downsample"):
+        load_run_config(UpscalerRunConfig, write(tmp_path / "bad.yaml", downsample="lanczos"))
+    with pytest.raises(ConfigError, match="model.vae"):
+        load_run_config(UpscalerRunConfig, write(tmp_path / "up.yaml"), ["model.vae.latent_channels=8"])
+    no_section, _ = load_run_config(UpscalerRunConfig, write(tmp_path / "up.yaml"), ["model.upscaler=null"])
+    with pytest.raises(ConfigError, match="model.upscaler"):
+        train_upscaler(no_section, tmp_path / "none", vae=vae_dir, progress=False)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_identical(tmp_path, vae_dir):
+    command = ["train-upscaler", "--config", str(write(tmp_path / "up.yaml")), "--vae", str(vae_dir),
+               "--data", "builtin:shapes"]
+    resume_after_sigkill(tmp_path, command[0], command[1:], ["unet", "text_encoder", "ema/unet", "ema/text_encoder"])
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss(tmp_path, vae_dir):
+    config, _ = load_run_config(UpscalerRunConfig, write(
+        tmp_path / "up.yaml", max_steps=60, batch_size=8, learning_rate=2e-3, log_every=10, checkpoint_every=60,
+        caption_dropout=0.1))
+    losses = [r["loss"] for r in metrics(train_upscaler(config, tmp_path / "run", vae=vae_dir, progress=False))]
+    assert losses[-1] < 0.7 * losses[0], f"the upsampler's loss did not fall: {losses}"
