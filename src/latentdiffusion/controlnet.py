@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError
 from .layers import TimestepEmbedding
-from .unet import DownLevel, MidLevel, UNet, UNetConfig, embed_timesteps
+from .unet import MidLevel, UNet, UNetConfig, class_embedding, down_path, embed_timesteps
 
 Residuals = tuple[list[Tensor], Tensor]  # one residual per UNet skip connection, and the middle block's
 
@@ -101,17 +101,13 @@ class ControlNet(nn.Module):
         self.config = config
         self.gradient_checkpointing = False
         u = config.unet
-        ch, cross, n = u.block_channels, u.cross_attention, len(u.block_channels)
+        ch = u.block_channels
         self.conv_in = nn.Conv2d(u.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], 4 * ch[0])
-        self.class_embedding: nn.Module | None = None  # as the UNet's
-        if u.pooled_context:
-            self.class_embedding = TimestepEmbedding(u.context_dim, 4 * ch[0])
-        elif u.num_class_embeds is not None:
-            self.class_embedding = nn.Embedding(u.num_class_embeds, 4 * ch[0])
+        self.class_embedding = class_embedding(u)  # as the UNet's
         self.controlnet_cond_embedding = ConditioningEmbedding(
             config.conditioning_channels, config.conditioning_embedding_channels, ch[0])
-        self.down_blocks = nn.ModuleList(DownLevel(u, ch[max(i - 1, 0)], ch[i], cross[i], i < n - 1) for i in range(n))
+        self.down_blocks = down_path(u)
         self.controlnet_down_blocks = nn.ModuleList(_zero(nn.Conv2d(c, c, 1)) for c in _skip_channels(u))
         self.mid_block = MidLevel(u, ch[-1])
         self.controlnet_mid_block = _zero(nn.Conv2d(ch[-1], ch[-1], 1))

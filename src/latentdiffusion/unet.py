@@ -174,6 +174,22 @@ class UpLevel(Level):
         return x
 
 
+def class_embedding(config: UNetConfig) -> nn.Module | None:
+    """The embedding added to the timestep embedding: the pooled prompt's MLP, or a class label's (noise level)."""
+    if config.pooled_context:
+        return TimestepEmbedding(config.context_dim, 4 * config.block_channels[0])
+    if config.num_class_embeds is not None:
+        return nn.Embedding(config.num_class_embeds, 4 * config.block_channels[0])
+    return None
+
+
+def down_path(config: UNetConfig) -> nn.ModuleList:
+    """The encoder levels, shared by the UNet and its ControlNet copy."""
+    ch, cross, n = config.block_channels, config.cross_attention, len(config.block_channels)
+    only = config.only_cross_attention or (False,) * n
+    return nn.ModuleList(DownLevel(config, ch[max(i - 1, 0)], ch[i], cross[i], only[i], i < n - 1) for i in range(n))
+
+
 class UNet(nn.Module):
     """Predicts the diffusion target for latents (B, C, h, w) at timesteps (B,) given text context (B, T, D)."""
 
@@ -185,14 +201,8 @@ class UNet(nn.Module):
         only = config.only_cross_attention or (False,) * n
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], 4 * ch[0])
-        self.class_embedding: nn.Module | None = None
-        if config.pooled_context:
-            self.class_embedding = TimestepEmbedding(config.context_dim, 4 * ch[0])
-        elif config.num_class_embeds is not None:
-            self.class_embedding = nn.Embedding(config.num_class_embeds, 4 * ch[0])
-        self.down_blocks = nn.ModuleList(
-            DownLevel(config, ch[max(i - 1, 0)], ch[i], cross[i], only[i], i < n - 1) for i in range(n)
-        )
+        self.class_embedding = class_embedding(config)
+        self.down_blocks = down_path(config)
         self.mid_block = MidLevel(config, ch[-1])
         rch, rcross, ronly = ch[::-1], cross[::-1], only[::-1]
         self.up_blocks = nn.ModuleList(
