@@ -99,6 +99,7 @@ def test_inpainting_model_round_trips_through_every_layout(inpainting_dir, tmp_p
     assert isinstance(theirs, diffusers.StableDiffusionInpaintPipeline) and theirs.unet.config.in_channels == 9
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_inpainting_model_round_trips_through_a_single_file(tmp_path):
     """A 9-channel UNet in an SD 1.x single file (which stores CLIP's 64 channels a head) and back, bit-exact."""

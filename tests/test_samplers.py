@@ -42,7 +42,7 @@ def max_difference(ours, theirs, kwargs: dict, name: str, karras: bool, seed: in
 
 @torch.no_grad()
 @pytest.mark.parametrize("name,karras,overrides", [
-    ("euler", False, EPSILON),
+    pytest.param("euler", False, EPSILON, marks=pytest.mark.slow),
     pytest.param("euler", True, V_LINSPACE, marks=pytest.mark.slow),
     pytest.param("euler", False, V_ZERO_SNR, marks=pytest.mark.slow),
     pytest.param("euler_ancestral", False, EPSILON, marks=pytest.mark.slow),
