@@ -53,7 +53,7 @@ def control_inputs(cfg: ControlNetConfig, batch: int = 2, size: int = 8):
 
 
 @pytest.mark.parametrize("overrides", [
-    {}, {"pooled_context": True},
+    {}, pytest.param({"pooled_context": True}, marks=pytest.mark.slow),
     pytest.param({"num_heads": None, "head_dim": 8, "linear_projection": True}, marks=pytest.mark.slow),
 ], ids=["sd1", "pooled-context", "head_dim-linear"])
 def test_controlnet_matches_diffusers(overrides):

@@ -55,15 +55,14 @@ def control_images(batch: int = 2, seed: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize("n, scales", [(1, 1.0), pytest.param(2, [1.0, 0.5], marks=pytest.mark.slow)],
                          ids=["one", "two"])
 def test_guided_controlnet_run_matches_diffusers(pipe, controlnets, folders, n, scales):
-    kwargs = dict(negative_prompt=NEGATIVES, num_inference_steps=6, guidance_scale=7.5, latents=start_latents(),
-                  output_type="pt", controlnet_conditioning_scale=scales)
+    kwargs = dict(negative_prompt=NEGATIVES, num_inference_steps=4, guidance_scale=7.5, latents=start_latents(),
+                  output_type="pt", controlnet_conditioning_scale=scales)  # every zero convolution perturbed: ours
+    # must use the ControlNets as diffusers does to match
     images = [control_images(seed=3 + i) for i in range(n)]
     ours = pipe(PROMPTS, controlnet=controlnets[0] if n == 1 else controlnets[:n],
                 control_image=images[0] if n == 1 else images, **kwargs)
     theirs = reference_pipeline(folders, n)(PROMPTS, image=images[0] if n == 1 else images, **kwargs).images
-    plain = pipe(PROMPTS, **{k: v for k, v in kwargs.items() if k != "controlnet_conditioning_scale"})
     assert ours.shape == theirs.shape == (2, 3, 16, 16)
-    assert (ours - plain).abs().max() > 1e-2  # the ControlNets act
     assert (ours - theirs).abs().max() < TOL
 
 
