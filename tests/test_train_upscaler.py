@@ -58,7 +58,7 @@ def test_low_res_input_and_noise_levels():
     assert torch.allclose(downsample(flat, 2, "bicubic"), torch.full((1, 3, 8, 8), 0.3), atol=1e-6)
 
     def levels(first: int, size: int, step: int = 5) -> torch.Tensor:
-        return augmentation_levels(MicroBatch(None, step, 0, 1, first, seed=7), size, 350)
+        return augmentation_levels(MicroBatch(None, step, 0, 1, first, seed=7, global_batch=8), size, 350)
 
     whole = levels(0, 8)
     assert torch.equal(torch.cat([levels(0, 3), levels(3, 5)]), whole)  # per image, wherever it runs
