@@ -86,7 +86,10 @@ def load_components(path: Path) -> Components:
             _load_component(components, name, path / name)
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     if scheduler_file.is_file():
-        components.configs["scheduler"] = scheduler_config_from_diffusers(_read_json(scheduler_file), scheduler_file)
+        # diffusers' upscale pipeline uses its schedulers as written; the others correct outdated values
+        correct = _read_json(path / MODEL_INDEX).get("_class_name") != UPSCALE_PIPELINE
+        components.configs["scheduler"] = scheduler_config_from_diffusers(_read_json(scheduler_file), scheduler_file,
+                                                                          correct)
     if (path / "tokenizer").is_dir():
         components.tokenizer_dir = path / "tokenizer"
         if "text_encoder" in components.configs:
@@ -118,7 +121,7 @@ def _load_upscaler(components: Components, path: Path) -> None:
     low_res = path / "low_res_scheduler" / "scheduler_config.json"
     if not low_res.is_file():
         raise WeightsError(f"{path}: an {UPSCALE_PIPELINE} folder without {low_res.relative_to(path)}")
-    components.configs["upscaler"] = UpscalerConfig(scheduler_config_from_diffusers(_read_json(low_res)),
+    components.configs["upscaler"] = UpscalerConfig(scheduler_config_from_diffusers(_read_json(low_res), low_res, False),
                                                     index.get("max_noise_level", 350))
 
 
@@ -200,16 +203,18 @@ def text_config_from_transformers(c: dict[str, Any]) -> TextEncoderConfig:
     return TextEncoderConfig.from_clip_config(CLIPTextConfig(**{k: v for k, v in c.items() if not k.startswith("_")}))
 
 
-def scheduler_config_from_diffusers(c: dict[str, Any], source: Path | str = "scheduler_config.json") -> SchedulerConfig:
-    """The schedule a diffusers scheduler config describes (its class only picks a default sampler there). Outdated
-    values that diffusers' StableDiffusionPipeline corrects are corrected alike, with one message per key; keys
-    that change nothing here pass, and any other key is named in a message rather than dropped silently."""
+def scheduler_config_from_diffusers(c: dict[str, Any], source: Path | str = "scheduler_config.json",
+                                    correct: bool = True) -> SchedulerConfig:
+    """The schedule a diffusers scheduler config describes (its class only picks a default sampler there). With
+    `correct`, outdated values that diffusers' StableDiffusionPipeline corrects are corrected alike, with one message
+    per key; keys that change nothing here pass, and any other key is named in a message rather than dropped
+    silently."""
     if c.get("trained_betas") is not None:
         raise WeightsError(f"{source}: trained_betas is not supported")
     known = {f.name for f in dataclasses.fields(SchedulerConfig)}
     values = {k: v for k, v in c.items() if k in known}
     for key, right in (("steps_offset", 1), ("clip_sample", False)):  # early SD uploads: 0 and true
-        if key in values and values[key] != right:
+        if correct and key in values and values[key] != right:
             logger.warning("%s: %s=%r is outdated; using %s=%r, as diffusers' StableDiffusionPipeline does", source,
                            key, values[key], key, right)
             values[key] = right
