@@ -133,6 +133,7 @@ def run_train_controlnet(args: argparse.Namespace) -> int:
         values["data.conditioning_column"] = args.conditioning_column
     config, _ = load_run_config(ControlNetRunConfig, args.config, args.set, values)
     train_controlnet(config, args.output, model=args.model, init=args.init, resume=args.resume)
+    return 0
 
 
 def add_train_upscaler(subparsers: SubParsers) -> None:
