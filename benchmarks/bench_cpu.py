@@ -47,6 +47,15 @@ def reference_pipeline(size: str) -> diffusers.StableDiffusionPipeline:
     return ref
 
 
+def build_pair(size: str) -> tuple[LatentDiffusion, diffusers.StableDiffusionPipeline]:
+    """Our pipeline loaded from the diffusers reference's saved folder: identical weights."""
+    ref = reference_pipeline(size)
+    with tempfile.TemporaryDirectory() as tmp:
+        ref.save_pretrained(tmp, safe_serialization=True)
+        ours = LatentDiffusion.from_pretrained(tmp)
+    return ours, ref
+
+
 def timeit(fn, sync) -> float:
     sync()
     start = time.perf_counter()
@@ -67,10 +76,7 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    ref = reference_pipeline(args.size)
-    with tempfile.TemporaryDirectory() as tmp:
-        ref.save_pretrained(tmp, safe_serialization=True)
-        ours = LatentDiffusion.from_pretrained(tmp)
+    ours, ref = build_pair(args.size)
     ref = ref.to(device, dtype)
     ours = ours.to(device, dtype)
     s = SIZES[args.size]
