@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import perturb_
 from test_models import TINY_UNET, TINY_VAE, max_abs, reference_unet, reference_vae, twin, unet_inputs
+from test_training import ldm_config, one_thread, vae_dir  # noqa: F401  (fixtures: one intra-op thread, a tiny VAE)
 
 from latentdiffusion import LatentDiffusion, LatentDiffusionConfig
 from latentdiffusion.layers import Attention, SpatialSelfAttention
@@ -212,3 +213,55 @@ def test_pipeline_attention_slicing_and_channels_last(pipe):
         pipe.set_memory_format(torch.contiguous_format)
     with pytest.raises(ValueError, match="slice_size"):
         pipe.enable_attention_slicing(0)
+
+
+# ------------------------------------------------------------------------------------------------- torch.compile
+# Inductor's C++ code generation takes minutes on a shared 2-core machine, so these tests compile with the
+# "aot_eager" backend: the same graph capture and AOT autograd, eager kernels. benchmarks/bench_cpu.py --compile and
+# benchmarks/bench_gpu.py run inductor.
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    """nn.Module.compile with the aot_eager backend whatever the caller asks."""
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **options: original(self, backend="aot_eager"))
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_pipeline_matches_eager_and_saves_the_same_keys(pipe, aot_eager, tmp_path):
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    context = pipe.encode_prompt(["a", "b"])
+    keys = list(pipe.state_dict())
+    with torch.no_grad():
+        eager = pipe.unet(x, t, context)
+        eager_image = generate(pipe)
+        pipe.compile()
+        try:
+            assert max_abs(pipe.unet(x, t, context), eager) < 1e-5
+            assert max_abs(generate(pipe), eager_image) < 1e-5
+            assert list(pipe.state_dict()) == keys  # in place: no "_orig_mod." prefix
+            pipe.save_pretrained(tmp_path / "saved")
+        finally:
+            for module in (pipe.unet, pipe.vae.decoder):
+                module._compiled_call_impl = None  # back to eager for the other tests
+    loaded = LatentDiffusion.from_pretrained(tmp_path / "saved")
+    assert list(loaded.state_dict()) == keys
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), pipe.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_train_compile_with_ema_and_gradient_checkpointing_matches_eager(tmp_path, aot_eager, vae_dir):
+    from latentdiffusion.training import train_ldm
+
+    runs = {}
+    for compiled in (False, True):
+        config, raw = ldm_config(tmp_path, max_steps=2, checkpoint_every=2,
+                                 gradient_checkpointing=True, compile=compiled)
+        runs[compiled] = train_ldm(config, tmp_path / f"run-{compiled}", vae=vae_dir, raw=raw, progress=False)
+    for use_ema in (False, True):
+        eager, compiled = (LatentDiffusion.from_pretrained(runs[c], use_ema=use_ema).unet.state_dict()
+                           for c in (False, True))
+        assert list(eager) == list(compiled)
+        assert max(max_abs(eager[k], compiled[k]) for k in eager) < 1e-5

@@ -109,6 +109,7 @@ class LDMTrainConfig(TrainConfig):
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5.0 is the paper's choice); None: off
     noise_offset: float = 0.0
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the UNet's forward in place (file keys unchanged; the EMA copy stays eager)
     cache_latents: bool = False  # encode every image once before training (needs deterministic preprocessing)
     validation_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 25
@@ -124,6 +125,8 @@ class LDMTrainConfig(TrainConfig):
             raise ConfigError(f"train.noise_offset must be >= 0, got {self.noise_offset}")
         if self.sample_steps < 1:
             raise ConfigError(f"train.sample_steps must be >= 1, got {self.sample_steps}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"train.compile must be true or false, got {self.compile!r}")
 
 
 @dataclass

@@ -95,6 +95,8 @@ def _train(config: LDMRunConfig, output: Path, vae_source: Any, init: Any, text_
                                pipe.scheduler.config) if ema else pipe
     for module in trained:  # building ema_pipe put the shared modules in eval mode
         module.train()
+    if cfg.compile:  # after the EMA's deepcopy: a copied compiled module would still call the original's forward
+        unet.compile()
     run.save_config(config)
     items: Dataset = cache_latents(vae, dataset, cfg.batch_size, runtime) if cfg.cache_latents else dataset
 
