@@ -76,7 +76,7 @@ def main() -> None:
     print(f"peak RSS untiled {untiled['peak_mib']:8.0f} MiB  (after loading: {untiled['baseline_mib']:.0f} MiB)")
     print(f"peak RSS tiled   {tiled['peak_mib']:8.0f} MiB  (tile {args.tile} latents = {args.tile * 8} px, "
           f"overlap {args.overlap})")
-    print(f"tiled / untiled  {tiled['peak_mib'] / untiled['peak_mib']:.3f}")
+    print(f"tiled / untiled  {tiled['peak_mib'] / untiled['peak_mib']:.3f}", flush=True)
     if args.no_seams:
         return
     plain, blended = decode(args.size, None, args.overlap), decode(args.size, args.tile, args.overlap)
