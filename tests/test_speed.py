@@ -265,3 +265,24 @@ def test_train_compile_with_ema_and_gradient_checkpointing_matches_eager(tmp_pat
                            for c in (False, True))
         assert list(eager) == list(compiled)
         assert max(max_abs(eager[k], compiled[k]) for k in eager) < 1e-5
+
+
+def test_fused_qkv_steps_aside_for_wrapped_projections():
+    """A projection wrapped by an adapter (as LoRA does) changes its output, not its weight: no stacked matmul."""
+
+    class Shifted(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.linear, self.weight, self.bias = linear, linear.weight, linear.bias
+
+        def forward(self, x):
+            return self.linear(x) + 1.0
+
+    layer = Attention(16, heads=2, head_dim=8)
+    perturb_(layer)
+    layer.to_v = Shifted(layer.to_v)
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        assert max_abs(layer(x), layer.to_out[0](torch.nn.functional.scaled_dot_product_attention(
+            *(y.unflatten(-1, (2, -1)).transpose(1, 2) for y in (layer.to_q(x), layer.to_k(x), layer.to_v(x)))
+        ).transpose(1, 2).flatten(2))) < 1e-6

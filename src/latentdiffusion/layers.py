@@ -120,7 +120,7 @@ class Attention(nn.Module):
         self._fused: tuple | None = None  # (q/k/v parameters, their versions, stacked weight, stacked bias)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        if context is None and not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+        if context is None and self._fusable():
             q, k, v = self._fused_qkv(x)
         else:
             context = x if context is None else context
@@ -136,6 +136,11 @@ class Attention(nn.Module):
         out = torch.cat([F.scaled_dot_product_attention(*parts) for parts in zip(
             *(y.split(self.slice_size) for y in (q, k, v)))])
         return out.unflatten(0, (-1, self.heads))
+
+    def _fusable(self) -> bool:
+        """Inference on plain Linear projections (an adapter wrapping one, e.g. LoRA, adds to its output)."""
+        plain = all(type(m) is nn.Linear for m in (self.to_q, self.to_k, self.to_v))
+        return plain and not (torch.is_grad_enabled() or torch.compiler.is_compiling())
 
     def _fused_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v (B, N, inner) of self-attention from one batched matmul; each a contiguous slice."""
