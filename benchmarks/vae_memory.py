@@ -73,7 +73,7 @@ def main() -> None:
     untiled, tiled = measure(args.size, None, args.overlap), measure(args.size, args.tile, args.overlap)
     print(f"decode {args.size}x{args.size}, full-size SD 1.x VAE (random weights), CPU float32, "
           f"{torch.get_num_threads()} threads")
-    print(f"peak RSS untiled {untiled['peak_mib']:8.0f} MiB  (after loading: {untiled['baseline_mib']:.0f} MiB)")
+    print(f"peak RSS untiled {untiled['peak_mib']:8.0f} MiB  (before building the VAE: {untiled['baseline_mib']:.0f} MiB)")
     print(f"peak RSS tiled   {tiled['peak_mib']:8.0f} MiB  (tile {args.tile} latents = {args.tile * 8} px, "
           f"overlap {args.overlap})")
     print(f"tiled / untiled  {tiled['peak_mib'] / untiled['peak_mib']:.3f}", flush=True)
