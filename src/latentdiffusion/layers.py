@@ -93,7 +93,13 @@ class Upsample(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention on (B, N, C) tokens; attends to `context` (B, T, context_dim) when given, else to itself."""
+    """Multi-head attention on (B, N, C) tokens; attends to `context` (B, T, context_dim) when given, else to itself.
+
+    Self-attention without autograd projects q, k and v in one matmul on the three weights stacked (cached until a
+    weight changes: load_state_dict and optimizer steps bump the tensors' versions). `slice_size` (None: off) runs
+    the attention over that many (batch, head) pairs at a time, bounding the memory of kernels that materialise the
+    (N, T) scores.
+    """
 
     def __init__(
         self,
@@ -108,20 +114,56 @@ class Attention(nn.Module):
         inner = heads * head_dim
         self.heads = heads
         self.upcast = upcast  # compute q k^T, the softmax and its product with v in float32 (SD 2.1 in float16)
+        self.slice_size: int | None = None
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+        self._fused: tuple | None = None  # (q/k/v parameters, their versions, stacked weight, stacked bias)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        context = x if context is None else context
-        q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, N, d)
-        k = self.to_k(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, T, d)
-        v = self.to_v(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        if context is None and self._fusable():
+            q, k, v = self._fused_qkv(x)
+        else:
+            context = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = (y.unflatten(-1, (self.heads, -1)).transpose(1, 2) for y in (q, k, v))  # (B, heads, N|T, d)
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()
-        out = F.scaled_dot_product_attention(q, k, v).to(x.dtype)  # softmax(q k^T / sqrt(d)) v
+        out = self._attend(q, k, v).to(x.dtype)  # softmax(q k^T / sqrt(d)) v
         return self.to_out[0](out.transpose(1, 2).flatten(2))  # (B, N, C)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.slice_size is None or self.slice_size >= q.shape[0] * q.shape[1]:
+            return F.scaled_dot_product_attention(q, k, v)
+        q, k, v = (y.flatten(0, 1) for y in (q, k, v))  # (B*heads, N|T, d): pairs are independent
+        out = torch.cat([F.scaled_dot_product_attention(*parts) for parts in zip(
+            *(y.split(self.slice_size) for y in (q, k, v)))])
+        return out.unflatten(0, (-1, self.heads))
+
+    def _fusable(self) -> bool:
+        """Inference on plain Linear projections (an adapter wrapping one, e.g. LoRA, adds to its output)."""
+        plain = all(type(m) is nn.Linear for m in (self.to_q, self.to_k, self.to_v))
+        return plain and not (torch.is_grad_enabled() or torch.compiler.is_compiling())
+
+    def _fused_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B, N, inner) of self-attention from one batched matmul; each a contiguous slice."""
+        layers = (self.to_q, self.to_k, self.to_v)
+        params = [m.weight for m in layers] + [m.bias for m in layers if m.bias is not None]
+        versions = [p._version for p in params]
+        cached = self._fused
+        if cached is None or any(a is not b for a, b in zip(cached[0], params)) or cached[1] != versions:
+            weight = torch.stack(params[:3]).transpose(1, 2)  # (3, C, inner)
+            bias = torch.stack(params[3:])[:, None] if len(params) > 3 else None  # (3, 1, inner)
+            self._fused = cached = (params, versions, weight, bias)
+        _, _, weight, bias = cached
+        flat = x.reshape(1, -1, x.shape[-1])  # (1, B*N, C)
+        qkv = torch.matmul(flat, weight) if bias is None else torch.baddbmm(bias, flat.expand(3, -1, -1), weight)
+        return qkv.view(3, *x.shape[:-1], -1).unbind(0)  # 3 x (B, N, inner)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._fused = None  # .to() / .half() / offload: the stacked copy would keep the old device's memory
+        return super()._apply(fn, recurse)
 
 
 class SpatialSelfAttention(Attention):

@@ -20,7 +20,9 @@ from .controlnet import ControlNet
 from .errors import ArgumentError, ConfigError
 from .guidance import ClassifierFreeGuidance
 from .images import ImageInput, image_tensor, mask_tensor, random_inpainting_masks
+from .layers import Attention
 from .noise import Generator, randint, randn
+from .offload import ModelOffload, SequentialOffload
 from .samplers import SAMPLERS, Denoiser, NoiseLevels, add_noise, input_scale, sampler_entry
 from .samplers.levels import vp_to_k_scale
 from .schedulers import NoiseSchedule, SchedulerConfig
@@ -69,6 +71,7 @@ class LatentDiffusion(nn.Module):
         self.scheduler = NoiseSchedule(scheduler)  # the training noise schedule; samplers take their levels from it
         self.lora_scales: dict[str, float] = {}  # the LoRA adapters loaded, each with its scale
         self._lora_base: dict[str, dict[str, torch.Tensor]] = {}  # base weights of fused layers, per component
+        self._offload: ModelOffload | SequentialOffload | None = None  # enable_model_cpu_offload / sequential
         self.eval()
 
     @classmethod
@@ -84,7 +87,8 @@ class LatentDiffusion(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        """Where sampling computes: the UNet's device, or the accelerator the weights are offloaded to."""
+        return self._offload.device if self._offload is not None else next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -105,6 +109,48 @@ class LatentDiffusion(nn.Module):
         if next(self.vae.parameters()).dtype == torch.float16:
             self.vae.float()
         return self
+
+    # ----------------------------------------------------------------------------------------------- speed, memory
+    def compile(self, **options) -> LatentDiffusion:
+        """torch.compile the UNet and the VAE in place (nn.Module.compile: state-dict keys stay the same, so files
+        saved afterwards load anywhere); `options` go to torch.compile (e.g. mode="max-autotune" for CUDA graphs)."""
+        self.unet.compile(**options)
+        self.vae.decoder.compile(**options)
+        return self
+
+    def set_memory_format(self, memory_format: torch.memory_format) -> LatentDiffusion:
+        """Run the UNet and the VAE on activations in this layout: torch.channels_last pays on CUDA (cuDNN's NHWC
+        kernels); on CPU it measured even with NCHW (docs/readme-speed.md)."""
+        self.unet.set_memory_format(memory_format)
+        self.vae.set_memory_format(memory_format)
+        return self
+
+    def enable_attention_slicing(self, slice_size: int | str | None = "auto") -> None:
+        """Attend over `slice_size` (batch, head) pairs at a time ("auto": one image's heads; None: all at once)."""
+        if slice_size is not None and slice_size != "auto" and not (isinstance(slice_size, int) and slice_size > 0):
+            raise ValueError(f"slice_size must be a positive integer, 'auto' or None, got {slice_size!r}")
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.slice_size = module.heads if slice_size == "auto" else slice_size
+
+    def disable_attention_slicing(self) -> None:
+        self.enable_attention_slicing(None)
+
+    def enable_model_cpu_offload(self, device: torch.device | str = "cuda") -> None:
+        """Keep the weights on the CPU and move each component to `device` only while it runs (offload.py)."""
+        self.disable_offload()
+        self._offload = ModelOffload([self.text_encoder, self.unet, self.vae], device)
+
+    def enable_sequential_cpu_offload(self, device: torch.device | str = "cuda") -> None:
+        """Move each layer's weights to `device` only for its own forward: least device memory, slowest."""
+        self.disable_offload()
+        self._offload = SequentialOffload([self.text_encoder, self.unet, self.vae], device)
+
+    def disable_offload(self) -> None:
+        """Remove offloading; the weights stay on the CPU (move them with .to())."""
+        if self._offload is not None:
+            self._offload.remove()
+            self._offload = None
 
     # ----------------------------------------------------------------------------------------------- training
     @torch.no_grad()

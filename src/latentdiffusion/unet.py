@@ -197,6 +197,7 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
+        self.memory_format = torch.contiguous_format  # torch.channels_last: NHWC activations (set_memory_format)
         ch, cross, n = config.block_channels, config.cross_attention, len(config.block_channels)
         only = config.only_cross_attention or (False,) * n
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
@@ -241,7 +242,7 @@ class UNet(nn.Module):
             temb = temb + self.class_embedding(context.mean(dim=1))
         elif class_labels is not None:
             temb = temb + self.class_embedding(class_labels.to(sample.device).long()).to(temb.dtype)
-        x = self.conv_in(sample)  # (B, C0, h, w)
+        x = self.conv_in(sample.contiguous(memory_format=self.memory_format))  # (B, C0, h, w)
         skips = [x]
         for block in self.down_blocks:
             x, block_skips = block(x, temb, context, self._run)
@@ -255,4 +256,9 @@ class UNet(nn.Module):
             x = x + mid_residual
         for block in self.up_blocks:
             x = block(x, skips, temb, context, self._run)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(x))).contiguous()
+
+    def set_memory_format(self, memory_format: torch.memory_format) -> UNet:
+        """Run on activations in this layout (torch.channels_last or torch.contiguous_format); the weights follow."""
+        self.memory_format = memory_format
+        return self.to(memory_format=memory_format)

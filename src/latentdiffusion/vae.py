@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .errors import ConfigError
 from .noise import Generator, randn
 from .layers import Downsample, ResnetBlock, SpatialSelfAttention, Upsample
+from .tiling import tiled_map
 
 EPS = 1e-6  # GroupNorm epsilon used throughout the VAE
 
@@ -157,6 +158,10 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        self.memory_format = torch.contiguous_format  # torch.channels_last: NHWC activations (set_memory_format)
+        self.tile_size: int | None = None  # latent side of a tile (enable_tiling); None decodes whole
+        self.tile_overlap = 0  # latents shared by neighbouring tiles
+        self.slicing = False  # one image of a batch at a time (enable_slicing)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, use_ema: bool | None = None,
@@ -179,12 +184,60 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """Images (B, C, H, W) in [-1, 1] -> posterior over latents (B, latent, H / f, W / f)."""
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        if self.slicing and x.shape[0] > 1:
+            moments = torch.cat([self._moments(image) for image in x.split(1)])
+        else:
+            moments = self._moments(x)
+        mean, logvar = moments.chunk(2, dim=1)
         return DiagonalGaussian(mean, logvar)
 
     def decode(self, z: Tensor) -> Tensor:
-        """Unscaled latents (B, latent, h, w) -> images (B, C, h * f, w * f)."""
-        return self.decoder(self.post_quant_conv(z))
+        """Unscaled latents (B, latent, h, w) -> images (B, C, h * f, w * f); sliced and tiled as enabled."""
+        if self.slicing and z.shape[0] > 1:
+            return torch.cat([self.decode(latent) for latent in z.split(1)])
+        if self.tile_size is not None:
+            return tiled_map(self._decode, z, self.tile_size, self.tile_overlap, self.downsample_factor)
+        return self._decode(z)
+
+    def _decode(self, z: Tensor) -> Tensor:
+        z = z.contiguous(memory_format=self.memory_format)
+        return self.decoder(self.post_quant_conv(z)).contiguous()
+
+    def _moments(self, x: Tensor) -> Tensor:
+        """Posterior mean and log-variance stacked on channels (B, 2 * latent, H / f, W / f); tiled as enabled
+        (for sides that are multiples of the factor)."""
+        def moments(pixels: Tensor) -> Tensor:
+            return self.quant_conv(self.encoder(pixels.contiguous(memory_format=self.memory_format))).contiguous()
+
+        f = self.downsample_factor
+        if self.tile_size is None or x.shape[-1] % f or x.shape[-2] % f:
+            return moments(x)
+        return tiled_map(moments, x, self.tile_size * f, self.tile_overlap * f, 1 / f, step=f)
+
+    def enable_tiling(self, tile_size: int | None = None, overlap: float = 0.25) -> None:
+        """Decode and encode in tiles of `tile_size` latents (default: the training resolution's, 64 for SD 1.x)
+        sharing at least `overlap` of a tile with each neighbour, blended linearly: memory bounded by the tile."""
+        tile = self.config.sample_size // self.downsample_factor if tile_size is None else tile_size
+        if isinstance(tile, bool) or not isinstance(tile, int) or tile < 2:
+            raise ValueError(f"tile_size must be an integer >= 2 latents, got {tile_size!r}")
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap must be a fraction in [0, 1), got {overlap!r}")
+        self.tile_size, self.tile_overlap = tile, round(tile * overlap)
+
+    def disable_tiling(self) -> None:
+        self.tile_size = None
+
+    def enable_slicing(self) -> None:
+        """Encode and decode one image of a batch at a time (the same numbers, less peak memory)."""
+        self.slicing = True
+
+    def disable_slicing(self) -> None:
+        self.slicing = False
+
+    def set_memory_format(self, memory_format: torch.memory_format) -> AutoencoderKL:
+        """Run on activations in this layout (torch.channels_last or torch.contiguous_format); the weights follow."""
+        self.memory_format = memory_format
+        return self.to(memory_format=memory_format)
 
     def forward(
         self, x: Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None

@@ -127,6 +127,8 @@ class LDMTask(Task):
                                         pipe.scheduler.config, pipe.upscaler) if self.ema else pipe
         for module in trained:  # building ema_pipe put the shared modules in eval mode
             module.train()
+        if cfg.compile:  # after the EMA's deepcopy: a copied compiled module would still call the original's forward
+            unet.compile()
         self.pipe = pipe
 
     def new_pipeline(self, config: Any, raw: dict[str, Any], vae_source: Any, init: Any,
