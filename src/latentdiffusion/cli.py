@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import traceback
@@ -174,7 +175,7 @@ def add_sample(subparsers: SubParsers) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (default 0)")
     p.add_argument("--image", metavar="FILE", default=None, help="img2img: start from this image (its size sets the "
                    "output's); with --mask: the image to inpaint")
-    p.add_argument("--strength", type=float, default=0.8, metavar="S", help="with --image: how much of the schedule "
+    p.add_argument("--strength", type=float, default=None, metavar="S", help="with --image: how much of the schedule "
                    "runs, in (0, 1]; 1 repaints from pure noise (default 0.8)")
     p.add_argument("--mask", metavar="FILE", default=None, help="inpainting: white = repaint, black = keep (needs "
                    "--image, of the same size)")
@@ -244,6 +245,17 @@ def _device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
+def _check_out(out: str) -> None:
+    """--out must name an image file of a format PIL writes; checked before any model loads."""
+    from PIL import Image
+
+    if Path(out).is_dir():
+        raise ArgumentError(f"--out {out} is a directory: give an image file name (e.g. {Path(out) / 'sample.png'})")
+    Image.init()
+    if Path(out).suffix.lower() not in Image.registered_extensions():
+        raise ArgumentError(f"--out {out}: unknown image file extension {Path(out).suffix!r} (use .png, .jpg, ...)")
+
+
 def _save_images(images, out: Path) -> None:
     from .pipeline import to_pil
     from .training.plots import image_grid
@@ -262,6 +274,9 @@ def run_sample(args: argparse.Namespace) -> int:
 
     if args.num_images < 1:
         raise ArgumentError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.strength is not None and args.image is None:
+        raise ArgumentError("--strength needs --image (img2img or inpainting)")
+    _check_out(args.out)
     device = _device(args.device)
     pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None, vae=args.vae,
                                            text_encoder=args.text_encoder, prediction_type=args.prediction_type)
@@ -278,7 +293,7 @@ def run_sample(args: argparse.Namespace) -> int:
     kwargs = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   height=args.height, width=args.width, num_images_per_prompt=args.num_images, generator=generators,
                   scheduler=args.scheduler, use_karras_sigmas=args.karras, eta=args.eta, image=image,
-                  strength=args.strength, mask_image=mask, output_type="pt", progress=not args.no_progress,
+                  strength=0.8 if args.strength is None else args.strength, mask_image=mask, output_type="pt", progress=not args.no_progress,
                   **controls)
     if args.upscaler:
         from .upscaler import cascade
@@ -318,8 +333,12 @@ def run_upscale(args: argparse.Namespace) -> int:
 
     from .pipeline import LatentDiffusion
 
+    _check_out(args.out)
     image = _open_image(args.image, "--image")
     pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None)
+    if pipe.upscaler is None:
+        raise ArgumentError(f"--model {args.model} is not an upsampler (its config has no upscaler section): "
+                            "use `ldm sample --image` for img2img")
     pipe = pipe.to(_device(args.device), getattr(torch, args.dtype))
     images = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, noise_level=args.noise_level,
                   num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
@@ -332,6 +351,8 @@ def _open_image(path: str, flag: str) -> Any:
     """The image file for a flag, or a ValueError naming the flag and the file."""
     from PIL import Image, UnidentifiedImageError
 
+    if Path(path).is_dir():
+        raise ArgumentError(f"{flag} {path} is a directory, not an image file")
     if not Path(path).is_file():
         raise ArgumentError(f"{flag} file not found: {path}")
     try:
@@ -347,9 +368,14 @@ def _lora_spec(spec: str) -> tuple[str, float]:
     path, sep, scale = spec.rpartition(":")
     if sep and path:
         try:
-            return path, float(scale)
+            value = float(scale)
         except ValueError:
-            pass
+            if Path(path).is_file() and not Path(spec).exists():
+                raise ArgumentError(f"--lora {spec}: the scale {scale!r} is not a number (FILE[:SCALE])") from None
+            return spec, 1.0
+        if not math.isfinite(value):
+            raise ArgumentError(f"--lora {spec}: the scale must be a finite number, got {scale!r}")
+        return path, value
     return spec, 1.0
 
 

@@ -1,0 +1,86 @@
+"""Bad input a new user tries, found by the breaker pass: each gives one `ldm: error:` line naming the culprit (CLI) or
+an ArgumentError / WeightsError (Python), never a traceback. Tiny models only."""
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from latentdiffusion import ControlNet, LatentDiffusion
+from latentdiffusion.cli import main
+from latentdiffusion.errors import ArgumentError, WeightsError
+from latentdiffusion.pipeline import LatentDiffusionConfig
+from latentdiffusion.text_encoder import TextEncoderConfig
+from latentdiffusion.unet import UNetConfig
+from latentdiffusion.vae import AutoencoderKL, VAEConfig
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    return LatentDiffusion.from_config(LatentDiffusionConfig(
+        vae=VAEConfig(block_channels=(8, 8), layers_per_block=1, norm_groups=4, sample_size=16),  # factor 2
+        unet=UNetConfig(block_channels=(16,), layers_per_block=1, cross_attention=(True,), num_heads=2,
+                        context_dim=16, norm_groups=4, sample_size=8),
+        text_encoder=TextEncoderConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16,
+                                       max_length=8)))
+
+
+@pytest.fixture(scope="module")
+def files(pipe, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("breaker")
+    pipe.save_pretrained(folder / "model")
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(folder / "img.png")
+    (folder / "lora.safetensors").write_bytes(b"")
+    return folder
+
+
+def error_line(capsys, *args: str) -> str:
+    code = main(list(args))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("ldm: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--out", "{d}/o.txt"], "--out {d}/o.txt: unknown image file extension '.txt'"),
+    (["--out", "{d}"], "--out {d} is a directory"),
+    (["--strength", "0.5"], "--strength needs --image"),
+    (["--image", "{d}"], "--image {d} is a directory"),
+    (["--lora", "{d}/lora.safetensors:abc"], "the scale 'abc' is not a number"),
+    (["--lora", "{d}/lora.safetensors:nan"], "the scale must be a finite number"),
+])
+def test_sample_bad_options(capsys, files, extra, message):
+    line = error_line(capsys, "sample", "--model", str(files / "model"), "--prompt", "x", "--steps", "1",
+                      "--no-progress", *[a.format(d=files) for a in extra])
+    assert message.format(d=files) in line
+
+
+def test_upscale_refuses_a_model_that_is_not_an_upsampler(capsys, files):
+    line = error_line(capsys, "upscale", "--model", str(files / "model"), "--image", str(files / "img.png"),
+                      "--prompt", "x", "--out", str(files / "u.png"))
+    assert "is not an upsampler" in line
+
+
+def test_controlnet_of_another_vae_factor_is_named(pipe):
+    cn = ControlNet.from_unet(pipe.unet)  # SD's hint block: pixels / 8, but this VAE's factor is 2
+    with pytest.raises(ArgumentError, match="VAE factor is 2"):
+        pipe("x", num_inference_steps=1, output_type="latent", controlnet=cn, control_image=torch.rand(1, 3, 16, 16),
+             progress=False)
+    fits = ControlNet.from_unet(pipe.unet, conditioning_embedding_channels=(8, 8))
+    with pytest.raises(ArgumentError, match="controlnet_conditioning_scale must be a finite number"):
+        pipe("x", num_inference_steps=1, output_type="latent", controlnet=fits, control_image=torch.rand(1, 3, 16, 16),
+             controlnet_conditioning_scale=float("nan"), progress=False)
+
+
+def test_lora_scale_must_be_finite(pipe, files):
+    with pytest.raises(ArgumentError, match="LoRA scale must be a finite number"):
+        pipe.load_lora(files / "lora.safetensors", scale=float("nan"))
+    assert not pipe.lora_scales
+
+
+def test_diffusers_layout_vae_file_alone_says_to_pass_its_folder(pipe, tmp_path):
+    save_file({k: v.contiguous() for k, v in pipe.vae.state_dict().items()}, tmp_path / "vae.safetensors")
+    with pytest.raises(WeightsError, match="diffusers layout"):
+        AutoencoderKL.from_pretrained(tmp_path / "vae.safetensors")
