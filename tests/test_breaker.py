@@ -1,6 +1,8 @@
 """Bad input a new user tries, found by the breaker pass: each gives one `ldm: error:` line naming the culprit (CLI) or
 an ArgumentError / WeightsError (Python), never a traceback. Tiny models only."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -13,6 +15,8 @@ from latentdiffusion.pipeline import LatentDiffusionConfig
 from latentdiffusion.text_encoder import TextEncoderConfig
 from latentdiffusion.unet import UNetConfig
 from latentdiffusion.vae import AutoencoderKL, VAEConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +88,30 @@ def test_diffusers_layout_vae_file_alone_says_to_pass_its_folder(pipe, tmp_path)
     save_file({k: v.contiguous() for k, v in pipe.vae.state_dict().items()}, tmp_path / "vae.safetensors")
     with pytest.raises(WeightsError, match="diffusers layout"):
         AutoencoderKL.from_pretrained(tmp_path / "vae.safetensors")
+
+
+def test_empty_data_folder_message_reads(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    line = error_line(capsys, "train-vae", "--config", str(CONFIGS / "vae-tiny.yaml"), "--data", str(tmp_path / "empty"),
+                      "--output", str(tmp_path / "run"), "--max-steps", "1")
+    assert f"DATA '{tmp_path / 'empty'}' is a folder that datasets.load_dataset cannot load:" in line
+
+
+def test_output_that_is_a_file_is_named(capsys, files):
+    line = error_line(capsys, "train-vae", "--config", str(CONFIGS / "vae-tiny.yaml"), "--data", "builtin:shapes",
+                      "--output", str(files / "img.png"), "--max-steps", "1")
+    assert f"--output {files / 'img.png'} is a file" in line
+
+
+def test_lora_training_without_init_says_so_before_refusing_vae(tmp_path, files):
+    import yaml
+
+    from latentdiffusion.errors import ConfigError
+    from latentdiffusion.training import LDMRunConfig, load_run_config, train_ldm
+
+    path = tmp_path / "lora.yaml"
+    path.write_text(yaml.safe_dump({"train": {"max_steps": 1, "device": "cpu"},
+                                    "data": {"source": "builtin:shapes", "resolution": 16}}))
+    config, raw = load_run_config(LDMRunConfig, path, values={"train.lora.rank": 4})
+    with pytest.raises(ConfigError, match="needs --init BASE"):  # the user followed `ldm train ... --vae VAE`
+        train_ldm(config, tmp_path / "run", vae=files / "model", raw=raw, progress=False)

@@ -293,7 +293,8 @@ def run_sample(args: argparse.Namespace) -> int:
     kwargs = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   height=args.height, width=args.width, num_images_per_prompt=args.num_images, generator=generators,
                   scheduler=args.scheduler, use_karras_sigmas=args.karras, eta=args.eta, image=image,
-                  strength=0.8 if args.strength is None else args.strength, mask_image=mask, output_type="pt", progress=not args.no_progress,
+                  strength=0.8 if args.strength is None else args.strength, mask_image=mask, output_type="pt",
+                  progress=not args.no_progress,
                   **controls)
     if args.upscaler:
         from .upscaler import cascade
@@ -505,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # other libraries' warnings, in the same form
             warnings.showwarning = lambda message, *rest, **kw: print(f"{prefix}: warning: {message}", file=sys.stderr)
+            output = getattr(args, "output", None)
+            if isinstance(output, str) and Path(output).exists() and not Path(output).is_dir():
+                raise ArgumentError(f"--output {output} is a file: give a folder (new or existing)")
             return args.run(args)
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
