@@ -115,3 +115,14 @@ def test_lora_training_without_init_says_so_before_refusing_vae(tmp_path, files)
     config, raw = load_run_config(LDMRunConfig, path, values={"train.lora.rank": 4})
     with pytest.raises(ConfigError, match="needs --init BASE"):  # the user followed `ldm train ... --vae VAE`
         train_ldm(config, tmp_path / "run", vae=files / "model", raw=raw, progress=False)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("bogus", "--device 'bogus' is not a device"),
+    pytest.param("cuda", "CUDA is not available here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")),
+])
+def test_bad_device_is_one_line(capsys, files, device, message):
+    line = error_line(capsys, "sample", "--model", str(files / "model"), "--prompt", "x", "--steps", "1",
+                      "--device", device, "--out", str(files / "o.png"))
+    assert message in line

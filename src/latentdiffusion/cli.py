@@ -242,7 +242,15 @@ def _upscale_options(p: argparse.ArgumentParser, first: bool = False) -> None:
 def _device(name: str) -> str:
     import torch
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise ArgumentError(f"--device {name!r} is not a device: auto, cpu, cuda, cuda:1, ...") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError(f"--device {name}: CUDA is not available here (use --device cpu or auto)")
+    return name
 
 
 def _check_out(out: str) -> None:
