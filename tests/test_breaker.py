@@ -126,3 +126,16 @@ def test_bad_device_is_one_line(capsys, files, device, message):
     line = error_line(capsys, "sample", "--model", str(files / "model"), "--prompt", "x", "--steps", "1",
                       "--device", device, "--out", str(files / "o.png"))
     assert message in line
+
+
+def test_a_diffusers_x4_folder_loads_as_an_upsampler(pipe, tmp_path):
+    """The merge of formats/__init__.py had dropped the upscaler config: the x4 layout loaded as a plain model."""
+    from latentdiffusion.upscaler import UpscalerConfig
+
+    up = LatentDiffusion.from_config(LatentDiffusionConfig(
+        vae=pipe.vae.config, text_encoder=pipe.text_encoder.config,
+        unet=UNetConfig(block_channels=(16,), layers_per_block=1, cross_attention=(True,), num_heads=2, in_channels=7,
+                        context_dim=16, norm_groups=4, sample_size=8, num_class_embeds=21),
+        upscaler=UpscalerConfig(max_noise_level=20)))
+    up.save_pretrained(tmp_path / "x4", format="diffusers")
+    assert LatentDiffusion.from_pretrained(tmp_path / "x4").upscaler.max_noise_level == 20
