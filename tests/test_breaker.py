@@ -139,3 +139,23 @@ def test_a_diffusers_x4_folder_loads_as_an_upsampler(pipe, tmp_path):
         upscaler=UpscalerConfig(max_noise_level=20)))
     up.save_pretrained(tmp_path / "x4", format="diffusers")
     assert LatentDiffusion.from_pretrained(tmp_path / "x4").upscaler.max_noise_level == 20
+
+
+def test_upscale_steps_zero_is_refused_not_replaced(capsys, files):
+    line = error_line(capsys, "sample", "--model", str(files / "model"), "--prompt", "x", "--steps", "1",
+                      "--upscaler", str(files / "model"), "--upscale-steps", "0", "--out", str(files / "o.png"))
+    assert "--upscale-steps must be >= 1, got 0" in line
+    from latentdiffusion.upscaler import cascade
+
+    with pytest.raises(ArgumentError, match="num_inference_steps must be an integer >= 1, got 0"):
+        cascade(lambda *a, **k: torch.rand(1, 3, 8, 8), _Upsampler(), "x", upscale_steps=0, num_inference_steps=1)
+
+
+class _Upsampler:
+    """Stands in for an upsampler pipeline: checks the step count cascade passes on."""
+    upscaler = object()
+
+    def __call__(self, *args, num_inference_steps, **kwargs):
+        from latentdiffusion.arguments import integer
+
+        return integer(num_inference_steps, "num_inference_steps", minimum=1)

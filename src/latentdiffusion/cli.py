@@ -282,6 +282,8 @@ def run_sample(args: argparse.Namespace) -> int:
 
     if args.num_images < 1:
         raise ArgumentError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.upscale_steps is not None and args.upscale_steps < 1:
+        raise ArgumentError(f"--upscale-steps must be >= 1, got {args.upscale_steps}")
     if args.strength is not None and args.image is None:
         raise ArgumentError("--strength needs --image (img2img or inpainting)")
     _check_out(args.out)
