@@ -159,3 +159,13 @@ class _Upsampler:
         from latentdiffusion.arguments import integer
 
         return integer(num_inference_steps, "num_inference_steps", minimum=1)
+
+
+def test_convert_lora_without_model_says_which_base_it_read_against(tmp_path):
+    from latentdiffusion.formats.lora import convert_lora
+
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+    save_file({f"{key}.lora_A.weight": torch.zeros(2, 16), f"{key}.lora_B.weight": torch.zeros(16, 2)},
+              tmp_path / "tiny.safetensors")  # a tiny base's adapter: SD 1.x's to_k is 320 wide
+    with pytest.raises(WeightsError, match="give --model BASE"):
+        convert_lora(tmp_path / "tiny.safetensors", tmp_path / "kohya.safetensors", "kohya")
