@@ -128,7 +128,7 @@ def test_bad_device_is_one_line(capsys, files, device, message):
     assert message in line
 
 
-def test_a_diffusers_x4_folder_loads_as_an_upsampler(pipe, tmp_path):
+def test_a_diffusers_x4_folder_loads_as_an_upsampler(capsys, pipe, tmp_path):
     """The merge of formats/__init__.py had dropped the upscaler config: the x4 layout loaded as a plain model."""
     from latentdiffusion.upscaler import UpscalerConfig
 
@@ -139,6 +139,9 @@ def test_a_diffusers_x4_folder_loads_as_an_upsampler(pipe, tmp_path):
         upscaler=UpscalerConfig(max_noise_level=20)))
     up.save_pretrained(tmp_path / "x4", format="diffusers")
     assert LatentDiffusion.from_pretrained(tmp_path / "x4").upscaler.max_noise_level == 20
+    line = error_line(capsys, "sample", "--model", str(tmp_path / "x4"), "--prompt", "x", "--steps", "1",
+                      "--out", str(tmp_path / "o.png"))
+    assert "is an upsampler: give the low-resolution image as --image FILE" in line
 
 
 def test_upscale_steps_zero_is_refused_not_replaced(capsys, files):

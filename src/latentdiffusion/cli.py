@@ -290,6 +290,9 @@ def run_sample(args: argparse.Namespace) -> int:
     device = _device(args.device)
     pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None, vae=args.vae,
                                            text_encoder=args.text_encoder, prediction_type=args.prediction_type)
+    if pipe.upscaler is not None and args.image is None:
+        raise ArgumentError(f"--model {args.model} is an upsampler: give the low-resolution image as --image FILE "
+                            "(or use `ldm upscale`, or --upscaler in a cascade)")
     for spec in args.lora:
         path, scale = _lora_spec(spec)
         pipe.load_lora(path, scale=scale)
