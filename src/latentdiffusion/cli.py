@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import traceback
@@ -175,7 +176,7 @@ def add_sample(subparsers: SubParsers) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (default 0)")
     p.add_argument("--image", metavar="FILE", default=None, help="img2img: start from this image (its size sets the "
                    "output's); with --mask: the image to inpaint")
-    p.add_argument("--strength", type=float, default=0.8, metavar="S", help="with --image: how much of the schedule "
+    p.add_argument("--strength", type=float, default=None, metavar="S", help="with --image: how much of the schedule "
                    "runs, in (0, 1]; 1 repaints from pure noise (default 0.8)")
     p.add_argument("--mask", metavar="FILE", default=None, help="inpainting: white = repaint, black = keep (needs "
                    "--image, of the same size)")
@@ -242,7 +243,26 @@ def _upscale_options(p: argparse.ArgumentParser, first: bool = False) -> None:
 def _device(name: str) -> str:
     import torch
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise ArgumentError(f"--device {name!r} is not a device: auto, cpu, cuda, cuda:1, ...") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError(f"--device {name}: CUDA is not available here (use --device cpu or auto)")
+    return name
+
+
+def _check_out(out: str) -> None:
+    """--out must name an image file of a format PIL writes; checked before any model loads."""
+    from PIL import Image
+
+    if Path(out).is_dir():
+        raise ArgumentError(f"--out {out} is a directory: give an image file name (e.g. {Path(out) / 'sample.png'})")
+    Image.init()
+    if Path(out).suffix.lower() not in Image.registered_extensions():
+        raise ArgumentError(f"--out {out}: unknown image file extension {Path(out).suffix!r} (use .png, .jpg, ...)")
 
 
 def _save_images(images, out: Path) -> None:
@@ -263,9 +283,17 @@ def run_sample(args: argparse.Namespace) -> int:
 
     if args.num_images < 1:
         raise ArgumentError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.upscale_steps is not None and args.upscale_steps < 1:
+        raise ArgumentError(f"--upscale-steps must be >= 1, got {args.upscale_steps}")
+    if args.strength is not None and args.image is None:
+        raise ArgumentError("--strength needs --image (img2img or inpainting)")
+    _check_out(args.out)
     device = _device(args.device)
     pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None, vae=args.vae,
                                            text_encoder=args.text_encoder, prediction_type=args.prediction_type)
+    if pipe.upscaler is not None and args.image is None:
+        raise ArgumentError(f"--model {args.model} is an upsampler: give the low-resolution image as --image FILE "
+                            "(or use `ldm upscale`, or --upscaler in a cascade)")
     for spec in args.lora:
         path, scale = _lora_spec(spec)
         pipe.load_lora(path, scale=scale)
@@ -279,7 +307,8 @@ def run_sample(args: argparse.Namespace) -> int:
     kwargs = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   height=args.height, width=args.width, num_images_per_prompt=args.num_images, generator=generators,
                   scheduler=args.scheduler, use_karras_sigmas=args.karras, eta=args.eta, image=image,
-                  strength=args.strength, mask_image=mask, output_type="pt", progress=not args.no_progress,
+                  strength=0.8 if args.strength is None else args.strength, mask_image=mask, output_type="pt",
+                  progress=not args.no_progress,
                   **controls)
     if args.upscaler:
         from .upscaler import cascade
@@ -319,8 +348,12 @@ def run_upscale(args: argparse.Namespace) -> int:
 
     from .pipeline import LatentDiffusion
 
+    _check_out(args.out)
     image = _open_image(args.image, "--image")
     pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None)
+    if pipe.upscaler is None:
+        raise ArgumentError(f"--model {args.model} is not an upsampler (its config has no upscaler section): "
+                            "use `ldm sample --image` for img2img")
     pipe = pipe.to(_device(args.device), getattr(torch, args.dtype))
     images = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, noise_level=args.noise_level,
                   num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
@@ -333,6 +366,8 @@ def _open_image(path: str, flag: str) -> Any:
     """The image file for a flag, or a ValueError naming the flag and the file."""
     from PIL import Image, UnidentifiedImageError
 
+    if Path(path).is_dir():
+        raise ArgumentError(f"{flag} {path} is a directory, not an image file")
     if not Path(path).is_file():
         raise ArgumentError(f"{flag} file not found: {path}")
     try:
@@ -348,9 +383,14 @@ def _lora_spec(spec: str) -> tuple[str, float]:
     path, sep, scale = spec.rpartition(":")
     if sep and path:
         try:
-            return path, float(scale)
+            value = float(scale)
         except ValueError:
-            pass
+            if Path(path).is_file() and not Path(spec).exists():
+                raise ArgumentError(f"--lora {spec}: the scale {scale!r} is not a number (FILE[:SCALE])") from None
+            return spec, 1.0
+        if not math.isfinite(value):
+            raise ArgumentError(f"--lora {spec}: the scale must be a finite number, got {scale!r}")
+        return path, value
     return spec, 1.0
 
 
@@ -480,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # other libraries' warnings, in the same form
             warnings.showwarning = lambda message, *rest, **kw: print(f"{prefix}: warning: {message}", file=sys.stderr)
+            output = getattr(args, "output", None)
+            if isinstance(output, str) and Path(output).exists() and not Path(output).is_dir():
+                raise ArgumentError(f"--output {output} is a file: give a folder (new or existing)")
             return args.run(args)
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)

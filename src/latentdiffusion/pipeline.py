@@ -335,7 +335,14 @@ class LatentDiffusion(nn.Module):
         if len(images) != len(nets) or len(scales) != len(nets):
             raise ArgumentError(f"{len(nets)} ControlNet(s) need as many control_image entries and "
                              f"controlnet_conditioning_scale values, got {len(images)} and {len(scales)}")
+        for i, net in enumerate(nets):
+            if isinstance(net, ControlNet) and net.config.downsampling_factor != self.vae_scale_factor:
+                raise ArgumentError(f"controlnet {i} takes control images {net.config.downsampling_factor}x the latent "
+                                    f"size, but this model's VAE factor is {self.vae_scale_factor}: the ControlNet was "
+                                    "made for another model (or give from_unet conditioning_embedding_channels of "
+                                    f"{self.vae_scale_factor.bit_length()} entries)")
         size = (shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor)
+        scales = [real(s, "controlnet_conditioning_scale") for s in scales]
         return [(net, control_tensor(im, n_prompts, size).repeat_interleave(n, dim=0).to(self.device, self.dtype),
                  float(s))
                 for net, im, s in zip(nets, images, scales)]
@@ -519,6 +526,7 @@ class LatentDiffusion(nn.Module):
         the file's stem, numbered if taken). WeightsError naming the first key if no key fits this model."""
         from .formats.lora import load_lora_weights, lora_file  # formats sit above the pipeline
 
+        real(scale, "LoRA scale")
         name = adapter_name
         if name is None:
             stem = lora_file(path).stem.replace(".", "_")
@@ -529,6 +537,7 @@ class LatentDiffusion(nn.Module):
 
     def add_lora(self, weights: lora.AdapterWeights, name: str, scale: float = 1.0, dropout: float = 0.0) -> None:
         """Add adapter `name` with `weights` ("unet.<path>" / "text_encoder.<path>" -> ModuleLora) at `scale`."""
+        real(scale, "LoRA scale")
         if name in self.lora_scales:
             raise ArgumentError(f"a LoRA adapter named {name!r} is already loaded: pass another adapter_name")
         if self._lora_base:
@@ -545,7 +554,7 @@ class LatentDiffusion(nn.Module):
         """Set adapter `name`'s scale (0 turns it off)."""
         if self._lora_base:
             raise ArgumentError("the LoRA adapters are fused: unload_lora() and load them again to change a scale")
-        self.lora_scales[name] = float(scale)
+        self.lora_scales[name] = real(scale, "LoRA scale")
         for _, module in self._lora_components():
             lora.set_scales(module, self.lora_scales)
 

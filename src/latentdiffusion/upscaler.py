@@ -108,7 +108,7 @@ def cascade(base: LatentDiffusion, upscaler: LatentDiffusion, prompt: str | list
     def each(items: list[str] | None) -> list[str] | None:  # one entry per base image
         return None if items is None else [p for p in items for _ in range(num_images_per_prompt)]
 
-    steps = upscale_steps or base_kwargs.get("num_inference_steps", 50)
+    steps = upscale_steps if upscale_steps is not None else base_kwargs.get("num_inference_steps", 50)
     guidance = upscale_guidance if upscale_guidance is not None else base_kwargs.get("guidance_scale", 7.5)
     shared = {k: base_kwargs[k] for k in ("scheduler", "use_karras_sigmas", "eta", "progress") if k in base_kwargs}
     return upscaler(each(prompts), negative_prompt=each(negatives), image=low_res, noise_level=noise_level,

@@ -296,8 +296,9 @@ def _load_dataset(name: str, split: str, cache_dir: str | None) -> Any:
     try:
         ds = datasets.load_dataset(name, cache_dir=cache_dir)
     except Exception as e:  # load_dataset raises many unrelated types (network, format, missing files)
-        kind = "folder" if Path(name).is_dir() else "not a local path, and"
-        raise DataError(f"DATA '{name}' is {kind} datasets.load_dataset cannot load it: {type(e).__name__}: {e}") from None
+        what = ("a folder that datasets.load_dataset cannot load" if Path(name).is_dir()
+                else "not a local path, and datasets.load_dataset cannot load it")
+        raise DataError(f"DATA '{name}' is {what}: {type(e).__name__}: {e}") from None
     return _pick_split(ds, split, f"DATA '{name}'")
 
 

@@ -149,4 +149,11 @@ def convert_lora(src: str | Path, dst: str | Path, layout: str, model: str | Pat
 
         with torch.device("meta"):  # names and shapes only
             unet, clip = UNet(UNetConfig()), CLIPTextModel(TextEncoderConfig().to_clip_config())
-    return save_lora_weights(load_lora_weights(src, unet, clip), dst, layout)
+    try:
+        weights = load_lora_weights(src, unet, clip)
+    except WeightsError as e:
+        if model is not None:
+            raise
+        raise WeightsError(f"{e} (read against the SD 1.x architecture: for an adapter of another base, give "
+                           "--model BASE, in Python model=)") from None
+    return save_lora_weights(weights, dst, layout)

@@ -263,6 +263,10 @@ def check_supported(keys: Shapes, source: str) -> None:
     if any(k.startswith(SDXL_KEYS) for k in keys):
         raise WeightsError(f"{source}: not supported: looks like SDXL (conditioner.embedders / label_emb keys); "
                            "Stable Diffusion 1.x and 2.x single files and standalone VAE files can be loaded")
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys):
+        raise WeightsError(f"{source}: a VAE in the diffusers layout (encoder.down_blocks.* keys), which a file alone "
+                           "cannot describe: pass the folder that holds it with its config (a diffusers vae/ folder "
+                           "with config.json, or a model folder)")
     if not any(k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, OPENCLIP_PREFIX, *VAE_KEYS)) for k in keys):
         raise WeightsError(f"{source}: not a Stable Diffusion single file nor a VAE file: no key starts with "
                            f"'{UNET_PREFIX}', '{VAE_PREFIX}', 'cond_stage_model.' or 'encoder.' / 'decoder.' "

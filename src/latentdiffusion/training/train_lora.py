@@ -29,6 +29,8 @@ class LoraTask(LDMTask):
     def setup_models(self, config: LDMRunConfig, raw: dict[str, Any], vae_source: Any, init: Any,
                      text_encoder_source: Any) -> None:
         cfg, spec, run, device = self.cfg, self.cfg.lora, self.run, self.runtime.device
+        if init is None and not run.checkpoint:
+            raise ConfigError("LoRA training (train.lora.rank > 0) needs --init BASE: the model the adapters train on")
         if vae_source is not None or text_encoder_source is not None:
             raise ConfigError("--vae and --text-encoder do not apply to LoRA training: every component of the base "
                               "comes from --init")
