@@ -24,7 +24,9 @@ def image_tensor(image: ImageInput, name: str = "image") -> Tensor:
             raise ArgumentError(f"{name} must be a PIL image, a non-empty list of them or a tensor (B,3,H,W)")
         if len({i.size for i in image}) > 1:
             raise ArgumentError(f"{name}: the images differ in size {sorted({i.size for i in image})}")
-        arrays = np.stack([np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in image])
+        from .data.images import to_rgb  # the one conversion of every PIL mode (16-bit, transparency, CMYK, ...)
+
+        arrays = np.stack([np.asarray(to_rgb(i), dtype=np.float32) / 255.0 for i in image])
         return torch.from_numpy(arrays).permute(0, 3, 1, 2)  # (B,3,H,W)
     if not isinstance(image, Tensor):
         raise ArgumentError(f"{name} must be a PIL image, a list of them or a tensor (B,3,H,W), got {type(image).__name__}")

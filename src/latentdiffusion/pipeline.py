@@ -616,7 +616,9 @@ def control_tensor(image: ImageInput, batch: int, size: tuple[int, int]) -> torc
     if isinstance(image, Image.Image):
         image = [image]
     if isinstance(image, (list, tuple)) and all(isinstance(i, Image.Image) for i in image):
-        image = [i.convert("RGB").resize(size[::-1], Image.LANCZOS) for i in image]
+        from .data.images import to_rgb  # the one conversion of every PIL mode
+
+        image = [to_rgb(i).resize(size[::-1], Image.LANCZOS) for i in image]
     image = image_tensor(image, "control_image")
     if tuple(image.shape[2:]) != size or image.shape[0] not in (1, batch):
         raise ArgumentError(f"control_image must have shape (1 or {batch}, 3, {size[0]}, {size[1]}) for these prompts "
