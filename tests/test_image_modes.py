@@ -139,3 +139,14 @@ def test_16_bit_grey_in_a_training_folder(tmp_path):
     (tmp_path / "grey.txt").write_text("a grey square")
     item = load_image_captions(str(tmp_path), 8)[0]
     torch.testing.assert_close(item["pixel_values"], _value([128] * 3)[:, None, None].expand(3, 8, 8))
+
+
+def test_pipeline_and_control_images_take_the_same_conversion():
+    """img2img / inpainting / ControlNet inputs go through to_rgb too: 16-bit grey 32768 is 128/255, not white."""
+    from latentdiffusion.images import image_tensor
+    from latentdiffusion.pipeline import control_tensor
+
+    grey16 = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))
+    assert grey16.mode == "I;16"
+    assert torch.allclose(image_tensor(grey16), torch.full((1, 3, 8, 8), 128 / 255))
+    assert torch.allclose(control_tensor(grey16, 2, (8, 8)), torch.full((2, 3, 8, 8), 128 / 255))
