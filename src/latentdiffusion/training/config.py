@@ -170,6 +170,7 @@ class LDMTrainConfig(TrainConfig):
     noise_offset: float = 0.0
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the UNet's forward in place (file keys unchanged; the EMA copy stays eager)
+    channels_last: bool = True  # the UNet's weights and activations NHWC: oneDNN's and cuDNN's faster convolutions
     cache_latents: bool = False  # encode every image once before training (needs deterministic preprocessing)
     validation_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 25
@@ -192,8 +193,9 @@ class LDMTrainConfig(TrainConfig):
                               "(autocast runs the half-precision base beside the float32 adapters)")
         if self.prior.data is not None and self.cache_latents:
             raise ConfigError("train.prior does not combine with train.cache_latents (the class images are not cached)")
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"train.compile must be true or false, got {self.compile!r}")
+        for key in ("compile", "channels_last"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"train.{key} must be true or false, got {getattr(self, key)!r}")
 
 
 @dataclass

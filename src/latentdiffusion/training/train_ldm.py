@@ -118,6 +118,8 @@ class LDMTask(Task):
         for module in trained:
             module.train()
         unet.gradient_checkpointing = cfg.gradient_checkpointing
+        if cfg.channels_last:  # before the EMA's copy, so that its weights share the layout (one lerp kernel)
+            unet.set_memory_format(torch.channels_last)
         if not self.train_text and text_encoder_source is None and init is None and not run.checkpoint:
             run.say("note: the text encoder is frozen at its random initialisation; set model.text_encoder.trainable: "
                     "true or pass --text-encoder MODEL")
