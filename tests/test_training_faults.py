@@ -2,6 +2,7 @@
 gives the dtype asked for); each image's random draws come from its own stream, so a global batch split over
 accumulation micro-batches or gloo ranks in any way gives the same weights."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ from safetensors.torch import load_file
 from latentdiffusion import LatentDiffusion
 from latentdiffusion.pipeline import LatentDiffusionConfig
 from latentdiffusion.text_encoder import TextEncoderConfig
+from latentdiffusion.errors import ConfigError
 from latentdiffusion.training import LDMRunConfig, load_run_config, train_ldm
+from latentdiffusion.training.config import LDMTrainConfig
 from latentdiffusion.unet import UNetConfig
 from test_training import TINY_VAE, assert_identical, one_thread  # noqa: F401
 
@@ -81,6 +84,28 @@ def test_loss_of_a_batch_is_the_mean_of_its_halves():
     assert t.tolist() == [torch.randint(0, 1000, (1,), generator=g).item() for g in _generators(range(4))]
 
 
+def test_logit_normal_timesteps_follow_their_closed_form_and_each_images_generator():
+    """t/T = sigmoid(mean + std * n): P(t < T/2) = Phi(-mean/std), the median is sigmoid(mean) * T; with a list of
+    generators image i's timestep is the one its own generator draws alone."""
+    pipe = LatentDiffusion.from_config(TINY)
+    t = pipe._random_timesteps(40_000, torch.Generator().manual_seed(0), torch.device("cpu"), (0.5, 1.0))
+    below_half = (t < 500).double().mean().item()
+    assert abs(below_half - 0.5 * math.erfc(0.5 / math.sqrt(2))) < 0.008  # Phi(-0.5) = 0.3085
+    assert abs(t.double().median().item() - 1000 / (1 + math.exp(-0.5))) < 6  # 622.5
+    assert t.min() >= 0 and t.max() <= 999
+    uniform = pipe._random_timesteps(40_000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert abs((uniform < 500).double().mean().item() - 0.5) < 0.008  # the test tells the two apart
+    each = pipe._random_timesteps(4, _generators(range(4)), torch.device("cpu"), (0.5, 1.0))
+    alone = [pipe._random_timesteps(1, _generators([s]), torch.device("cpu"), (0.5, 1.0)).item() for s in range(4)]
+    assert each.tolist() == alone
+
+
+@pytest.mark.parametrize("value", [[0.0], [0.0, 0.0], [0.0, -1.0], "wide", [True, 1.0]])
+def test_bad_timestep_logit_normal_is_a_config_error(value):
+    with pytest.raises(ConfigError, match="train.timestep_logit_normal"):
+        LDMTrainConfig(timestep_logit_normal=value)
+
+
 def _gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """The largest weight difference. Splits sum the same per-image gradients in another float32 order; Adam divides
     by the root of the second moment, so after 3 steps at learning rate 1e-3 that rounding left 3.6e-5 (measured);
@@ -109,7 +134,7 @@ def test_one_by_four_equals_two_accumulation_steps_by_two(split_runs, tmp_path, 
     assert _gap(runs["1x4"], runs["2acc x 2"]) < 1e-4
     # The test can fail: with the old draw (a micro-batch's timesteps all from its first image's generator) the same
     # two splits end far apart.
-    monkeypatch.setattr(LatentDiffusion, "_random_timesteps", lambda self, n, g, device: torch.randint(
+    monkeypatch.setattr(LatentDiffusion, "_random_timesteps", lambda self, n, g, device, *_: torch.randint(
         0, 1000, (n,), generator=g[0]).to(device))
     old = {}
     for name, train in {"1x4": dict(batch_size=4), "2x2": dict(batch_size=2, gradient_accumulation=2)}.items():

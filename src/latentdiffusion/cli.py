@@ -466,7 +466,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if args.controlnet and (Path(args.output) / "ldm").exists():
         return _controlnet_demo(args)
-    result = demo(args.output, args.vae_steps, args.ldm_steps, args.guidance, seed=args.seed)
+    result = demo(args.output, args.vae_steps, args.ldm_steps, args.guidance, seed=args.seed,
+                  say=lambda line: print(f"ldm demo: {line}", flush=True))
     times = ", ".join(f"{stage} {sec / 60:.1f} min" for stage, sec in result.seconds.items())
     print(f"time: {sum(result.seconds.values()) / 60:.1f} min ({times})")
     for name, path in result.files.items():

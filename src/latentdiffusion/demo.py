@@ -7,10 +7,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from .budget import estimate
 from .controlnet import ControlNet
 from .data.shapes import ShapesDataset, all_combinations, caption_for, silhouette
 from .errors import ConfigError
@@ -49,17 +51,22 @@ class DemoResult:
 
 
 def run_demo(output: str | Path, vae_steps: int | None = None, ldm_steps: int | None = None,
-             guidance_scale: float = 4.0, steps: int = 25, seed: int = 0, progress: bool = True) -> DemoResult:
-    """Train every stage with the tiny presets into `output`, write grids, return the adherence figures."""
+             guidance_scale: float = 4.0, steps: int = 25, seed: int = 0, progress: bool = True,
+             say: Callable[[str], None] | None = None) -> DemoResult:
+    """Train every stage with the tiny presets into `output`, write grids, return the adherence figures. With
+    `say`, first tell it how long the demo should take on this machine (budget.py: a few seconds of timing)."""
     output, stamps = Path(output), [time.perf_counter()]
-    config, raw = load_run_config(VAERunConfig, "vae-tiny", values=_overrides(seed, vae_steps))
-    vae_run = train_vae(config, output / "vae", raw=raw, progress=progress)
+    vae_config, vae_raw = load_run_config(VAERunConfig, "vae-tiny", values=_overrides(seed, vae_steps))
+    ldm_config, ldm_raw = load_run_config(LDMRunConfig, "ldm-tiny", values=_overrides(seed, ldm_steps))
+    prompts = [caption_for(c) for c in all_combinations()]
+    if say is not None:
+        say(estimate(vae_config, ldm_config, len(prompts), steps).describe())
+    vae_run = train_vae(vae_config, output / "vae", raw=vae_raw, progress=progress)
     stamps.append(time.perf_counter())
-    config, raw = load_run_config(LDMRunConfig, "ldm-tiny", values=_overrides(seed, ldm_steps))
-    pipe = LatentDiffusion.from_pretrained(train_ldm(config, output / "ldm", vae=vae_run, raw=raw, progress=progress))
+    pipe = LatentDiffusion.from_pretrained(train_ldm(ldm_config, output / "ldm", vae=vae_run, raw=ldm_raw,
+                                                     progress=progress))
     stamps.append(time.perf_counter())
 
-    prompts = [caption_for(c) for c in all_combinations()]
     files, scores = {}, {}
     for name, scale in (("guided", guidance_scale), ("unguided", 1.0)):
         images = pipe(prompts, num_inference_steps=steps, guidance_scale=scale, output_type="pt",

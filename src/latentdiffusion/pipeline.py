@@ -180,18 +180,21 @@ class LatentDiffusion(nn.Module):
 
     def diffusion_loss(self, latents: torch.Tensor, context: torch.Tensor | Conditioning, generator: Generator = None,
                        snr_gamma: float | None = None, noise_offset: float = 0.0,
-                       concat: torch.Tensor | None = None, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                       concat: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
+                       logit_normal: tuple[float, float] | None = None) -> torch.Tensor:
         """The denoising loss (DDPM eq. 14) on scaled latents given a context (B, T, D) or a whole conditioning
         bundle (ControlNet training), optionally min-SNR-gamma weighted (Hang et al., 2023) and with offset noise
         (a per-channel constant added to the noise); `concat` (B,Cc,h,w): channels the UNet takes beside the latents
         (inpainting; an upsampler's noised low-res image), `class_labels` (B,): an upsampler's noise levels. With a
         list of generators, image i's noise, offset and timestep all come from generator i: any split of the batch
-        draws the same values."""
+        draws the same values. Timesteps are uniform, or with `logit_normal` (mean, std) t/T = sigmoid(mean + std * n),
+        n ~ N(0, 1): the logit-normal density of Esser et al. 2024 (SD3), which spends fewer steps on the lowest and
+        highest noise levels."""
         b, c = latents.shape[:2]
         noise = randn(latents.shape, generator, latents.device, latents.dtype)
         if noise_offset:
             noise = noise + noise_offset * randn((b, c, 1, 1), generator, latents.device, latents.dtype)
-        t = self._random_timesteps(b, generator, latents.device)
+        t = self._random_timesteps(b, generator, latents.device, logit_normal)
         noisy = self.scheduler.add_noise(latents, noise, t)
         target = self.scheduler.training_target(latents, noise, t)
         cond = context if isinstance(context, Conditioning) else Conditioning(context, concat, class_labels)
@@ -201,9 +204,16 @@ class LatentDiffusion(nn.Module):
             per_sample = per_sample * self._min_snr_weight(t, snr_gamma)
         return per_sample.mean()
 
-    def _random_timesteps(self, n: int, generator: Generator, device: torch.device) -> torch.Tensor:
-        """(n,) training timesteps, uniform; with a list of generators each image's from its own stream."""
-        return randint(self.scheduler.config.num_train_timesteps, n, generator, device)
+    def _random_timesteps(self, n: int, generator: Generator, device: torch.device,
+                          logit_normal: tuple[float, float] | None = None) -> torch.Tensor:
+        """(n,) training timesteps, uniform or logit-normal; with a list of generators each image's from its own
+        stream."""
+        steps = self.scheduler.config.num_train_timesteps
+        if logit_normal is None:
+            return randint(steps, n, generator, device)
+        mean, std = logit_normal
+        u = torch.sigmoid(mean + std * randn((n,), generator, device, torch.float32))
+        return (u * steps).long().clamp_(max=steps - 1)
 
     def _min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
         alpha_bar = self.scheduler.alphas_cumprod.to(t.device)[t]

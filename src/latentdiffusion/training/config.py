@@ -167,6 +167,7 @@ class LDMTrainConfig(TrainConfig):
     prior: PriorConfig = field(default_factory=PriorConfig)
     caption_dropout: float = 0.1  # share of captions replaced by "" (learns the unconditional model for CFG)
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5.0 is the paper's choice); None: off
+    timestep_logit_normal: list[float] | None = None  # [mean, std]: t/T = sigmoid(mean + std * N(0,1)); None: uniform
     noise_offset: float = 0.0
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the UNet's forward in place (file keys unchanged; the EMA copy stays eager)
@@ -182,6 +183,13 @@ class LDMTrainConfig(TrainConfig):
             raise ConfigError(f"train.caption_dropout must be in [0, 1], got {self.caption_dropout}")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise ConfigError(f"train.snr_gamma must be > 0 (or null), got {self.snr_gamma}")
+        if self.timestep_logit_normal is not None:
+            value = self.timestep_logit_normal
+            if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) and value[1] > 0):
+                raise ConfigError("train.timestep_logit_normal must be [mean, std] with std > 0 (or null: uniform), "
+                                  f"got {value!r}")
+            self.timestep_logit_normal = [float(v) for v in value]
         if self.noise_offset < 0:
             raise ConfigError(f"train.noise_offset must be >= 0, got {self.noise_offset}")
         if self.text_encoder_lr is not None and not self.text_encoder_lr > 0:

@@ -40,9 +40,11 @@ _TEXT_ENCODER_FLAGS = ("trainable", "layer")  # what a config may change on a pr
 class DiffusionLoss(nn.Module):
     """The module DistributedDataParallel wraps: its forward is the training loss (LatentDiffusion's is the sampler)."""
 
-    def __init__(self, pipe: LatentDiffusion, snr_gamma: float | None, noise_offset: float):
+    def __init__(self, pipe: LatentDiffusion, snr_gamma: float | None, noise_offset: float,
+                 logit_normal: list[float] | None = None):
         super().__init__()
         self.pipe, self.snr_gamma, self.noise_offset = pipe, snr_gamma, noise_offset
+        self.logit_normal = tuple(logit_normal) if logit_normal else None
 
     def forward(self, latents: torch.Tensor, captions: list[str], generators: list[torch.Generator],
                 pixels: torch.Tensor | None = None,
@@ -62,7 +64,8 @@ class DiffusionLoss(nn.Module):
         context = self.pipe.text_encoder(captions)  # (B, T, D)
         # an inpainting UNet also takes random masks and the masked images' latents (pixels (B,3,H,W) in [-1,1])
         concat = self.pipe.random_inpainting_concat(pixels, generators) if self.pipe.concat_channels else None
-        return self.pipe.diffusion_loss(latents, context, generators, self.snr_gamma, self.noise_offset, concat)
+        return self.pipe.diffusion_loss(latents, context, generators, self.snr_gamma, self.noise_offset, concat,
+                                        logit_normal=self.logit_normal)
 
 
 def train_ldm(config: LDMRunConfig, output: str | Path, vae: str | Path | None = None, init: str | Path | None = None,
@@ -140,7 +143,7 @@ class LDMTask(Task):
 
     def loss_module(self) -> nn.Module:
         """The module whose forward is the loss (DistributedDataParallel wraps it)."""
-        return DiffusionLoss(self.pipe, self.cfg.snr_gamma, self.cfg.noise_offset)
+        return DiffusionLoss(self.pipe, self.cfg.snr_gamma, self.cfg.noise_offset, self.cfg.timestep_logit_normal)
 
     def param_groups(self) -> list[tuple[list[nn.Parameter], float]]:
         """The UNet at train.learning_rate; a trained text encoder at train.text_encoder_lr where set."""
