@@ -23,7 +23,7 @@ from .images import ImageInput, image_tensor, mask_tensor, random_inpainting_mas
 from .layers import Attention
 from .noise import Generator, randint, randn
 from .offload import ModelOffload, SequentialOffload
-from .samplers import SAMPLERS, Denoiser, NoiseLevels, add_noise, input_scale, sampler_entry
+from .samplers import SAMPLERS, Denoiser, NoiseLevels, SamplerEntry, add_noise, input_scale, sampler_entry
 from .samplers.levels import vp_to_k_scale
 from .schedulers import NoiseSchedule, SchedulerConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
@@ -43,6 +43,18 @@ class LatentDiffusionConfig:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     upscaler: UpscalerConfig | None = None  # set for upsampler models (the low-res image concatenated to the latents)
+
+
+@dataclass
+class _Start:
+    """Where a sampling run starts: x (B,C,h,w) float32 at the first noise level, the channels concatenated to it
+    and the class labels (upsampler, inpainting UNet), and the callback that puts an inpainted image's known region
+    back after each step (an ordinary UNet inpainting)."""
+
+    x: torch.Tensor
+    concat: torch.Tensor | None = None
+    class_labels: torch.Tensor | None = None
+    put_back: Callable[[int, float, torch.Tensor], torch.Tensor] | None = None
 
 
 class LatentDiffusion(nn.Module):
@@ -268,52 +280,83 @@ class LatentDiffusion(nn.Module):
         prompts, num_inference_steps, num_images_per_prompt, height, width = self._check_arguments(
             prompt, num_inference_steps, num_images_per_prompt, height, width)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
-        low_res = self._low_res(image, mask_image, len(prompts), height, width)  # (P, 3, h, w) in [-1, 1] or None
-        if low_res is not None:
-            pixels, mask = None, None
-            height, width = (side * self.vae_scale_factor for side in low_res.shape[2:])
-        else:
-            pixels, mask = self._source_images(image, mask_image, len(prompts), num_images_per_prompt)
-            height, width = self._size(pixels, latents, height, width)
-        shape = self._latent_shape(len(prompts) * num_images_per_prompt, height, width)
+        low_res, pixels, mask, shape = self._images(image, mask_image, latents, len(prompts), num_images_per_prompt,
+                                                    height, width)
         self._check_call(num_inference_steps, guidance_scale, output_type, scheduler, eta, latents, shape, strength)
         entry = sampler_entry(scheduler, use_karras_sigmas)
         levels = entry.levels(self.scheduler.config, num_inference_steps, use_karras_sigmas)
         if pixels is not None:  # img2img / inpainting run the last int(steps * strength) steps, as diffusers does
             levels = levels.tail(self._steps_run(num_inference_steps, strength))
-        contexts = self._contexts(prompts, negatives, num_images_per_prompt, guidance_scale)
+        controls = self._controls(controlnet, control_image, controlnet_conditioning_scale, len(prompts),
+                                  num_images_per_prompt, shape)
+        start = self._start(shape, levels, latents, pixels, mask, low_res, noise_level, strength,
+                            num_images_per_prompt, generator)
+        cond, uncond = self._conditioning(prompts, negatives, num_images_per_prompt, guidance_scale, start, controls)
+        guided = ClassifierFreeGuidance(self._run_unet, cond, uncond, guidance_scale, guidance_rescale)
+        latents = self._sample(entry, levels, guided, start, eta, generator, callback, progress)
+        return self._output(latents, output_type)
 
+    def _images(self, image: ImageInput | None, mask_image: ImageInput | None, latents: torch.Tensor | None,
+                n_prompts: int, n: int, height: int | None, width: int | None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, tuple[int, int, int, int]]:
+        """The checked input images and the latents' shape (B, C, h, w): an upsampler's low-res images (n_prompts,
+        3, h, w) in [-1, 1] (which set the size), or the img2img image (B,3,H,W) in [0,1] and inpainting mask
+        (B,1,H,W), each None where not given."""
+        low_res = self._low_res(image, mask_image, n_prompts, height, width)
+        if low_res is not None:
+            pixels, mask = None, None
+            height, width = (side * self.vae_scale_factor for side in low_res.shape[2:])
+        else:
+            pixels, mask = self._source_images(image, mask_image, n_prompts, n)
+            height, width = self._size(pixels, latents, height, width)
+        return low_res, pixels, mask, self._latent_shape(n_prompts * n, height, width)
+
+    def _start(self, shape: tuple[int, int, int, int], levels: NoiseLevels, latents: torch.Tensor | None,
+               pixels: torch.Tensor | None, mask: torch.Tensor | None, low_res: torch.Tensor | None,
+               noise_level: int | torch.Tensor, strength: float, n: int, generator: Generator) -> _Start:
+        """Where sampling starts: the noised latents, and the channels an upsampler (its noised low-res image, its
+        noise level as class label) or an inpainting UNet (mask, masked image's latents) takes beside them; an
+        ordinary UNet inpaints by putting the known region back after every step. The generator draws in
+        diffusers' order: low-res augmentation, image latents, noise, masked image latents."""
         augmented = None
         if low_res is not None:  # conditioning augmentation, drawn before the latents' noise (as diffusers does)
             noise_levels = self.upscaler.check_noise_level(noise_level).to(self.device).expand(shape[0])  # (N,)
-            augmented = augment(low_res.repeat_interleave(num_images_per_prompt, dim=0).to(self.device),
-                                noise_levels, self.upscaler, generator)
+            augmented = augment(low_res.repeat_interleave(n, dim=0).to(self.device), noise_levels, self.upscaler,
+                                generator)
         repaint_all = mask is not None and strength == 1.0  # inpainting at full strength starts from pure noise
         x0 = None
         if pixels is not None and not (repaint_all and self.concat_channels):
             x0 = self.encode_images(pixels * 2 - 1, generator).float()
         noise = randn(shape, generator, self.device) if latents is None else latents.to(self.device, torch.float32)
         x = noise * levels.init_noise_sigma if x0 is None or repaint_all else add_noise(x0, noise, levels.sigmas[0])
-        if augmented is not None:  # an upsampler: the noised low-res image and its noise level
-            concat, labels = augmented, noise_levels
-        else:  # an inpainting UNet: the mask and the masked image's latents
-            concat = self.inpainting_concat(pixels, mask, generator, shape) if self.concat_channels else None
-            labels = None
-        controls = self._controls(controlnet, control_image, controlnet_conditioning_scale, len(prompts),
-                                  num_images_per_prompt, shape)
-        cond, uncond = (None if c is None else Conditioning(c, concat, labels, controls) for c in contexts)
-        guided = ClassifierFreeGuidance(self._run_unet, cond, uncond, guidance_scale, guidance_rescale)
-        denoiser = Denoiser(guided, self.scheduler.config, levels)
+        if augmented is not None:
+            return _Start(x, augmented, noise_levels)
+        if self.concat_channels:
+            return _Start(x, self.inpainting_concat(pixels, mask, generator, shape))
+        return _Start(x, put_back=None if mask is None else self._keep_known(x0, noise, mask, levels))
 
-        keep_known = None  # an ordinary UNet inpaints by putting the known region back after every step
-        if mask is not None and not self.concat_channels:
-            keep_known = self._keep_known(x0, noise, mask, levels)
+    def _conditioning(self, prompts: list[str], negatives: list[str], n: int, guidance_scale: float, start: _Start,
+                      controls: list[Control]) -> tuple[Conditioning, Conditioning | None]:
+        """The conditional and unconditional (None at guidance_scale 1) bundles: each prompt's context repeated n
+        times, with the start's concatenated channels and class labels and the ControlNets."""
+        cond = self.encode_prompt(prompts).repeat_interleave(n, dim=0)
+        uncond = None if guidance_scale == 1.0 else self.encode_prompt(negatives).repeat_interleave(n, dim=0)
+        return tuple(None if c is None else Conditioning(c, start.concat, start.class_labels, controls)
+                     for c in (cond, uncond))
+
+    def _sample(self, entry: SamplerEntry, levels: NoiseLevels, guided: ClassifierFreeGuidance, start: _Start,
+                eta: float, generator: Generator, callback: Callable | None, progress: bool) -> torch.Tensor:
+        """The sampling run from start.x at levels.sigmas[0]: the final level's latents x_t in the model's dtype."""
+        denoiser = Denoiser(guided, self.scheduler.config, levels)
         options = {**entry.options(self.scheduler.config, levels), **({"eta": eta} if eta else {})}
         with tqdm(total=len(levels.timesteps), disable=not progress, desc="sampling") as bar:
-            step_callback = self._step_callback(levels, keep_known, callback, bar)
-            x = entry.function(denoiser, x, levels.sigmas, generator=generator, callback=step_callback, **options)
-        latents = (x * input_scale(float(levels.sigmas[-1]))).to(self.dtype)  # the final level's x_t
+            step_callback = self._step_callback(levels, start.put_back, callback, bar)
+            x = entry.function(denoiser, start.x, levels.sigmas, generator=generator, callback=step_callback,
+                               **options)
+        return (x * input_scale(float(levels.sigmas[-1]))).to(self.dtype)
 
+    def _output(self, latents: torch.Tensor, output_type: str) -> list[Image.Image] | torch.Tensor:
+        """The latents as asked: themselves ("latent"), decoded images (B,3,H,W) in [0,1] ("pt") or PIL images."""
         if output_type == "latent":
             return latents
         images = self.decode_latents(latents)
@@ -346,13 +389,6 @@ class LatentDiffusion(nn.Module):
         return [(net, control_tensor(im, n_prompts, size).repeat_interleave(n, dim=0).to(self.device, self.dtype),
                  float(s))
                 for net, im, s in zip(nets, images, scales)]
-
-    def _contexts(self, prompts: list[str], negatives: list[str], n: int,
-                  guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(conditional, unconditional or None) contexts, each prompt's repeated n times."""
-        cond = self.encode_prompt(prompts).repeat_interleave(n, dim=0)
-        uncond = None if guidance_scale == 1.0 else self.encode_prompt(negatives).repeat_interleave(n, dim=0)
-        return cond, uncond
 
     def _run_unet(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet on float32 sampler latents, run in the model's dtype, its output back in float32."""
