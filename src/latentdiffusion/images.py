@@ -10,13 +10,15 @@ from PIL import Image
 from torch import Tensor
 
 from .errors import ArgumentError
+from .image_modes import to_rgb
 from .noise import Generator
 
 ImageInput = Image.Image | list[Image.Image] | Tensor
 
 
 def image_tensor(image: ImageInput, name: str = "image") -> Tensor:
-    """PIL image(s) or a tensor (B,3,H,W) / (3,H,W) in [0,1] -> float32 (B,3,H,W) in [0,1]; errors name `name`."""
+    """PIL image(s) of any mode (converted by image_modes.to_rgb) or a tensor (B,3,H,W) / (3,H,W) in [0,1] -> float32
+    (B,3,H,W) in [0,1]; errors name `name`."""
     if isinstance(image, Image.Image):
         image = [image]
     if isinstance(image, (list, tuple)):
@@ -24,8 +26,6 @@ def image_tensor(image: ImageInput, name: str = "image") -> Tensor:
             raise ArgumentError(f"{name} must be a PIL image, a non-empty list of them or a tensor (B,3,H,W)")
         if len({i.size for i in image}) > 1:
             raise ArgumentError(f"{name}: the images differ in size {sorted({i.size for i in image})}")
-        from .data.images import to_rgb  # the one conversion of every PIL mode (16-bit, transparency, CMYK, ...)
-
         arrays = np.stack([np.asarray(to_rgb(i), dtype=np.float32) / 255.0 for i in image])
         return torch.from_numpy(arrays).permute(0, 3, 1, 2)  # (B,3,H,W)
     if not isinstance(image, Tensor):

@@ -19,6 +19,7 @@ from .conditioning import Conditioning, Control, run_unet
 from .controlnet import ControlNet
 from .errors import ArgumentError, ConfigError
 from .guidance import ClassifierFreeGuidance
+from .image_modes import to_rgb
 from .images import ImageInput, image_tensor, mask_tensor, random_inpainting_masks
 from .layers import Attention
 from .noise import Generator, randint, randn
@@ -652,8 +653,6 @@ def control_tensor(image: ImageInput, batch: int, size: tuple[int, int]) -> torc
     if isinstance(image, Image.Image):
         image = [image]
     if isinstance(image, (list, tuple)) and all(isinstance(i, Image.Image) for i in image):
-        from .data.images import to_rgb  # the one conversion of every PIL mode
-
         image = [to_rgb(i).resize(size[::-1], Image.LANCZOS) for i in image]
     image = image_tensor(image, "control_image")
     if tuple(image.shape[2:]) != size or image.shape[0] not in (1, batch):
