@@ -14,24 +14,17 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from latentdiffusion import LatentDiffusion, LatentDiffusionConfig, TextEncoderConfig, UNetConfig
+from latentdiffusion import LatentDiffusion
 from latentdiffusion.errors import ConfigError, WeightsError
 from latentdiffusion.formats.lora import LORA_FILE, RUN_FILE
 from latentdiffusion.formats.native import list_checkpoints
 from latentdiffusion.training import LDMRunConfig, load_run_config, train_ldm
 from latentdiffusion.training.checkpoint import load_state
-from test_training import ENV, TINY_LDM, TINY_VAE, _cli, assert_identical, metrics
+from test_training import ENV, _cli, assert_identical, metrics
+from tiny import TINY_LDM, one_thread, tiny_base  # noqa: F401  (one_thread: a module fixture)
 
 LORA_TRAIN = {**{k: v for k, v in TINY_LDM["train"].items() if k != "ema_decay"}, "learning_rate": 1e-2,
               "caption_dropout": 0.1, "ema_decay": 0.0}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +32,7 @@ def base(tmp_path_factory) -> Path:
     """A tiny random text-to-image model folder: the base the adapters train on."""
     folder = tmp_path_factory.mktemp("base")
     torch.manual_seed(0)
-    unet, text = TINY_LDM["model"]["unet"], TINY_LDM["model"]["text_encoder"]
-    pipe = LatentDiffusion.from_config(LatentDiffusionConfig(
-        vae=TINY_VAE, unet=UNetConfig(**{**unet, "block_channels": tuple(unet["block_channels"]),
-                                         "cross_attention": tuple(unet["cross_attention"]), "sample_size": 8}),
-        text_encoder=TextEncoderConfig(**{**text, "trainable": False})))
-    pipe.save_pretrained(folder)
+    LatentDiffusion.from_config(tiny_base()).save_pretrained(folder)
     return folder
 
 
