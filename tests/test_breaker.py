@@ -46,6 +46,7 @@ def error_line(capsys, *args: str) -> str:
     (["--out", "{d}/o.txt"], "--out {d}/o.txt: unknown image file extension '.txt'"),
     (["--out", "{d}"], "--out {d} is a directory"),
     (["--strength", "0.5"], "--strength needs --image"),
+    (["--noise-level", "30"], "--noise-level applies to upsampler models"),
     (["--image", "{d}"], "--image {d} is a directory"),
     (["--lora", "{d}/lora.safetensors:abc"], "the scale 'abc' is not a number"),
     (["--lora", "{d}/lora.safetensors:nan"], "the scale must be a finite number"),

@@ -33,6 +33,7 @@ from .upscaler import UpscalerConfig, augment, low_res_batch
 from .vae import AutoencoderKL, VAEConfig
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
+NOISE_LEVEL = 20  # an upsampler's noise_level when none is given (diffusers' x4 upscale pipeline's default)
 
 
 @dataclass
@@ -267,13 +268,14 @@ class LatentDiffusion(nn.Module):
         controlnet_conditioning_scale: float | list[float] = 1.0,
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         progress: bool = False,
-        noise_level: int | torch.Tensor = 20,
+        noise_level: int | torch.Tensor | None = None,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate images for `prompt`: encode prompt -> conditioning and starting latents -> noise levels ->
         sampler -> decode. `latents`: unit-variance noise (B, C, h, w), scaled to the sampler's first noise level.
         img2img: `image` noised to the level `strength` of the way up the schedule; inpainting: `mask_image` too
         (white = repaint). Upsampler models: `image` is the low-res image (its size the latents' size), noised at
-        `noise_level` and concatenated to the latents; the output is vae_scale_factor times larger.
+        `noise_level` (default NOISE_LEVEL; other models refuse it) and concatenated to the latents; the output is
+        vae_scale_factor times larger.
         `callback(step, timestep, latents)` runs after every step (latents: x0 + sigma * eps).
         `controlnet` (one or a list) with one `control_image` each (PIL, list of PIL, or (B, 3, H, W) in [0, 1]; one
         image for all prompts or one per prompt) adds its residuals times `controlnet_conditioning_scale` (one, or
@@ -281,8 +283,8 @@ class LatentDiffusion(nn.Module):
         prompts, num_inference_steps, num_images_per_prompt, height, width = self._check_arguments(
             prompt, num_inference_steps, num_images_per_prompt, height, width)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
-        low_res, pixels, mask, shape = self._images(image, mask_image, latents, len(prompts), num_images_per_prompt,
-                                                    height, width)
+        low_res, pixels, mask, shape = self._images(image, mask_image, noise_level, latents, len(prompts),
+                                                    num_images_per_prompt, height, width)
         self._check_call(num_inference_steps, guidance_scale, output_type, scheduler, eta, latents, shape, strength)
         entry = sampler_entry(scheduler, use_karras_sigmas)
         levels = entry.levels(self.scheduler.config, num_inference_steps, use_karras_sigmas)
@@ -297,13 +299,13 @@ class LatentDiffusion(nn.Module):
         latents = self._sample(entry, levels, guided, start, eta, generator, callback, progress)
         return self._output(latents, output_type)
 
-    def _images(self, image: ImageInput | None, mask_image: ImageInput | None, latents: torch.Tensor | None,
-                n_prompts: int, n: int, height: int | None, width: int | None
+    def _images(self, image: ImageInput | None, mask_image: ImageInput | None, noise_level: int | torch.Tensor | None,
+                latents: torch.Tensor | None, n_prompts: int, n: int, height: int | None, width: int | None
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, tuple[int, int, int, int]]:
         """The checked input images and the latents' shape (B, C, h, w): an upsampler's low-res images (n_prompts,
         3, h, w) in [-1, 1] (which set the size), or the img2img image (B,3,H,W) in [0,1] and inpainting mask
         (B,1,H,W), each None where not given."""
-        low_res = self._low_res(image, mask_image, n_prompts, height, width)
+        low_res = self._low_res(image, mask_image, noise_level, n_prompts, height, width)
         if low_res is not None:
             pixels, mask = None, None
             height, width = (side * self.vae_scale_factor for side in low_res.shape[2:])
@@ -314,13 +316,14 @@ class LatentDiffusion(nn.Module):
 
     def _start(self, shape: tuple[int, int, int, int], levels: NoiseLevels, latents: torch.Tensor | None,
                pixels: torch.Tensor | None, mask: torch.Tensor | None, low_res: torch.Tensor | None,
-               noise_level: int | torch.Tensor, strength: float, n: int, generator: Generator) -> _Start:
+               noise_level: int | torch.Tensor | None, strength: float, n: int, generator: Generator) -> _Start:
         """Where sampling starts: the noised latents, and the channels an upsampler (its noised low-res image, its
         noise level as class label) or an inpainting UNet (mask, masked image's latents) takes beside them; an
         ordinary UNet inpaints by putting the known region back after every step. The generator draws in
         diffusers' order: low-res augmentation, image latents, noise, masked image latents."""
         augmented = None
         if low_res is not None:  # conditioning augmentation, drawn before the latents' noise (as diffusers does)
+            noise_level = NOISE_LEVEL if noise_level is None else noise_level
             noise_levels = self.upscaler.check_noise_level(noise_level).to(self.device).expand(shape[0])  # (N,)
             augmented = augment(low_res.repeat_interleave(n, dim=0).to(self.device), noise_levels, self.upscaler,
                                 generator)
@@ -491,10 +494,15 @@ class LatentDiffusion(nn.Module):
 
         return after_step
 
-    def _low_res(self, image: ImageInput | None, mask_image: ImageInput | None, prompts: int, height: int | None,
+    def _low_res(self, image: ImageInput | None, mask_image: ImageInput | None,
+                 noise_level: int | torch.Tensor | None, prompts: int, height: int | None,
                  width: int | None) -> torch.Tensor | None:
-        """An upsampler's low-res images (prompts, 3, h, w) in [-1, 1], checked; None for other models."""
+        """An upsampler's low-res images (prompts, 3, h, w) in [-1, 1], checked; None for other models (which
+        refuse a noise_level)."""
         if self.upscaler is None:
+            if noise_level is not None:
+                raise ArgumentError("noise_level applies to upsampler models only (their config has an upscaler "
+                                    "section); this model does not take it: leave noise_level out")
             return None
         if mask_image is not None:
             raise ArgumentError("mask_image: an upsampler model does not inpaint (its image= is the low-res image)")
