@@ -386,8 +386,8 @@ class LatentDiffusion(nn.Module):
             if isinstance(net, ControlNet) and net.config.downsampling_factor != self.vae_scale_factor:
                 raise ArgumentError(f"controlnet {i} takes control images {net.config.downsampling_factor}x the latent "
                                     f"size, but this model's VAE factor is {self.vae_scale_factor}: the ControlNet was "
-                                    "made for another model (or give from_unet conditioning_embedding_channels of "
-                                    f"{self.vae_scale_factor.bit_length()} entries)")
+                                    "made for another model (make one for it with ControlNet.from_unet(unet, "
+                                    f"vae_scale_factor={self.vae_scale_factor}))")
         size = (shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor)
         scales = [real(s, "controlnet_conditioning_scale") for s in scales]
         return [(net, control_tensor(im, n_prompts, size).repeat_interleave(n, dim=0).to(self.device, self.dtype),
