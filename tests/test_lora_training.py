@@ -1,11 +1,7 @@
 """LoRA training: only the adapter trains and lands in the checkpoints (not the base), a run folder loads as base +
 adapter, a SIGKILLed run resumes bit-identically, the text encoder's adapter takes train.text_encoder_lr."""
 
-import os
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +16,7 @@ from latentdiffusion.formats.lora import LORA_FILE, RUN_FILE
 from latentdiffusion.formats.native import list_checkpoints
 from latentdiffusion.training import LDMRunConfig, load_run_config, train_ldm
 from latentdiffusion.training.checkpoint import load_state
-from test_training import ENV, _cli, assert_identical, metrics
+from test_training import assert_identical, metrics, resume_after_sigkill
 from tiny import TINY_LDM, one_thread, tiny_base  # noqa: F401  (one_thread: a module fixture)
 
 LORA_TRAIN = {**{k: v for k, v in TINY_LDM["train"].items() if k != "ema_decay"}, "learning_rate": 1e-2,
@@ -166,22 +162,6 @@ def test_lora_resume_after_sigkill_is_bit_identical(tmp_path, base):
     cfg = lora_config(tmp_path)
     common = ["--config", str(cfg), "--init", str(base), "--lora-rank", "4", "--data", "builtin:shapes",
               "--set", "train.lora.text_encoder=true", "train.lora.alpha=8"]
-    reference = subprocess.Popen(_cli("train", *common, "--output", str(tmp_path / "reference")), env=ENV,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli("train", *common, "--output", str(killed), "--max-steps", "1000"), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while not (killed / "checkpoints" / "step-00000002").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before its first checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed = subprocess.run(_cli("train", *common, "--output", str(killed), "--resume"), env=ENV,
-                             capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stderr and "LoRA parameters (rank 4" in resumed.stderr
-    assert reference.wait() == 0
-    final = "checkpoints/step-00000006"
-    assert_identical(load_file(tmp_path / "reference" / final / LORA_FILE), load_file(killed / final / LORA_FILE))
-    assert [r["step"] for r in metrics(killed)] == list(range(1, 7))
+    err = resume_after_sigkill(tmp_path, "train", common, [LORA_FILE.removesuffix(".safetensors")])
+    assert "LoRA parameters (rank 4" in err
+    assert [r["step"] for r in metrics(tmp_path / "killed")] == list(range(1, 7))

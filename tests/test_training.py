@@ -174,10 +174,11 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "latentdiffusion", *args]
 
 
-def resume_after_sigkill(tmp_path: Path, command: str, common: list[str], files: list[str]) -> None:
+def resume_after_sigkill(tmp_path: Path, command: str, common: list[str], files: list[str]) -> str:
     """Run `ldm COMMAND *common` (6 steps, checkpoints every 2, the newest 2 kept) to its end, and again killed outright
-    (SIGKILL) as soon as its step-2 checkpoint is whole, with a half-written checkpoint left beside it, then resumed:
-    the weights `files` (safetensors names) of both step-6 checkpoints are bit-identical."""
+    (SIGKILL) as soon as its step-2 checkpoint is whole, with a half-written checkpoint left beside it, then resumed
+    (in tmp_path / "killed"): the weights `files` (safetensors names) of both step-6 checkpoints are bit-identical.
+    Returns what the resumed run wrote to stderr."""
     reference = subprocess.Popen(_cli(command, *common, "--output", str(tmp_path / "reference")), env=ENV,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -185,7 +186,7 @@ def resume_after_sigkill(tmp_path: Path, command: str, common: list[str], files:
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cli(command, *common, "--output", str(killed), "--max-steps", "1000"), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     while not (killed / "checkpoints" / "step-00000002").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before its first checkpoint"
         time.sleep(0.05)
@@ -207,6 +208,7 @@ def resume_after_sigkill(tmp_path: Path, command: str, common: list[str], files:
         assert_identical(weights(done_ref, name), weights(done_resumed, name))
     assert not partial.exists()
     assert [p.name for _, p in list_checkpoints(killed)] == ["step-00000004", "step-00000006"]  # keep_checkpoints=2
+    return resumed.stderr
 
 
 @pytest.mark.slow
