@@ -7,14 +7,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from tiny import smallest_model
 
 from latentdiffusion import ControlNet, LatentDiffusion
 from latentdiffusion.cli import main
 from latentdiffusion.errors import ArgumentError, WeightsError
 from latentdiffusion.pipeline import LatentDiffusionConfig
-from latentdiffusion.text_encoder import TextEncoderConfig
 from latentdiffusion.unet import UNetConfig
-from latentdiffusion.vae import AutoencoderKL, VAEConfig
+from latentdiffusion.vae import AutoencoderKL
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -22,12 +22,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 @pytest.fixture(scope="module")
 def pipe():
     torch.manual_seed(0)
-    return LatentDiffusion.from_config(LatentDiffusionConfig(
-        vae=VAEConfig(block_channels=(8, 8), layers_per_block=1, norm_groups=4, sample_size=16),  # factor 2
-        unet=UNetConfig(block_channels=(16,), layers_per_block=1, cross_attention=(True,), num_heads=2,
-                        context_dim=16, norm_groups=4, sample_size=8),
-        text_encoder=TextEncoderConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16,
-                                       max_length=8)))
+    return LatentDiffusion.from_config(smallest_model())
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +46,7 @@ def error_line(capsys, *args: str) -> str:
     (["--out", "{d}/o.txt"], "--out {d}/o.txt: unknown image file extension '.txt'"),
     (["--out", "{d}"], "--out {d} is a directory"),
     (["--strength", "0.5"], "--strength needs --image"),
+    (["--noise-level", "30"], "--noise-level applies to upsampler models"),
     (["--image", "{d}"], "--image {d} is a directory"),
     (["--lora", "{d}/lora.safetensors:abc"], "the scale 'abc' is not a number"),
     (["--lora", "{d}/lora.safetensors:nan"], "the scale must be a finite number"),

@@ -7,7 +7,9 @@ import torch
 from conftest import perturb_
 from safetensors.torch import save_file
 from test_models import TINY_UNET, max_abs, reference_unet, unet_inputs
+from tiny import smallest_model
 
+from latentdiffusion import LatentDiffusion
 from latentdiffusion.controlnet import ControlNet, ControlNetConfig, hint_channels
 from latentdiffusion.errors import ConfigError, WeightsError
 from latentdiffusion.formats.weights import WeightsFile, read_checkpoint
@@ -188,3 +190,30 @@ def test_weights_errors_name_the_culprit(reference_folder, tmp_path):
         ControlNet(TINY).save_pretrained(tmp_path / "heads.pth", format="single-file")
     with pytest.raises(WeightsError, match="not found"):
         ControlNet.from_pretrained(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("vae_channels", [(8, 8), (8, 8, 8), (8, 8, 8, 8)])  # VAE factors 2, 4 (the demo's), 8 (SD's)
+def test_from_unet_fits_the_pipelines_vae_factor(vae_channels):
+    """from_unet(..., vae_scale_factor=pipe.vae_scale_factor) takes control images that size; its zero convolutions
+    leave the pipeline's latents bit-identical."""
+    config = smallest_model()
+    config.vae = dataclasses.replace(config.vae, block_channels=vae_channels)
+    torch.manual_seed(0)
+    pipe = LatentDiffusion.from_config(config)
+    factor = pipe.vae_scale_factor
+    cn = ControlNet.from_unet(pipe.unet, vae_scale_factor=factor)
+    assert factor == 2 ** (len(vae_channels) - 1) and cn.config.downsampling_factor == factor
+    assert cn.config.conditioning_embedding_channels == hint_channels(factor)
+
+    def run(**kwargs):
+        return pipe("x", num_inference_steps=1, output_type="latent", generator=torch.Generator().manual_seed(0),
+                    **kwargs)
+
+    side = pipe.unet.config.sample_size * factor  # the default image size
+    assert torch.equal(run(controlnet=cn, control_image=torch.rand(1, 3, side, side)), run())
+
+
+def test_from_unet_widths_must_fit_the_vae_factor():
+    with pytest.raises(ConfigError, match="vae_scale_factor 8"):
+        ControlNet.from_unet(UNet(TINY_UNET), conditioning_embedding_channels=(8, 16, 16), vae_scale_factor=8)
+    assert ControlNet.from_unet(UNet(TINY_UNET)).config.downsampling_factor == 8  # SD's, as before

@@ -8,22 +8,16 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from test_training import one_thread, resume_after_sigkill  # noqa: F401  (one_thread: a module fixture)
+from test_training import resume_after_sigkill
+from tiny import one_thread, tiny_base  # noqa: F401  (one_thread: a module fixture)
 
-from latentdiffusion import ControlNet, LatentDiffusion, LatentDiffusionConfig
+from latentdiffusion import ControlNet, LatentDiffusion
 from latentdiffusion.cli import main
 from latentdiffusion.conditioning import Conditioning
 from latentdiffusion.data import load_image_captions
-from latentdiffusion.text_encoder import TextEncoderConfig
 from latentdiffusion.training import ControlNetRunConfig, load_run_config, train_controlnet
-from latentdiffusion.unet import UNetConfig
-from latentdiffusion.vae import VAEConfig
 
-TINY_BASE = LatentDiffusionConfig(
-    vae=VAEConfig(block_channels=(16, 32), layers_per_block=1, norm_groups=8, sample_size=16),  # factor 2
-    unet=UNetConfig(block_channels=(32, 64), layers_per_block=1, cross_attention=(True, False), num_heads=2,
-                    context_dim=32, norm_groups=8, sample_size=8, pooled_context=True),
-    text_encoder=TextEncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_length=8))
+TINY_BASE = tiny_base(pooled_context=True)
 TINY_RUN = {
     "train": {"max_steps": 6, "batch_size": 2, "learning_rate": 1e-3, "ema_decay": 0.9, "checkpoint_every": 2,
               "keep_checkpoints": 2, "log_every": 1, "sample_every": 0, "device": "cpu"},

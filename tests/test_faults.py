@@ -10,15 +10,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import smallest_model
 
 from latentdiffusion import LatentDiffusion
 from latentdiffusion.cli import main
 from latentdiffusion.config import from_dict
 from latentdiffusion.errors import ArgumentError, ConfigError, UserInputError
-from latentdiffusion.pipeline import LatentDiffusionConfig
 from latentdiffusion.text_encoder import TextEncoderConfig
-from latentdiffusion.unet import UNetConfig
-from latentdiffusion.vae import VAEConfig
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -26,12 +24,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 @pytest.fixture(scope="module")
 def pipe():
     torch.manual_seed(0)
-    return LatentDiffusion.from_config(LatentDiffusionConfig(
-        vae=VAEConfig(block_channels=(8, 8), layers_per_block=1, norm_groups=4, sample_size=16),
-        unet=UNetConfig(block_channels=(16,), layers_per_block=1, cross_attention=(True,), num_heads=2,
-                        context_dim=16, norm_groups=4, sample_size=8),
-        text_encoder=TextEncoderConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16,
-                                       max_length=8)))
+    return LatentDiffusion.from_config(smallest_model())
 
 
 # ------------------------------------------------------------------------------------------ pipeline arguments
@@ -47,6 +40,7 @@ def pipe():
     ("a cat", dict(guidance_scale="7"), "guidance_scale must be a finite number"),
     ("a cat", dict(eta=-0.5), r"eta must be >= 0.0, got -0.5"),
     ("a cat", dict(guidance_rescale=1.5), r"guidance_rescale must be in \[0, 1\]"),
+    ("a cat", dict(noise_level=20), "noise_level applies to upsampler models only"),  # not silently ignored
 ])
 def test_bad_arguments_are_argument_errors_naming_them(pipe, prompt, kwargs, message):
     with pytest.raises(ArgumentError, match=message) as info:

@@ -19,6 +19,7 @@ from latentdiffusion import LatentDiffusion  # noqa: E402
 from latentdiffusion.errors import WeightsError  # noqa: E402
 from latentdiffusion.formats.lora import save_lora_weights  # noqa: E402
 from test_pipeline import NEGATIVES, PROMPTS, start_latents, tiny_reference  # noqa: E402
+from tiny import one_thread  # noqa: E402, F401  (a module fixture: one intra-op thread)
 
 pytestmark = pytest.mark.slow  # diffusers pipelines built, saved and loaded: ~30 s on 2 cores
 RANK, ALPHA = 4, 8.0
@@ -38,15 +39,6 @@ def kohya_from_diffusers(state: dict[str, torch.Tensor], alpha: float) -> dict[s
         out[f"{name}.{'lora_down' if part == 'A.weight' else 'lora_up'}.weight"] = value
         out[f"{name}.alpha"] = torch.tensor(alpha)
     return out
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a loaded 2-core machine more threads make these small models many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

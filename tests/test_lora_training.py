@@ -1,11 +1,7 @@
 """LoRA training: only the adapter trains and lands in the checkpoints (not the base), a run folder loads as base +
 adapter, a SIGKILLed run resumes bit-identically, the text encoder's adapter takes train.text_encoder_lr."""
 
-import os
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,24 +10,17 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from latentdiffusion import LatentDiffusion, LatentDiffusionConfig, TextEncoderConfig, UNetConfig
+from latentdiffusion import LatentDiffusion
 from latentdiffusion.errors import ConfigError, WeightsError
 from latentdiffusion.formats.lora import LORA_FILE, RUN_FILE
 from latentdiffusion.formats.native import list_checkpoints
 from latentdiffusion.training import LDMRunConfig, load_run_config, train_ldm
 from latentdiffusion.training.checkpoint import load_state
-from test_training import ENV, TINY_LDM, TINY_VAE, _cli, assert_identical, metrics
+from test_training import assert_identical, metrics, resume_after_sigkill
+from tiny import TINY_LDM, one_thread, tiny_base  # noqa: F401  (one_thread: a module fixture)
 
 LORA_TRAIN = {**{k: v for k, v in TINY_LDM["train"].items() if k != "ema_decay"}, "learning_rate": 1e-2,
               "caption_dropout": 0.1, "ema_decay": 0.0}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +28,7 @@ def base(tmp_path_factory) -> Path:
     """A tiny random text-to-image model folder: the base the adapters train on."""
     folder = tmp_path_factory.mktemp("base")
     torch.manual_seed(0)
-    unet, text = TINY_LDM["model"]["unet"], TINY_LDM["model"]["text_encoder"]
-    pipe = LatentDiffusion.from_config(LatentDiffusionConfig(
-        vae=TINY_VAE, unet=UNetConfig(**{**unet, "block_channels": tuple(unet["block_channels"]),
-                                         "cross_attention": tuple(unet["cross_attention"]), "sample_size": 8}),
-        text_encoder=TextEncoderConfig(**{**text, "trainable": False})))
-    pipe.save_pretrained(folder)
+    LatentDiffusion.from_config(tiny_base()).save_pretrained(folder)
     return folder
 
 
@@ -178,22 +162,6 @@ def test_lora_resume_after_sigkill_is_bit_identical(tmp_path, base):
     cfg = lora_config(tmp_path)
     common = ["--config", str(cfg), "--init", str(base), "--lora-rank", "4", "--data", "builtin:shapes",
               "--set", "train.lora.text_encoder=true", "train.lora.alpha=8"]
-    reference = subprocess.Popen(_cli("train", *common, "--output", str(tmp_path / "reference")), env=ENV,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli("train", *common, "--output", str(killed), "--max-steps", "1000"), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while not (killed / "checkpoints" / "step-00000002").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before its first checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed = subprocess.run(_cli("train", *common, "--output", str(killed), "--resume"), env=ENV,
-                             capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stderr and "LoRA parameters (rank 4" in resumed.stderr
-    assert reference.wait() == 0
-    final = "checkpoints/step-00000006"
-    assert_identical(load_file(tmp_path / "reference" / final / LORA_FILE), load_file(killed / final / LORA_FILE))
-    assert [r["step"] for r in metrics(killed)] == list(range(1, 7))
+    err = resume_after_sigkill(tmp_path, "train", common, [LORA_FILE.removesuffix(".safetensors")])
+    assert "LoRA parameters (rank 4" in err
+    assert [r["step"] for r in metrics(tmp_path / "killed")] == list(range(1, 7))

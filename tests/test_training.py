@@ -24,19 +24,8 @@ from latentdiffusion.training import (LDMRunConfig, NonFiniteLossError, VAERunCo
 from latentdiffusion.training.batches import BatchOrder
 from latentdiffusion.training.checkpoint import STATE_FILE, clean_leftovers, load_state, write_checkpoint
 from latentdiffusion.vae import AutoencoderKL, VAEConfig
+from tiny import TINY_LDM, TINY_VAE, one_thread  # noqa: F401  (one_thread: a module fixture)
 
-TINY_VAE = VAEConfig(block_channels=(16, 32), layers_per_block=1, norm_groups=8, sample_size=16)
-TINY_LDM = {
-    "model": {
-        "unet": {"block_channels": [32, 64], "layers_per_block": 1, "cross_attention": [True, False],
-                 "num_heads": 2, "context_dim": 32, "norm_groups": 8},
-        "text_encoder": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
-                         "max_length": 8, "trainable": True},
-    },
-    "train": {"max_steps": 6, "batch_size": 2, "learning_rate": 1e-3, "ema_decay": 0.9, "checkpoint_every": 2,
-              "keep_checkpoints": 2, "log_every": 1, "sample_every": 0, "caption_dropout": 0.5, "device": "cpu"},
-    "data": {"source": "builtin:shapes", "resolution": 16},
-}
 TINY_VAE_RUN = {
     "model": {"vae": {"block_channels": [16, 32], "layers_per_block": 1, "norm_groups": 8}},
     "train": {"max_steps": 4, "batch_size": 2, "learning_rate": 1e-3, "disc_start": 2, "disc_channels": 8,
@@ -46,15 +35,6 @@ TINY_VAE_RUN = {
 }
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, in-process as in the subprocesses: steady timings on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -194,10 +174,11 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "latentdiffusion", *args]
 
 
-def resume_after_sigkill(tmp_path: Path, command: str, common: list[str], files: list[str]) -> None:
+def resume_after_sigkill(tmp_path: Path, command: str, common: list[str], files: list[str]) -> str:
     """Run `ldm COMMAND *common` (6 steps, checkpoints every 2, the newest 2 kept) to its end, and again killed outright
-    (SIGKILL) as soon as its step-2 checkpoint is whole, with a half-written checkpoint left beside it, then resumed:
-    the weights `files` (safetensors names) of both step-6 checkpoints are bit-identical."""
+    (SIGKILL) as soon as its step-2 checkpoint is whole, with a half-written checkpoint left beside it, then resumed
+    (in tmp_path / "killed"): the weights `files` (safetensors names) of both step-6 checkpoints are bit-identical.
+    Returns what the resumed run wrote to stderr."""
     reference = subprocess.Popen(_cli(command, *common, "--output", str(tmp_path / "reference")), env=ENV,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -205,7 +186,7 @@ def resume_after_sigkill(tmp_path: Path, command: str, common: list[str], files:
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cli(command, *common, "--output", str(killed), "--max-steps", "1000"), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     while not (killed / "checkpoints" / "step-00000002").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before its first checkpoint"
         time.sleep(0.05)
@@ -227,6 +208,7 @@ def resume_after_sigkill(tmp_path: Path, command: str, common: list[str], files:
         assert_identical(weights(done_ref, name), weights(done_resumed, name))
     assert not partial.exists()
     assert [p.name for _, p in list_checkpoints(killed)] == ["step-00000004", "step-00000006"]  # keep_checkpoints=2
+    return resumed.stderr
 
 
 @pytest.mark.slow

@@ -142,6 +142,18 @@ def test_bad_upscale_input_names_the_argument(pipe, kwargs, culprit):
         pipe(PROMPT, num_inference_steps=1, **kwargs)
 
 
+def test_noise_level_left_out_is_the_default(pipe):
+    """Only a given noise_level is refused by other models: an upsampler left without one uses NOISE_LEVEL (20)."""
+    from latentdiffusion.pipeline import NOISE_LEVEL
+
+    def run(**kwargs):
+        return pipe(PROMPT, image=low_res_image(), num_inference_steps=1, guidance_scale=3.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(1), **kwargs)
+
+    assert NOISE_LEVEL == 20 and torch.equal(run(), run(noise_level=NOISE_LEVEL))
+    assert not torch.equal(run(), run(noise_level=NOISE_LEVEL + 100))  # the level does reach the model
+
+
 def test_bad_upscaler_config_names_the_key():
     with pytest.raises(ConfigError, match="max_noise_level"):
         UpscalerConfig(max_noise_level=1000)

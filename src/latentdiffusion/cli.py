@@ -233,7 +233,7 @@ def _controls(args: argparse.Namespace, device: str, dtype: object) -> dict[str,
 
 
 def _upscale_options(p: argparse.ArgumentParser, first: bool = False) -> None:
-    p.add_argument("--noise-level", type=int, default=20, metavar="N", help="noise added to the low-res image "
+    p.add_argument("--noise-level", type=int, metavar="N", help="noise added to the low-res image "
                    "(conditioning augmentation), 0 .. the model's max_noise_level (default 20)")
     if not first:
         p.add_argument("--upscale-steps", type=int, metavar="N", help="upsampler's denoising steps (default: --steps)")
@@ -294,6 +294,9 @@ def run_sample(args: argparse.Namespace) -> int:
     if pipe.upscaler is not None and args.image is None:
         raise ArgumentError(f"--model {args.model} is an upsampler: give the low-resolution image as --image FILE "
                             "(or use `ldm upscale`, or --upscaler in a cascade)")
+    if args.noise_level is not None and pipe.upscaler is None and not args.upscaler:
+        raise ArgumentError(f"--noise-level applies to upsampler models: --model {args.model} is not one (give "
+                            "--upscaler MODEL for a cascade)")
     for spec in args.lora:
         path, scale = _lora_spec(spec)
         pipe.load_lora(path, scale=scale)
@@ -318,7 +321,7 @@ def run_sample(args: argparse.Namespace) -> int:
         images = cascade(pipe, upscaler, args.prompt, noise_level=args.noise_level, upscale_steps=args.upscale_steps,
                          upscale_guidance=args.upscale_guidance, **kwargs)
     else:
-        images = pipe(args.prompt, **kwargs)
+        images = pipe(args.prompt, noise_level=args.noise_level, **kwargs)  # None: the default (upsamplers only)
     _save_images(images, Path(args.out))
     return 0
 

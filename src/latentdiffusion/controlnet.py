@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .arguments import integer
 from .errors import ConfigError
 from .layers import TimestepEmbedding
 from .unet import MidLevel, UNet, UNetConfig, class_embedding, down_path, embed_timesteps
@@ -114,11 +115,20 @@ class ControlNet(nn.Module):
 
     @classmethod
     def from_unet(cls, unet: UNet, conditioning_embedding_channels: tuple[int, ...] | None = None,
-                  conditioning_channels: int = 3) -> ControlNet:
+                  conditioning_channels: int = 3, *, vae_scale_factor: int | None = None) -> ControlNet:
         """The trainable copy: the UNet's conv_in, embeddings, down path and middle block weights, zero convolutions
-        zero (so the UNet's output is unchanged until training moves them); hint widths default to SD's (pixels / 8)."""
-        config = ControlNetConfig(copy.deepcopy(unet.config), conditioning_channels,
-                                  conditioning_embedding_channels or ControlNetConfig.conditioning_embedding_channels)
+        zero (so the UNet's output is unchanged until training moves them). The hint network takes control images
+        `vae_scale_factor` times the latents' size (the pipeline's `vae_scale_factor`; default 8, SD's VAE) with
+        widths `hint_channels(vae_scale_factor)`, or the widths given (ConfigError if they do not fit the factor)."""
+        if vae_scale_factor is not None:
+            vae_scale_factor = integer(vae_scale_factor, "vae_scale_factor", 1)
+        if conditioning_embedding_channels is None:
+            conditioning_embedding_channels = hint_channels(8 if vae_scale_factor is None else vae_scale_factor)
+        config = ControlNetConfig(copy.deepcopy(unet.config), conditioning_channels, conditioning_embedding_channels)
+        if vae_scale_factor is not None and config.downsampling_factor != vae_scale_factor:
+            raise ConfigError(f"conditioning_embedding_channels {config.conditioning_embedding_channels} make a hint "
+                              f"network for a VAE factor of {config.downsampling_factor}, not vae_scale_factor "
+                              f"{vae_scale_factor}: give {vae_scale_factor.bit_length()} widths, or leave them out")
         ref = next(unet.parameters())
         with torch.device(ref.device):
             controlnet = cls(config).to(ref.dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -10,22 +11,17 @@ from PIL import Image
 from torch import Tensor
 
 from .errors import ArgumentError
+from .image_modes import to_rgb
 from .noise import Generator
 
 ImageInput = Image.Image | list[Image.Image] | Tensor
 
 
 def image_tensor(image: ImageInput, name: str = "image") -> Tensor:
-    """PIL image(s) or a tensor (B,3,H,W) / (3,H,W) in [0,1] -> float32 (B,3,H,W) in [0,1]; errors name `name`."""
-    if isinstance(image, Image.Image):
-        image = [image]
-    if isinstance(image, (list, tuple)):
-        if not image or not all(isinstance(i, Image.Image) for i in image):
-            raise ArgumentError(f"{name} must be a PIL image, a non-empty list of them or a tensor (B,3,H,W)")
-        if len({i.size for i in image}) > 1:
-            raise ArgumentError(f"{name}: the images differ in size {sorted({i.size for i in image})}")
-        from .data.images import to_rgb  # the one conversion of every PIL mode (16-bit, transparency, CMYK, ...)
-
+    """PIL image(s) of any mode (converted by image_modes.to_rgb) or a tensor (B,3,H,W) / (3,H,W) in [0,1] -> float32
+    (B,3,H,W) in [0,1]; errors name `name`."""
+    image = _pil_list(image, name, "images", "(B,3,H,W)")
+    if isinstance(image, list):
         arrays = np.stack([np.asarray(to_rgb(i), dtype=np.float32) / 255.0 for i in image])
         return torch.from_numpy(arrays).permute(0, 3, 1, 2)  # (B,3,H,W)
     if not isinstance(image, Tensor):
@@ -41,13 +37,8 @@ def image_tensor(image: ImageInput, name: str = "image") -> Tensor:
 def mask_tensor(mask: Image.Image | list[Image.Image] | Tensor, name: str = "mask_image") -> Tensor:
     """PIL mask(s) (any mode, read as grey) or a tensor (B,1,H,W) / (1,H,W) / (H,W) in [0,1] -> (B,1,H,W) of 0 and
     1: white (>= 0.5) = 1 = repaint, black = 0 = keep."""
-    if isinstance(mask, Image.Image):
-        mask = [mask]
-    if isinstance(mask, (list, tuple)):
-        if not mask or not all(isinstance(m, Image.Image) for m in mask):
-            raise ArgumentError(f"{name} must be a PIL image, a non-empty list of them or a tensor (B,1,H,W)")
-        if len({m.size for m in mask}) > 1:
-            raise ArgumentError(f"{name}: the masks differ in size {sorted({m.size for m in mask})}")
+    mask = _pil_list(mask, name, "masks", "(B,1,H,W)")
+    if isinstance(mask, list):
         mask = torch.from_numpy(np.stack([np.asarray(m.convert("L"), dtype=np.float32) / 255.0 for m in mask]))
     if not isinstance(mask, Tensor):
         raise ArgumentError(f"{name} must be a PIL image, a list of them or a tensor (B,1,H,W), got {type(mask).__name__}")
@@ -57,6 +48,20 @@ def mask_tensor(mask: Image.Image | list[Image.Image] | Tensor, name: str = "mas
     if mask.ndim != 4 or mask.shape[1] != 1:
         raise ArgumentError(f"{name} must have shape (B,1,H,W), got {tuple(mask.shape)}")
     return (mask >= 0.5).float()
+
+
+def _pil_list(value: Any, name: str, kind: str, shape: str) -> Any:
+    """A PIL image or a list / tuple of them as a list (checked: non-empty, PIL only, one size); anything else as
+    given, for the tensor checks. ArgumentError naming `name` otherwise."""
+    if isinstance(value, Image.Image):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        return value
+    if not value or not all(isinstance(i, Image.Image) for i in value):
+        raise ArgumentError(f"{name} must be a PIL image, a non-empty list of them or a tensor {shape}")
+    if len({i.size for i in value}) > 1:
+        raise ArgumentError(f"{name}: the {kind} differ in size {sorted({i.size for i in value})}")
+    return list(value)
 
 
 def random_inpainting_masks(n: int, height: int, width: int, generator: Generator = None) -> Tensor:

@@ -19,11 +19,12 @@ from .conditioning import Conditioning, Control, run_unet
 from .controlnet import ControlNet
 from .errors import ArgumentError, ConfigError
 from .guidance import ClassifierFreeGuidance
+from .image_modes import to_rgb
 from .images import ImageInput, image_tensor, mask_tensor, random_inpainting_masks
 from .layers import Attention
 from .noise import Generator, randint, randn
 from .offload import ModelOffload, SequentialOffload
-from .samplers import SAMPLERS, Denoiser, NoiseLevels, add_noise, input_scale, sampler_entry
+from .samplers import SAMPLERS, Denoiser, NoiseLevels, SamplerEntry, add_noise, input_scale, sampler_entry
 from .samplers.levels import vp_to_k_scale
 from .schedulers import NoiseSchedule, SchedulerConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
@@ -32,6 +33,7 @@ from .upscaler import UpscalerConfig, augment, low_res_batch
 from .vae import AutoencoderKL, VAEConfig
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
+NOISE_LEVEL = 20  # an upsampler's noise_level when none is given (diffusers' x4 upscale pipeline's default)
 
 
 @dataclass
@@ -43,6 +45,18 @@ class LatentDiffusionConfig:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     upscaler: UpscalerConfig | None = None  # set for upsampler models (the low-res image concatenated to the latents)
+
+
+@dataclass
+class _Start:
+    """Where a sampling run starts: x (B,C,h,w) float32 at the first noise level, the channels concatenated to it
+    and the class labels (upsampler, inpainting UNet), and the callback that puts an inpainted image's known region
+    back after each step (an ordinary UNet inpainting)."""
+
+    x: torch.Tensor
+    concat: torch.Tensor | None = None
+    class_labels: torch.Tensor | None = None
+    put_back: Callable[[int, float, torch.Tensor], torch.Tensor] | None = None
 
 
 class LatentDiffusion(nn.Module):
@@ -264,13 +278,14 @@ class LatentDiffusion(nn.Module):
         controlnet_conditioning_scale: float | list[float] = 1.0,
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         progress: bool = False,
-        noise_level: int | torch.Tensor = 20,
+        noise_level: int | torch.Tensor | None = None,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate images for `prompt`: encode prompt -> conditioning and starting latents -> noise levels ->
         sampler -> decode. `latents`: unit-variance noise (B, C, h, w), scaled to the sampler's first noise level.
         img2img: `image` noised to the level `strength` of the way up the schedule; inpainting: `mask_image` too
         (white = repaint). Upsampler models: `image` is the low-res image (its size the latents' size), noised at
-        `noise_level` and concatenated to the latents; the output is vae_scale_factor times larger.
+        `noise_level` (default NOISE_LEVEL; other models refuse it) and concatenated to the latents; the output is
+        vae_scale_factor times larger.
         `callback(step, timestep, latents)` runs after every step (latents: x0 + sigma * eps).
         `controlnet` (one or a list) with one `control_image` each (PIL, list of PIL, or (B, 3, H, W) in [0, 1]; one
         image for all prompts or one per prompt) adds its residuals times `controlnet_conditioning_scale` (one, or
@@ -278,52 +293,84 @@ class LatentDiffusion(nn.Module):
         prompts, num_inference_steps, num_images_per_prompt, height, width = self._check_arguments(
             prompt, num_inference_steps, num_images_per_prompt, height, width)
         negatives = self._negative_prompts(negative_prompt, len(prompts))
-        low_res = self._low_res(image, mask_image, len(prompts), height, width)  # (P, 3, h, w) in [-1, 1] or None
-        if low_res is not None:
-            pixels, mask = None, None
-            height, width = (side * self.vae_scale_factor for side in low_res.shape[2:])
-        else:
-            pixels, mask = self._source_images(image, mask_image, len(prompts), num_images_per_prompt)
-            height, width = self._size(pixels, latents, height, width)
-        shape = self._latent_shape(len(prompts) * num_images_per_prompt, height, width)
+        low_res, pixels, mask, shape = self._images(image, mask_image, noise_level, latents, len(prompts),
+                                                    num_images_per_prompt, height, width)
         self._check_call(num_inference_steps, guidance_scale, output_type, scheduler, eta, latents, shape, strength)
         entry = sampler_entry(scheduler, use_karras_sigmas)
         levels = entry.levels(self.scheduler.config, num_inference_steps, use_karras_sigmas)
         if pixels is not None:  # img2img / inpainting run the last int(steps * strength) steps, as diffusers does
             levels = levels.tail(self._steps_run(num_inference_steps, strength))
-        contexts = self._contexts(prompts, negatives, num_images_per_prompt, guidance_scale)
+        controls = self._controls(controlnet, control_image, controlnet_conditioning_scale, len(prompts),
+                                  num_images_per_prompt, shape)
+        start = self._start(shape, levels, latents, pixels, mask, low_res, noise_level, strength,
+                            num_images_per_prompt, generator)
+        cond, uncond = self._conditioning(prompts, negatives, num_images_per_prompt, guidance_scale, start, controls)
+        guided = ClassifierFreeGuidance(self._run_unet, cond, uncond, guidance_scale, guidance_rescale)
+        latents = self._sample(entry, levels, guided, start, eta, generator, callback, progress)
+        return self._output(latents, output_type)
 
+    def _images(self, image: ImageInput | None, mask_image: ImageInput | None, noise_level: int | torch.Tensor | None,
+                latents: torch.Tensor | None, n_prompts: int, n: int, height: int | None, width: int | None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, tuple[int, int, int, int]]:
+        """The checked input images and the latents' shape (B, C, h, w): an upsampler's low-res images (n_prompts,
+        3, h, w) in [-1, 1] (which set the size), or the img2img image (B,3,H,W) in [0,1] and inpainting mask
+        (B,1,H,W), each None where not given."""
+        low_res = self._low_res(image, mask_image, noise_level, n_prompts, height, width)
+        if low_res is not None:
+            pixels, mask = None, None
+            height, width = (side * self.vae_scale_factor for side in low_res.shape[2:])
+        else:
+            pixels, mask = self._source_images(image, mask_image, n_prompts, n)
+            height, width = self._size(pixels, latents, height, width)
+        return low_res, pixels, mask, self._latent_shape(n_prompts * n, height, width)
+
+    def _start(self, shape: tuple[int, int, int, int], levels: NoiseLevels, latents: torch.Tensor | None,
+               pixels: torch.Tensor | None, mask: torch.Tensor | None, low_res: torch.Tensor | None,
+               noise_level: int | torch.Tensor | None, strength: float, n: int, generator: Generator) -> _Start:
+        """Where sampling starts: the noised latents, and the channels an upsampler (its noised low-res image, its
+        noise level as class label) or an inpainting UNet (mask, masked image's latents) takes beside them; an
+        ordinary UNet inpaints by putting the known region back after every step. The generator draws in
+        diffusers' order: low-res augmentation, image latents, noise, masked image latents."""
         augmented = None
         if low_res is not None:  # conditioning augmentation, drawn before the latents' noise (as diffusers does)
+            noise_level = NOISE_LEVEL if noise_level is None else noise_level
             noise_levels = self.upscaler.check_noise_level(noise_level).to(self.device).expand(shape[0])  # (N,)
-            augmented = augment(low_res.repeat_interleave(num_images_per_prompt, dim=0).to(self.device),
-                                noise_levels, self.upscaler, generator)
+            augmented = augment(low_res.repeat_interleave(n, dim=0).to(self.device), noise_levels, self.upscaler,
+                                generator)
         repaint_all = mask is not None and strength == 1.0  # inpainting at full strength starts from pure noise
         x0 = None
         if pixels is not None and not (repaint_all and self.concat_channels):
             x0 = self.encode_images(pixels * 2 - 1, generator).float()
         noise = randn(shape, generator, self.device) if latents is None else latents.to(self.device, torch.float32)
         x = noise * levels.init_noise_sigma if x0 is None or repaint_all else add_noise(x0, noise, levels.sigmas[0])
-        if augmented is not None:  # an upsampler: the noised low-res image and its noise level
-            concat, labels = augmented, noise_levels
-        else:  # an inpainting UNet: the mask and the masked image's latents
-            concat = self.inpainting_concat(pixels, mask, generator, shape) if self.concat_channels else None
-            labels = None
-        controls = self._controls(controlnet, control_image, controlnet_conditioning_scale, len(prompts),
-                                  num_images_per_prompt, shape)
-        cond, uncond = (None if c is None else Conditioning(c, concat, labels, controls) for c in contexts)
-        guided = ClassifierFreeGuidance(self._run_unet, cond, uncond, guidance_scale, guidance_rescale)
-        denoiser = Denoiser(guided, self.scheduler.config, levels)
+        if augmented is not None:
+            return _Start(x, augmented, noise_levels)
+        if self.concat_channels:
+            return _Start(x, self.inpainting_concat(pixels, mask, generator, shape))
+        return _Start(x, put_back=None if mask is None else self._keep_known(x0, noise, mask, levels))
 
-        keep_known = None  # an ordinary UNet inpaints by putting the known region back after every step
-        if mask is not None and not self.concat_channels:
-            keep_known = self._keep_known(x0, noise, mask, levels)
+    def _conditioning(self, prompts: list[str], negatives: list[str], n: int, guidance_scale: float, start: _Start,
+                      controls: list[Control]) -> tuple[Conditioning, Conditioning | None]:
+        """The conditional and unconditional (None at guidance_scale 1) bundles: each prompt's context repeated n
+        times, with the start's concatenated channels and class labels and the ControlNets."""
+        cond = self.encode_prompt(prompts).repeat_interleave(n, dim=0)
+        uncond = None if guidance_scale == 1.0 else self.encode_prompt(negatives).repeat_interleave(n, dim=0)
+        return tuple(None if c is None else Conditioning(c, start.concat, start.class_labels, controls)
+                     for c in (cond, uncond))
+
+    def _sample(self, entry: SamplerEntry, levels: NoiseLevels, guided: ClassifierFreeGuidance, start: _Start,
+                eta: float, generator: Generator, callback: Callable | None, progress: bool) -> torch.Tensor:
+        """The sampling run from start.x at levels.sigmas[0]: the final level's latents x_t in the model's dtype."""
+        denoiser = Denoiser(guided, self.scheduler.config, levels)
         options = {**entry.options(self.scheduler.config, levels), **({"eta": eta} if eta else {})}
         with tqdm(total=len(levels.timesteps), disable=not progress, desc="sampling") as bar:
-            step_callback = self._step_callback(levels, keep_known, callback, bar)
-            x = entry.function(denoiser, x, levels.sigmas, generator=generator, callback=step_callback, **options)
-        latents = (x * input_scale(float(levels.sigmas[-1]))).to(self.dtype)  # the final level's x_t
+            step_callback = self._step_callback(levels, start.put_back, callback, bar)
+            x = entry.function(denoiser, start.x, levels.sigmas, generator=generator, callback=step_callback,
+                               **options)
+        return (x * input_scale(float(levels.sigmas[-1]))).to(self.dtype)
 
+    def _output(self, latents: torch.Tensor, output_type: str) -> list[Image.Image] | torch.Tensor:
+        """The latents as asked: themselves ("latent"), decoded images (B,3,H,W) in [0,1] ("pt") or PIL images."""
         if output_type == "latent":
             return latents
         images = self.decode_latents(latents)
@@ -349,20 +396,13 @@ class LatentDiffusion(nn.Module):
             if isinstance(net, ControlNet) and net.config.downsampling_factor != self.vae_scale_factor:
                 raise ArgumentError(f"controlnet {i} takes control images {net.config.downsampling_factor}x the latent "
                                     f"size, but this model's VAE factor is {self.vae_scale_factor}: the ControlNet was "
-                                    "made for another model (or give from_unet conditioning_embedding_channels of "
-                                    f"{self.vae_scale_factor.bit_length()} entries)")
+                                    "made for another model (make one for it with ControlNet.from_unet(unet, "
+                                    f"vae_scale_factor={self.vae_scale_factor}))")
         size = (shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor)
         scales = [real(s, "controlnet_conditioning_scale") for s in scales]
         return [(net, control_tensor(im, n_prompts, size).repeat_interleave(n, dim=0).to(self.device, self.dtype),
                  float(s))
                 for net, im, s in zip(nets, images, scales)]
-
-    def _contexts(self, prompts: list[str], negatives: list[str], n: int,
-                  guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(conditional, unconditional or None) contexts, each prompt's repeated n times."""
-        cond = self.encode_prompt(prompts).repeat_interleave(n, dim=0)
-        uncond = None if guidance_scale == 1.0 else self.encode_prompt(negatives).repeat_interleave(n, dim=0)
-        return cond, uncond
 
     def _run_unet(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet on float32 sampler latents, run in the model's dtype, its output back in float32."""
@@ -464,10 +504,15 @@ class LatentDiffusion(nn.Module):
 
         return after_step
 
-    def _low_res(self, image: ImageInput | None, mask_image: ImageInput | None, prompts: int, height: int | None,
+    def _low_res(self, image: ImageInput | None, mask_image: ImageInput | None,
+                 noise_level: int | torch.Tensor | None, prompts: int, height: int | None,
                  width: int | None) -> torch.Tensor | None:
-        """An upsampler's low-res images (prompts, 3, h, w) in [-1, 1], checked; None for other models."""
+        """An upsampler's low-res images (prompts, 3, h, w) in [-1, 1], checked; None for other models (which
+        refuse a noise_level)."""
         if self.upscaler is None:
+            if noise_level is not None:
+                raise ArgumentError("noise_level applies to upsampler models only (their config has an upscaler "
+                                    "section); this model does not take it: leave noise_level out")
             return None
         if mask_image is not None:
             raise ArgumentError("mask_image: an upsampler model does not inpaint (its image= is the low-res image)")
@@ -626,8 +671,6 @@ def control_tensor(image: ImageInput, batch: int, size: tuple[int, int]) -> torc
     if isinstance(image, Image.Image):
         image = [image]
     if isinstance(image, (list, tuple)) and all(isinstance(i, Image.Image) for i in image):
-        from .data.images import to_rgb  # the one conversion of every PIL mode
-
         image = [to_rgb(i).resize(size[::-1], Image.LANCZOS) for i in image]
     image = image_tensor(image, "control_image")
     if tuple(image.shape[2:]) != size or image.shape[0] not in (1, batch):

@@ -1,5 +1,5 @@
-"""Image preprocessing for training: decode to RGB (`images.to_rgb`), resize to cover the target size, crop, flip,
-to a tensor in [-1, 1]."""
+"""Image preprocessing for training: decode to RGB (`image_modes.to_rgb`), resize to cover the target size, crop,
+flip, to a tensor in [-1, 1]."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..conditioning import Conditioning
-from ..controlnet import ControlNet, hint_channels
+from ..controlnet import ControlNet
 from ..data import DataConfig
 from ..errors import ConfigError
 from ..formats import load_pipeline
@@ -90,7 +90,7 @@ class ControlNetTask(Task):
         elif init is not None:
             controlnet = ControlNet.from_pretrained(init)
         else:
-            controlnet = ControlNet.from_unet(pipe.unet, hint_channels(pipe.vae_scale_factor))
+            controlnet = ControlNet.from_unet(pipe.unet, vae_scale_factor=pipe.vae_scale_factor)
         if controlnet.config.unet.block_channels != pipe.unet.config.block_channels:
             raise ConfigError(f"the ControlNet ({init or run.checkpoint}) does not fit the base model {model}: block "
                               f"channels {controlnet.config.unet.block_channels} against "
