@@ -16,20 +16,19 @@ import argparse
 import sys
 import time
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from latentdiffusion.budget import demo_pipeline, vae_loss  # noqa: E402
 from latentdiffusion.data import dataset_from_config  # noqa: E402
 from latentdiffusion.pipeline import LatentDiffusion  # noqa: E402
 from latentdiffusion.training import LDMRunConfig, VAERunConfig, load_run_config  # noqa: E402
 from latentdiffusion.training.batches import bernoulli, sample_generators  # noqa: E402
 from latentdiffusion.training.ema import EMA  # noqa: E402
 from latentdiffusion.training.optim import clip_gradients, make_optimizer  # noqa: E402
-from latentdiffusion.training.vae_losses import edge_loss  # noqa: E402
 
 
 class Parts:
@@ -50,13 +49,6 @@ class Parts:
         print(f"\n{title}: {total * 1000:.1f} ms a step ({1 / total:.1f} steps/s)")
         for name, seconds in medians.items():
             print(f"  {name:28s} {seconds * 1000:7.2f} ms  {seconds / total:6.1%}")
-
-
-def pipeline(vae_config: VAERunConfig, ldm_config: LDMRunConfig) -> LatentDiffusion:
-    model = replace(ldm_config.model, vae=vae_config.model.vae)
-    latent = model.vae.latent_channels
-    model = replace(model, unet=replace(model.unet, in_channels=latent, out_channels=latent))
-    return LatentDiffusion.from_config(model).requires_grad_(True)
 
 
 def unet_stage(pipe: LatentDiffusion, config: LDMRunConfig, steps: int, profile: bool) -> None:
@@ -119,10 +111,7 @@ def vae_stage(pipe: LatentDiffusion, config: VAERunConfig, steps: int) -> None:
         parts.mark("data (draw images)")
         posterior = vae.encode(pixels)
         reconstruction = vae.decode(posterior.sample(generators))
-        error = pixels - reconstruction  # the recipe's loss (train_vae.py), without a discriminator as vae-tiny
-        rec_loss = error.abs().mean() + cfg.l2_weight * error.square().mean() + cfg.edge_weight * edge_loss(pixels,
-                                                                                                           reconstruction)
-        loss = rec_loss * pixels[0].numel() + cfg.kl_weight * posterior.kl().mean()
+        loss = vae_loss(pixels, reconstruction, posterior, cfg)
         parts.mark("forward + loss")
         loss.backward()
         parts.mark("backward")
@@ -146,7 +135,7 @@ def main() -> None:
     vae_config, _ = load_run_config(VAERunConfig, "vae-tiny")
     ldm_config, _ = load_run_config(LDMRunConfig, "ldm-tiny")
     torch.manual_seed(0)
-    pipe = pipeline(vae_config, ldm_config)
+    pipe = demo_pipeline(vae_config, ldm_config)
     vae_stage(pipe, vae_config, args.steps)
     unet_stage(pipe, ldm_config, args.steps, args.profile)
 

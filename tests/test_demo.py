@@ -28,3 +28,21 @@ def test_demo_learns_the_prompt(tmp_path):
     grid = Image.open(result.files["samples-guided"])
     rows = len(all_combinations()) // COLUMNS
     assert grid.size == (COLUMNS * 34 + 2, rows * 34 + 2)  # 32 px tiles with 2 px gaps
+
+
+@pytest.mark.slow  # a few seconds of timing
+def test_the_estimate_scales_with_the_presets_step_counts():
+    from dataclasses import replace
+
+    from latentdiffusion.budget import estimate
+    from latentdiffusion.training import LDMRunConfig, VAERunConfig, load_run_config
+
+    vae, _ = load_run_config(VAERunConfig, "vae-tiny")
+    ldm, _ = load_run_config(LDMRunConfig, "ldm-tiny")
+    result = estimate(vae, ldm, sample_images=90, sample_steps=25)
+    assert min(result.vae, result.latent_cache, result.ldm, result.sampling) > 0
+    assert result.total == pytest.approx(result.vae + result.latent_cache + result.ldm + result.sampling)
+    assert result.ldm == pytest.approx(ldm.train.max_steps / result.ldm_steps_per_second)
+    assert f"{result.total / 60:.1f} min" in result.describe()
+    uncached = estimate(vae, replace(ldm, train=replace(ldm.train, cache_latents=False)), 90, 25)
+    assert uncached.latent_cache == 0

@@ -19,8 +19,10 @@ import torch
 from .data import dataset_from_config
 from .pipeline import LatentDiffusion
 from .training.batches import sample_generators
-from .training.config import LDMRunConfig, VAERunConfig
-from .training.optim import make_optimizer
+from .training.config import LDMRunConfig, VAERunConfig, VAETrainConfig
+from .training.optim import clip_gradients, make_optimizer
+from .training.vae_losses import reconstruction_loss
+from .vae import DiagonalGaussian
 
 @dataclass
 class Estimate:
@@ -44,6 +46,22 @@ class Estimate:
                 f"sampling {self.sampling / 60:.1f})")
 
 
+def demo_pipeline(vae_config: VAERunConfig, ldm_config: LDMRunConfig) -> LatentDiffusion:
+    """The demo's two presets as one pipeline of random weights, every parameter trainable."""
+    model = replace(ldm_config.model, vae=vae_config.model.vae)
+    latent = model.vae.latent_channels
+    model = replace(model, unet=replace(model.unet, in_channels=latent, out_channels=latent))
+    return LatentDiffusion.from_config(model).requires_grad_(True)
+
+
+def vae_loss(pixels: torch.Tensor, reconstruction: torch.Tensor, posterior: DiagonalGaussian,
+             cfg: VAETrainConfig) -> torch.Tensor:
+    """vae-tiny's training loss without a discriminator (train_vae.py): L1 + l2_weight * L2 + edge_weight * edge loss,
+    summed over pixels, + kl_weight * KL."""
+    rec = reconstruction_loss(pixels, reconstruction, cfg.l2_weight, cfg.edge_weight)
+    return rec * pixels[0].numel() + cfg.kl_weight * posterior.kl().mean()
+
+
 def seconds_per_call(fn: Callable[[], object], warmup: int = 2, calls: int = 5) -> float:
     """The median wall time of `fn()` after `warmup` calls."""
     for _ in range(warmup):
@@ -61,19 +79,17 @@ def estimate(vae_config: VAERunConfig, ldm_config: LDMRunConfig, sample_images: 
     step counts, the data set's size (the latent cache) and `sample_images` x `sample_steps` guided sampling."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = replace(ldm_config.model, vae=vae_config.model.vae)
-        model = replace(model, unet=replace(model.unet, in_channels=model.vae.latent_channels,
-                                            out_channels=model.vae.latent_channels))
-        pipe = LatentDiffusion.from_config(model).requires_grad_(True)
+        pipe = demo_pipeline(vae_config, ldm_config)
+        model = pipe.config
         vae_cfg, ldm_cfg = vae_config.train, ldm_config.train
         side = vae_config.data.resolution
         pixels = torch.rand(vae_cfg.batch_size, 3, side, side) * 2 - 1
         vae_optimizer = make_optimizer([(pipe.vae.parameters(), vae_cfg.learning_rate)], vae_cfg.adam_betas, 0.0)
 
         def vae_step() -> None:
-            generators = sample_generators(0, 0, 0, len(pixels))
-            reconstruction = pipe.vae.decode(pipe.vae.encode(pixels).sample(generators))
-            (reconstruction - pixels).abs().mean().backward()
+            posterior = pipe.vae.encode(pixels)
+            vae_loss(pixels, pipe.vae.decode(posterior.sample(sample_generators(0, 0, 0, len(pixels)))), posterior,
+                     vae_cfg).backward()
             vae_optimizer.step()
             vae_optimizer.zero_grad(set_to_none=True)
 
@@ -89,6 +105,7 @@ def estimate(vae_config: VAERunConfig, ldm_config: LDMRunConfig, sample_images: 
             generators = sample_generators(0, 0, 0, len(latents))
             loss = pipe.diffusion_loss(latents, pipe.text_encoder(prompts), generators, ldm_cfg.snr_gamma)
             loss.backward()
+            clip_gradients(params, ldm_cfg.grad_clip)
             ldm_optimizer.step()
             ldm_optimizer.zero_grad(set_to_none=True)
             torch._foreach_lerp_(average, params, 0.001)

@@ -23,7 +23,7 @@ from .ema import EMA
 from .loop import MicroBatch, Setup, Stage, Task, evaluating, fit
 from .plots import image_grid
 from .precision import PARAMETER_DTYPE
-from .vae_losses import PatchDiscriminator, adaptive_weight, edge_loss, hinge_d_loss, hinge_g_loss
+from .vae_losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, reconstruction_loss
 
 
 class Reconstruction(nn.Module):
@@ -102,8 +102,7 @@ class VAETask(Task):
         x, gens, mb = inputs
         cfg = self.cfg
         rec, posterior = self.stages[0].module(x, gens)
-        error = x - rec
-        rec_loss = error.abs().mean() + cfg.l2_weight * error.square().mean() + cfg.edge_weight * edge_loss(x, rec)
+        rec_loss = reconstruction_loss(x, rec, cfg.l2_weight, cfg.edge_weight)
         nll = rec_loss * self.pixels  # summed over pixels, as the recipe weighs it against the KL
         kl = posterior.kl().mean()
         loss = nll + cfg.kl_weight * kl

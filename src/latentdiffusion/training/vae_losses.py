@@ -70,6 +70,12 @@ def edge_loss(x: Tensor, y: Tensor, scales: int = 3) -> Tensor:
     return total / scales
 
 
+def reconstruction_loss(x: Tensor, reconstruction: Tensor, l2_weight: float, edge_weight: float) -> Tensor:
+    """The VAE's per-pixel reconstruction loss: L1 + l2_weight * L2 + edge_weight * edge loss, means over pixels."""
+    error = x - reconstruction
+    return error.abs().mean() + l2_weight * error.square().mean() + edge_weight * edge_loss(x, reconstruction)
+
+
 def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: nn.Parameter) -> Tensor:
     """||grad rec_loss|| / ||grad g_loss|| at the decoder's last layer (Esser et al., 2021, eq. 7), detached:
     the adversarial term then pulls on the decoder about as hard as the reconstruction does."""
