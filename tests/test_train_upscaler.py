@@ -126,13 +126,6 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, vae_dir):
 
 
 @pytest.mark.slow
-def test_pixel_space_resume_after_sigkill_is_bit_identical(tmp_path):
-    command = ["train-upscaler", "--config", str(write(tmp_path / "up.yaml", pixels={"factor": 2})),
-               "--data", "builtin:shapes"]
-    resume_after_sigkill(tmp_path, command[0], command[1:], ["unet", "text_encoder", "ema/unet", "ema/text_encoder"])
-
-
-@pytest.mark.slow
 def test_training_lowers_the_loss(tmp_path, vae_dir):
     config, _ = load_run_config(UpscalerRunConfig, write(
         tmp_path / "up.yaml", max_steps=60, batch_size=8, learning_rate=2e-3, log_every=10, checkpoint_every=60,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -74,5 +75,6 @@ class PixelSpace(nn.Module):
         """Unscaled latents (B, C f^2, h, w) -> images (B, C, h f, w f)."""
         return F.pixel_shuffle(z, self.config.factor)
 
-    def set_memory_format(self, memory_format) -> PixelSpace:  # nothing to lay out: no weights, no activations
+    def set_memory_format(self, memory_format: torch.memory_format) -> PixelSpace:
+        """Nothing to lay out: no weights, no activations of its own."""
         return self
