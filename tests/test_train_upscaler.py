@@ -1,6 +1,6 @@
 """Upsampler training (`ldm train-upscaler`): a short run whose checkpoint loads with from_pretrained and upsamples,
 the low-res input (filter, noise levels from their own stream), exact resume after SIGKILL, the loss falls, bad input.
-Tiny models at 16x16 on the factor-2 VAE of test_training."""
+Tiny models at 16x16 on the factor-2 VAE of test_training, and in pixel space (model.pixels, pixels.py)."""
 
 from pathlib import Path
 
@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from latentdiffusion import LatentDiffusion
-from latentdiffusion.errors import ConfigError
+from latentdiffusion.errors import ArgumentError, ConfigError
+from latentdiffusion.pixels import PixelSpace, PixelSpaceConfig
 from latentdiffusion.training import UpscalerRunConfig, load_run_config, train_upscaler
 from latentdiffusion.training.loop import MicroBatch
 from latentdiffusion.training.train_upscaler import augmentation_levels, downsample
@@ -31,8 +32,9 @@ TINY_UPSCALER = {
 }
 
 
-def write(path: Path, **train) -> Path:
-    path.write_text(yaml.safe_dump({**TINY_UPSCALER, "train": {**TINY_UPSCALER["train"], **train}}))
+def write(path: Path, pixels: dict | None = None, **train) -> Path:
+    model = {**TINY_UPSCALER["model"], **({"pixels": pixels} if pixels is not None else {})}
+    path.write_text(yaml.safe_dump({**TINY_UPSCALER, "model": model, "train": {**TINY_UPSCALER["train"], **train}}))
     return path
 
 
@@ -46,6 +48,41 @@ def test_a_short_run_loads_with_from_pretrained_and_upsamples(tmp_path, vae_dir)
     assert pipe.unet.config.in_channels == 4 + 3 and pipe.unet.config.sample_size == 8
     out = pipe("a red circle", image=torch.rand(1, 3, 8, 8), num_inference_steps=2, noise_level=10, output_type="pt")
     assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
+
+
+def test_pixel_space_is_an_exact_rearrangement():
+    space = PixelSpace(PixelSpaceConfig(factor=2))
+    images = torch.rand(2, 3, 8, 6) * 2 - 1
+    latents = space.encode(images).sample(torch.Generator().manual_seed(0))
+    assert latents.shape == (2, 12, 4, 3) and space.config.latent_channels == 12 and space.downsample_factor == 2
+    # channel c * 4 + 2 * i + j of latent (y, x) is pixel (2y + i, 2x + j) of channel c
+    assert torch.equal(latents[:, 1 * 4 + 2 * 1 + 0], images[:, 1, 1::2, 0::2])
+    assert torch.equal(space.decode(latents), images)
+    with pytest.raises(ConfigError, match="model.pixels.factor"):
+        PixelSpaceConfig(factor=3)
+
+
+def test_a_pixel_space_run_needs_no_vae_and_round_trips(tmp_path):
+    config, _ = load_run_config(UpscalerRunConfig, write(tmp_path / "up.yaml", pixels={"factor": 2}, max_steps=2))
+    run = train_upscaler(config, tmp_path / "run", progress=False)
+    pipe = LatentDiffusion.from_pretrained(run)
+    assert isinstance(pipe.vae, PixelSpace) and pipe.vae_scale_factor == 2
+    assert pipe.unet.config.in_channels == 12 + 3 and pipe.unet.config.out_channels == 12
+    low = torch.rand(1, 3, 8, 8)
+    out = pipe("a red circle", image=low, num_inference_steps=2, noise_level=10, output_type="pt",
+               generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
+    pipe.save_pretrained(tmp_path / "saved")
+    again = LatentDiffusion.from_pretrained(tmp_path / "saved")
+    assert isinstance(again.vae, PixelSpace) and again.vae.config == pipe.vae.config
+    assert torch.equal(again("a red circle", image=low, num_inference_steps=2, noise_level=10, output_type="pt",
+                             generator=torch.Generator().manual_seed(0)), out)
+    with pytest.raises(ArgumentError, match="pixel-space"):
+        pipe.save_pretrained(tmp_path / "diffusers", format="diffusers")
+    with pytest.raises(ConfigError, match="model.pixels factor 16"):
+        bad, _ = load_run_config(UpscalerRunConfig, write(tmp_path / "up.yaml", pixels={"factor": 16}),
+                                 values={"data.resolution": 24})
+        train_upscaler(bad, tmp_path / "odd", progress=False)
 
 
 def test_low_res_input_and_noise_levels():

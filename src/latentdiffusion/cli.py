@@ -139,12 +139,13 @@ def run_train_controlnet(args: argparse.Namespace) -> int:
 
 def add_train_upscaler(subparsers: SubParsers) -> None:
     p = subparsers.add_parser("train-upscaler", help="train an upsampler (the low-res image as conditioning)",
-                              description="Train an upsampler on a frozen VAE: each image's low-res input is made on "
-                              "the fly (downsampled by the VAE's factor, train.downsample: bicubic or area) and noised "
-                              "at a random level (conditioning augmentation). `ldm upscale --model DIR` samples it.")
+                              description="Train an upsampler in pixel space (model.pixels, as "
+                              "configs/upscaler-tiny.yaml) or on a frozen --vae: each image's low-res input is made on the fly (downsampled by "
+                              "the upsampling factor, train.downsample: bicubic or area) and noised at a random level "
+                              "(conditioning augmentation). `ldm upscale --model DIR` samples it.")
     _training_options(p)
-    p.add_argument("--vae", metavar="VAE", help="the frozen VAE (its factor is the upsampling factor): a train-vae run "
-                   "or any model from_pretrained accepts")
+    p.add_argument("--vae", metavar="VAE", help="diffuse in this frozen VAE's latent space instead of model.pixels "
+                   "(its factor is the upsampling factor): a train-vae run or any model from_pretrained accepts")
     p.add_argument("--text-encoder", metavar="MODEL", help="use MODEL's pretrained text encoder and tokenizer")
     p.set_defaults(run=run_train_upscaler)
 
@@ -461,14 +462,22 @@ def add_demo(subparsers: SubParsers) -> None:
                    "on top of OUTPUT/ldm with builtin:shapes silhouettes and report the mean IoU of generated objects "
                    "with their control, with and without it (the first stages are skipped where OUTPUT/ldm exists)")
     p.add_argument("--controlnet-steps", type=int, metavar="N", help="override controlnet-tiny's train.max_steps")
+    p.add_argument("--cascade", action="store_true", help="then train the x2 upsampler of configs/upscaler-tiny.yaml "
+                   "(32 -> 64 px) and report the prompt adherence of the base model alone and of the cascade, and the "
+                   "upsampler's PSNR and edge sharpness against bicubic on held-out images (the first stages are "
+                   "skipped where OUTPUT/ldm exists, or with --base)")
+    p.add_argument("--cascade-steps", type=int, metavar="N", help="override upscaler-tiny's train.max_steps")
+    p.add_argument("--base", metavar="MODEL", help="the base model of --controlnet / --cascade (default OUTPUT/ldm)")
     p.set_defaults(run=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo as demo
 
-    if args.controlnet and (Path(args.output) / "ldm").exists():
-        return _controlnet_demo(args)
+    if args.base is not None and not (args.controlnet or args.cascade):
+        raise ArgumentError("--base is the base model of a second stage: add --controlnet or --cascade")
+    if (args.controlnet or args.cascade) and (args.base is not None or (Path(args.output) / "ldm").exists()):
+        return _second_stages(args)
     result = demo(args.output, args.vae_steps, args.ldm_steps, args.guidance, seed=args.seed,
                   say=lambda line: print(f"ldm demo: {line}", flush=True))
     times = ", ".join(f"{stage} {sec / 60:.1f} min" for stage, sec in result.seconds.items())
@@ -478,13 +487,40 @@ def run_demo(args: argparse.Namespace) -> int:
     for score, how in ((result.guided, f"guidance {args.guidance}"), (result.unguided, "no guidance")):
         print(f"prompt adherence: {score.adherence:.0%} ({how}; colour right {score.colour:.0%}, "
               f"shape right {score.shape:.0%})")
-    return _controlnet_demo(args) if args.controlnet else 0
+    return _second_stages(args)
+
+
+def _second_stages(args: argparse.Namespace) -> int:
+    if args.controlnet:
+        _controlnet_demo(args)
+    if args.cascade:
+        from .demo import run_cascade_demo
+
+        report_cascade(run_cascade_demo(args.output, base=args.base, steps=args.cascade_steps,
+                                        guidance_scale=args.guidance, seed=args.seed), args.guidance)
+    return 0
+
+
+def report_cascade(result: Any, guidance: float) -> None:
+    """What `ldm demo --cascade` prints: times, files, adherence of base and cascade, fidelity against bicubic."""
+    times = ", ".join(f"{stage} {sec / 60:.1f} min" for stage, sec in result.seconds.items())
+    print(f"cascade time: {sum(result.seconds.values()) / 60:.1f} min ({times})")
+    for name, path in result.files.items():
+        print(f"{name}: {path}")
+    for score, how in ((result.base, "base model alone, 32 px"), (result.cascade, "cascade, 64 px")):
+        print(f"prompt adherence, {how}: {score.adherence:.0%} (guidance {guidance}; colour right {score.colour:.0%}, "
+              f"shape right {score.shape:.0%})")
+    for name in ("bicubic", "ours"):
+        m = getattr(result, name)
+        print(f"held-out 32 -> 64 px, {name}: PSNR {m['psnr_db']:.2f} dB, edge sharpness {m['edge_sharpness']:.3f}, "
+              f"edge error {m['edge_error']:.4f}")
 
 
 def _controlnet_demo(args: argparse.Namespace) -> int:
     from .demo import run_controlnet_demo
 
-    result = run_controlnet_demo(args.output, steps=args.controlnet_steps, guidance_scale=args.guidance, seed=args.seed)
+    result = run_controlnet_demo(args.output, base=args.base, steps=args.controlnet_steps,
+                                 guidance_scale=args.guidance, seed=args.seed)
     times = ", ".join(f"{stage} {sec / 60:.1f} min" for stage, sec in result.seconds.items())
     print(f"controlnet time: {sum(result.seconds.values()) / 60:.1f} min ({times})")
     for name, path in result.files.items():

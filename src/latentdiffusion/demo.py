@@ -1,6 +1,7 @@
 """The offline demo: train the VAE on builtin:shapes, then the text encoder and UNet on builtin:shapes-noisy (one
 caption in ten wrong, so that guidance has something to do); sample one image per attribute combination and judge each
-against its prompt with the yardstick, with and without guidance."""
+against its prompt with the yardstick, with and without guidance. Second stages on top of its model: a ControlNet
+(`ldm demo --controlnet`) and an x2 upsampler, a cascade (`ldm demo --cascade`)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,25 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .budget import estimate
 from .controlnet import ControlNet
 from .data.shapes import ShapesDataset, all_combinations, caption_for, silhouette
 from .errors import ConfigError
+from .fidelity import measures
 from .pipeline import LatentDiffusion
-from .training import (ControlNetRunConfig, LDMRunConfig, VAERunConfig, load_run_config, train_controlnet, train_ldm,
-                       train_vae)
+from .training import (ControlNetRunConfig, LDMRunConfig, UpscalerRunConfig, VAERunConfig, load_run_config,
+                       train_controlnet, train_ldm, train_upscaler, train_vae)
 from .training.metrics import CURVE_FILE
 from .training.plots import image_grid
+from .training.train_upscaler import downsample
+from .upscaler import cascade
 from .yardstick import judge, object_mask
 
 COLUMNS = 15  # one row per (size, colour) pair: circle, square, triangle on white, black, gray
 CONTROL_SEED = 1000  # the control layouts' builtin:shapes seed (+ the demo's), away from the training data's
+HELD_OUT_SEED = 2026  # the upsampler's held-out builtin:shapes images: a seed no training run uses (they use 0 + ...)
 
 
 @dataclass
@@ -149,3 +155,92 @@ def run_controlnet_demo(output: str | Path, base: str | Path | None = None, step
     seconds = {stage: end - start for stage, start, end in zip(("controlnet", "sampling"), stamps, stamps[1:])}
     return ControlResult(mean_iou(results["with"], controls), mean_iou(results["without"], controls),
                          Score.of(results["with"], prompts), Score.of(results["without"], prompts), seconds, files)
+
+
+# ------------------------------------------------------------------------------------------------- cascade stage
+@dataclass
+class CascadeResult:
+    """The cascade keeps the base model's prompt adherence; the upsampler against bicubic on held-out images."""
+
+    base: Score  # the base model alone, at its resolution
+    cascade: Score  # the same samples upsampled, judged at the upsampler's resolution
+    bicubic: dict[str, float]  # fidelity.measures of bicubic upscaling against the truth
+    ours: dict[str, float]  # the same of the upsampler
+    seconds: dict[str, float]  # upscaler (training), sampling
+    files: dict[str, Path]
+
+
+def held_out_shapes(count: int, size: int, factor: int, filter: str = "bicubic"
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """`count` builtin:shapes images of seed HELD_OUT_SEED at `size` px (never trained on): (truth (N, 3, size, size),
+    low-res (N, 3, size/factor, size/factor) downsampled with train.downsample's `filter`, its bicubic upscaling
+    (torch, align_corners=False) back to size, the captions), images in [0, 1]."""
+    items = ShapesDataset(size=size, length=count, seed=HELD_OUT_SEED)
+    truth = torch.from_numpy(np.stack([np.asarray(items[i][0], dtype=np.float32) / 255 for i in range(count)]))
+    truth = truth.permute(0, 3, 1, 2)
+    low = (downsample(truth * 2 - 1, factor, filter) + 1) / 2
+    bicubic = F.interpolate(low, scale_factor=factor, mode="bicubic", align_corners=False).clamp(0, 1)
+    return truth, low, bicubic, [items[i][1] for i in range(count)]
+
+
+def upscale_batches(pipe: LatentDiffusion, captions: list[str], low: torch.Tensor, batch: int = 16, seed: int = 0,
+                    **options) -> torch.Tensor:
+    """Upsample low-res images (N, 3, h, w) in [0, 1] with their captions, `batch` at a time, image i from
+    generator seed + i (so the result does not depend on `batch`): (N, 3, h F, w F) in [0, 1]."""
+    out = []
+    for start in range(0, len(captions), batch):
+        end = min(start + batch, len(captions))
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(start, end)]
+        out.append(pipe(captions[start:end], image=low[start:end], generator=generators, output_type="pt", **options))
+    return torch.cat(out)
+
+
+def run_cascade_demo(output: str | Path, base: str | Path | None = None, steps: int | None = None,
+                     guidance_scale: float = 4.0, sample_steps: int = 25, noise_level: int = 20, count: int = 64,
+                     seed: int = 0, progress: bool = True) -> CascadeResult:
+    """Train the x2 upsampler of configs/upscaler-tiny.yaml (pixel space, 32 -> 64 px) on builtin:shapes into
+    OUTPUT/upscaler, then `evaluate_cascade` it on the demo's model (`base`, default OUTPUT/ldm, which `run_demo`
+    writes). `steps` overrides the upsampler's train.max_steps."""
+    output = Path(output)
+    base = Path(base) if base is not None else output / "ldm"
+    if not base.exists():
+        raise ConfigError(f"no base model at {base}: run `ldm demo --output {output}` first, or pass --base MODEL")
+    started = time.perf_counter()
+    config, _ = load_run_config(UpscalerRunConfig, "upscaler-tiny", values=_overrides(seed, steps))
+    run = train_upscaler(config, output / "upscaler", progress=progress)
+    trained = time.perf_counter() - started
+    result = evaluate_cascade(LatentDiffusion.from_pretrained(base), LatentDiffusion.from_pretrained(run), output,
+                              guidance_scale, sample_steps, noise_level, count, seed, config.train.downsample)
+    result.seconds = {"upscaler": trained, **result.seconds}
+    result.files["upscaler-loss"] = run / CURVE_FILE
+    return result
+
+
+def evaluate_cascade(base: LatentDiffusion, upscaler: LatentDiffusion, output: str | Path,
+                     guidance_scale: float = 4.0, sample_steps: int = 25, noise_level: int = 20, count: int = 64,
+                     seed: int = 0, filter: str = "bicubic") -> CascadeResult:
+    """Sample every attribute combination with `base` alone and through `cascade(base, upscaler)` from the same noise
+    and judge both with the yardstick (at each one's resolution); upsample `count` held-out images (low-res made
+    with `filter`, no guidance) against bicubic. Writes OUTPUT/cascade-samples.png (base, nearest-upsampled |
+    cascade, first COLUMNS prompts) and OUTPUT/upscaler-samples.png (low-res | bicubic | ours | truth, 8 rows)."""
+    output, started = Path(output), time.perf_counter()
+    output.mkdir(parents=True, exist_ok=True)
+    prompts = [caption_for(c) for c in all_combinations()]
+    options = {"num_inference_steps": sample_steps, "guidance_scale": guidance_scale}
+    low = base(prompts, output_type="pt", generator=torch.Generator().manual_seed(seed), **options)
+    high = cascade(base, upscaler, prompts, output_type="pt", generator=torch.Generator().manual_seed(seed),
+                   noise_level=noise_level, **options)
+    factor = upscaler.vae_scale_factor
+    truth, small, bicubic, captions = held_out_shapes(count, upscaler.unet.config.sample_size * factor, factor,
+                                                      filter)
+    ours = upscale_batches(upscaler, captions, small, seed=seed, noise_level=noise_level,
+                           num_inference_steps=sample_steps, guidance_scale=1.0)
+    files = {"cascade-samples": output / "cascade-samples.png", "upscaler-samples": output / "upscaler-samples.png"}
+    nearest = F.interpolate(low[:COLUMNS], scale_factor=factor, mode="nearest")
+    image_grid(torch.cat([nearest, high[:COLUMNS]]), COLUMNS).save(files["cascade-samples"])
+    shown = min(count, 8)
+    rows = [F.interpolate(small[:shown], scale_factor=factor, mode="nearest"), bicubic[:shown], ours[:shown],
+            truth[:shown]]
+    image_grid(torch.stack(rows, dim=1).flatten(0, 1), 4).save(files["upscaler-samples"])
+    return CascadeResult(Score.of(low, prompts), Score.of(high, prompts), measures(bicubic, truth),
+                         measures(ours, truth), {"sampling": time.perf_counter() - started}, files)

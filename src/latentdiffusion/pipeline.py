@@ -24,6 +24,7 @@ from .images import ImageInput, image_tensor, mask_tensor, random_inpainting_mas
 from .layers import Attention
 from .noise import Generator, randint, randn
 from .offload import ModelOffload, SequentialOffload
+from .pixels import PixelSpace, PixelSpaceConfig
 from .samplers import SAMPLERS, Denoiser, NoiseLevels, SamplerEntry, add_noise, input_scale, sampler_entry
 from .samplers.levels import vp_to_k_scale
 from .schedulers import NoiseSchedule, SchedulerConfig
@@ -45,6 +46,7 @@ class LatentDiffusionConfig:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     upscaler: UpscalerConfig | None = None  # set for upsampler models (the low-res image concatenated to the latents)
+    pixels: PixelSpaceConfig | None = None  # set: diffusion in pixel space (pixels.py) in the VAE's place; vae unused
 
 
 @dataclass
@@ -62,8 +64,8 @@ class _Start:
 class LatentDiffusion(nn.Module):
     """Latent diffusion (Rombach et al., 2022): prompt -> context; noise -> (UNet + guidance + scheduler) -> VAE -> pixels."""
 
-    def __init__(self, vae: AutoencoderKL, unet: UNet, text_encoder: TextEncoder, scheduler: SchedulerConfig,
-                 upscaler: UpscalerConfig | None = None):
+    def __init__(self, vae: AutoencoderKL | PixelSpace, unet: UNet, text_encoder: TextEncoder,
+                 scheduler: SchedulerConfig, upscaler: UpscalerConfig | None = None):
         super().__init__()
         if unet.config.context_dim != text_encoder.config.hidden_size:
             raise ConfigError(f"unet.context_dim {unet.config.context_dim} != text_encoder.hidden_size "
@@ -91,13 +93,15 @@ class LatentDiffusion(nn.Module):
     @classmethod
     def from_config(cls, config: LatentDiffusionConfig) -> LatentDiffusion:
         """A model with fresh random weights."""
-        return cls(AutoencoderKL(config.vae), UNet(config.unet), TextEncoder(config.text_encoder), config.scheduler,
+        vae = PixelSpace(config.pixels) if config.pixels is not None else AutoencoderKL(config.vae)
+        return cls(vae, UNet(config.unet), TextEncoder(config.text_encoder), config.scheduler,
                    config.upscaler)
 
     @property
     def config(self) -> LatentDiffusionConfig:
-        return LatentDiffusionConfig(self.vae.config, self.unet.config, self.text_encoder.config, self.scheduler.config,
-                                     self.upscaler)
+        pixels = self.vae.config if isinstance(self.vae, PixelSpace) else None
+        return LatentDiffusionConfig(VAEConfig() if pixels else self.vae.config, self.unet.config,
+                                     self.text_encoder.config, self.scheduler.config, self.upscaler, pixels)
 
     @property
     def device(self) -> torch.device:
@@ -107,6 +111,11 @@ class LatentDiffusion(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """The VAE's weights' dtype (pixel space has none: the UNet's)."""
+        return next((p.dtype for p in self.vae.parameters()), self.dtype)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -120,7 +129,7 @@ class LatentDiffusion(nn.Module):
     def to(self, *args, **kwargs) -> LatentDiffusion:
         """Like nn.Module.to, but a float16 VAE stays float32: SD VAE decoders overflow in float16."""
         super().to(*args, **kwargs)
-        if next(self.vae.parameters()).dtype == torch.float16:
+        if self.vae_dtype == torch.float16:
             self.vae.float()
         return self
 
@@ -129,7 +138,8 @@ class LatentDiffusion(nn.Module):
         """torch.compile the UNet and the VAE in place (nn.Module.compile: state-dict keys stay the same, so files
         saved afterwards load anywhere); `options` go to torch.compile (e.g. mode="max-autotune" for CUDA graphs)."""
         self.unet.compile(**options)
-        self.vae.decoder.compile(**options)
+        if isinstance(self.vae, AutoencoderKL):
+            self.vae.decoder.compile(**options)
         return self
 
     def set_memory_format(self, memory_format: torch.memory_format) -> LatentDiffusion:
@@ -170,8 +180,7 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: Generator = None) -> torch.Tensor:
         """Pixels (B,3,H,W) in [-1,1] -> scaled latents (B,C,h,w), sampled from the VAE posterior."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        posterior = self.vae.encode(images.to(self.device, vae_dtype))
+        posterior = self.vae.encode(images.to(self.device, self.vae_dtype))
         return (posterior.sample(generator) * self.vae.config.scaling_factor).to(self.dtype)
 
     def loss(self, images: torch.Tensor, captions: list[str], generator: Generator = None,
@@ -249,8 +258,7 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> float32 images (B,3,H,W) in [0,1] on the CPU."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        images = self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor)
+        images = self.vae.decode(latents.to(self.vae_dtype) / self.vae.config.scaling_factor)
         return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
 
     @torch.no_grad()

@@ -56,6 +56,9 @@ def save_components(path: str | Path, components: Components, format: str = "lat
     """Write components in one of SAVE_FORMATS."""
     if format not in SAVE_FORMATS:
         raise ArgumentError(f"unknown format {format!r}: choose from {', '.join(SAVE_FORMATS)}")
+    if "pixels" in components.configs and format != "latentdiffusion":
+        raise ArgumentError(f"format={format!r}: a pixel-space model (no VAE) has no place in that layout; save it "
+                            "as format='latentdiffusion'")
     SAVE_FORMATS[format](path, components)
 
 
@@ -73,13 +76,14 @@ def load_pipeline(path: str | Path, use_ema: bool | None = None, prediction_type
     for name, part, load in (("text_encoder", text_encoder, load_text_encoder), ("vae", vae, load_vae)):
         if part is not None:
             given[name] = part if isinstance(part, (TextEncoder, AutoencoderKL)) else load(part, dtype=None)
-            components.configs.pop(name, None)
-            components.weights.pop(name, None)
+            for key in (name, "pixels") if name == "vae" else (name,):
+                components.configs.pop(key, None)
+                components.weights.pop(key, None)
     if "unet" not in components.configs:
         held = ", ".join(components.configs) or "nothing"
         raise WeightsError(f"{components.source} holds no UNet (only: {held}), so it is not a whole model; a VAE goes "
                            "to AutoencoderKL.from_pretrained or vae=, a text encoder to text_encoder=")
-    missing = [n for n in ("vae", "text_encoder") if n not in components.configs and n not in given]
+    missing = [n for n in ("vae", "text_encoder") if not components.has(n) and n not in given]
     if missing:
         options = {"text_encoder": "text_encoder=MODEL (on the command line --text-encoder MODEL)",
                    "vae": "vae=VAE (--vae VAE)"}

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import WeightsError
 from ..pipeline import LatentDiffusion
+from ..pixels import PixelSpace, PixelSpaceConfig
 from ..schedulers import SchedulerConfig
 from ..text_encoder import TextEncoder, TextEncoderConfig
 from ..unet import UNet, UNetConfig
@@ -23,8 +24,9 @@ COMPONENT_CONFIGS: dict[str, type] = {
     "text_encoder": TextEncoderConfig,
     "scheduler": SchedulerConfig,
     "upscaler": UpscalerConfig,  # upsampler models only
+    "pixels": PixelSpaceConfig,  # pixel-space models: in the VAE's place
 }
-CONFIG_ONLY = ("scheduler", "upscaler")  # components without weights
+CONFIG_ONLY = ("scheduler", "upscaler", "pixels")  # components without weights
 
 
 @dataclass
@@ -39,22 +41,29 @@ class Components:
     @classmethod
     def of(cls, pipe: LatentDiffusion) -> Components:
         """The components of a pipeline (tensors shared, not copied)."""
+        space = ({"pixels": pipe.vae.config}, {}) if isinstance(pipe.vae, PixelSpace) else \
+            ({"vae": pipe.vae.config}, {"vae": pipe.vae.state_dict()})
         return cls(
-            configs={"vae": pipe.vae.config, "unet": pipe.unet.config, "text_encoder": pipe.text_encoder.config,
+            configs={**space[0], "unet": pipe.unet.config, "text_encoder": pipe.text_encoder.config,
                      "scheduler": pipe.scheduler.config, **({"upscaler": pipe.upscaler} if pipe.upscaler else {})},
-            weights={"vae": pipe.vae.state_dict(), "unet": pipe.unet.state_dict(),
-                     "text_encoder": pipe.text_encoder.model.state_dict()},
+            weights={**space[1], "unet": pipe.unet.state_dict(), "text_encoder": pipe.text_encoder.model.state_dict()},
             tokenizer_dir=pipe.text_encoder.tokenizer_dir,
         )
 
+    def has(self, name: str) -> bool:
+        """Whether component `name` is there (pixel space stands in for the VAE)."""
+        return name in self.configs or (name == "vae" and "pixels" in self.configs)
+
     def require(self, *names: str) -> None:
-        missing = [n for n in names if n not in self.configs]
+        missing = [n for n in names if not self.has(n)]
         if missing:
             raise WeightsError(f"{self.source} holds no {', '.join(missing)} (it has: {', '.join(self.configs) or 'nothing'})")
 
-    def vae(self, dtype: torch.dtype | None = torch.float32) -> AutoencoderKL:
-        """The VAE with its weights in `dtype`, whatever dtype the file stores."""
+    def vae(self, dtype: torch.dtype | None = torch.float32) -> AutoencoderKL | PixelSpace:
+        """The VAE with its weights in `dtype`, whatever dtype the file stores (or pixel space, without weights)."""
         self.require("vae")
+        if "pixels" in self.configs:
+            return PixelSpace(self.configs["pixels"])
         return build_with_weights(lambda: AutoencoderKL(self.configs["vae"]), self._weights("vae", dtype),
                                   f"{self.source} (vae)")
 

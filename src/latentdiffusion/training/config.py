@@ -242,7 +242,8 @@ class UpscalerTrainConfig(LDMTrainConfig):
 
 @dataclass
 class UpscalerRunConfig:
-    """`ldm train-upscaler`: model.unet / text_encoder / scheduler / upscaler; the VAE comes from --vae."""
+    """`ldm train-upscaler`: model.unet / text_encoder / scheduler / upscaler, and model.pixels (diffusion in pixel
+    space) or a VAE from --vae."""
 
     model: LatentDiffusionConfig = field(default_factory=lambda: LatentDiffusionConfig(upscaler=UpscalerConfig()))
     train: UpscalerTrainConfig = field(default_factory=UpscalerTrainConfig)
@@ -265,7 +266,7 @@ def resolve_config_path(name: str | Path) -> Path:
 
 
 _MODEL_SECTIONS = {VAERunConfig: ("vae",), LDMRunConfig: ("unet", "text_encoder", "scheduler"),
-                   UpscalerRunConfig: ("unet", "text_encoder", "scheduler", "upscaler")}
+                   UpscalerRunConfig: ("unet", "text_encoder", "scheduler", "upscaler", "pixels")}
 
 
 def load_run_config(cls: type[T], path: str | Path | None, overrides: list[str] = (),

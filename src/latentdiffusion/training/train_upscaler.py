@@ -3,8 +3,9 @@ pixels) is the target; its low-resolution input is made on the fly by downsampli
 antialiased filter (train.downsample: "bicubic", torch's antialiased bicubic like PIL's, or "area", the box
 average), then noised at a level drawn uniformly in [0, model.upscaler.max_noise_level] per image from a random
 stream of its own (conditioning augmentation, Ho et al. 2021). The UNet sees the latents with the noised low-res
-image concatenated and the level as its class label; it trains in the latent space of the frozen --vae, whose
-factor is the upsampling factor (the SD x4 upscaler's design: its VAE has factor 4)."""
+image concatenated and the level as its class label. It diffuses in pixel space (model.pixels: the pixels
+rearranged space-to-depth by the upsampling factor, pixels.py) or in the latent space of a frozen --vae whose factor
+is the upsampling factor (the SD x4 upscaler's design: its VAE has factor 4)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..formats import load_components
 from ..pipeline import LatentDiffusion
+from ..pixels import PixelSpace
 from ..text_encoder import TextEncoder
 from ..unet import UNet
 from ..upscaler import augment
@@ -63,8 +65,9 @@ class UpscalerLoss(nn.Module):
 
 def train_upscaler(config: UpscalerRunConfig, output: str | Path, vae: str | Path | None = None,
                    text_encoder: str | Path | None = None, resume: bool = False, progress: bool = True) -> Path:
-    """Train an upsampler into run folder `output`; returns it. `vae` (needed unless resuming) and `text_encoder`
-    are anything from_pretrained accepts; checkpoints load with LatentDiffusion.from_pretrained."""
+    """Train an upsampler into run folder `output`; returns it. `vae` (needed unless resuming or the config sets
+    model.pixels) and `text_encoder` are anything from_pretrained accepts; checkpoints load with
+    LatentDiffusion.from_pretrained."""
     if config.model.upscaler is None:
         raise ConfigError("config section 'model.upscaler' is missing: an upsampler needs its low-res noise schedule "
                           "and max_noise_level")
@@ -88,17 +91,25 @@ class UpscalerTask(LDMTask):
 
     def new_pipeline(self, config: UpscalerRunConfig, raw: dict[str, Any], vae_source: Any, init: Any,
                      text_encoder_source: Any) -> LatentDiffusion:
-        """The frozen --vae, a UNet from the config with the low-res channels and a class embedding per noise level,
-        a text encoder from the config (or --text-encoder)."""
-        if vae_source is None:
-            raise ConfigError("train-upscaler diffuses in a VAE's latent space: pass --vae VAE (a VAE of factor F "
-                              "upsamples F times; a train-vae run or any model from_pretrained accepts)")
-        parts = load_components(vae_source)
-        parts.require("vae")
-        vae = parts.vae()
+        """Pixel space (model.pixels) or the frozen --vae, whose factor is the upsampling factor; a UNet from the
+        config with the low-res channels and a class embedding per noise level; a text encoder from the config (or
+        --text-encoder). --vae wins over model.pixels."""
+        if vae_source is not None:
+            parts = load_components(vae_source)
+            parts.require("vae")
+            vae = parts.vae()
+            if config.model.pixels is not None:
+                self.run.say("note: --vae given: the upsampler diffuses in its latent space, not in model.pixels")
+        elif config.model.pixels is not None:
+            vae = PixelSpace(config.model.pixels)
+        else:
+            raise ConfigError("train-upscaler needs the space it diffuses in: set model.pixels (pixel space, e.g. "
+                              "'model: {pixels: {factor: 2}}' for x2) or pass --vae VAE (a VAE of factor F upsamples "
+                              "F times; a train-vae run or any model from_pretrained accepts)")
         factor, upscaler = vae.downsample_factor, config.model.upscaler
         if config.data.resolution % factor:
-            raise ConfigError(f"data.resolution {config.data.resolution} is not a multiple of the VAE factor {factor}")
+            raise ConfigError(f"data.resolution {config.data.resolution} is not a multiple of the "
+                              f"{'VAE' if vae_source is not None else 'model.pixels'} factor {factor}")
         latent = vae.config.latent_channels
         unet = UNet(replace(config.model.unet, in_channels=latent + upscaler.image_channels, out_channels=latent,
                             num_class_embeds=config.model.unet.num_class_embeds or upscaler.max_noise_level + 1,
