@@ -17,10 +17,11 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from latentdiffusion import LatentDiffusion
-from latentdiffusion.data.shapes import all_combinations, caption_for
+from latentdiffusion.data.shapes import ShapesDataset, all_combinations, caption_for, render
 from latentdiffusion.formats.lora import LORA_FILE
 from latentdiffusion.formats.native import list_checkpoints
 from latentdiffusion.training import LDMRunConfig, load_run_config, train_ldm
@@ -34,6 +35,18 @@ def score(pipe: LatentDiffusion, prompts: list[str], guidance: float, seed: int)
     images = pipe(prompts, num_inference_steps=25, guidance_scale=guidance, output_type="pt",
                   generator=torch.Generator().manual_seed(seed))
     return adherence([im.permute(1, 2, 0).numpy() for im in images], prompts), images
+
+
+@torch.no_grad()
+def vae_ceiling(pipe: LatentDiffusion, resolution: int, n: int = 200) -> float:
+    """The share of n drawn stars the yardstick still calls stars after the base's VAE round trip (posterior mean):
+    what the adapter can reach at best, since every sample is a decoded latent."""
+    items = ShapesDataset(resolution, n, seed=0, shapes=("star",))
+    attrs = [items.attributes(i) for i in range(n)]
+    pixels = torch.tensor(np.stack([np.asarray(render(a, resolution)) for a in attrs]), dtype=torch.float32)
+    x = pixels.permute(0, 3, 1, 2) / 127.5 - 1
+    decoded = (pipe.vae.decode(pipe.vae.encode(x).mode()) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    return adherence(list(decoded.numpy()), [caption_for(a) for a in attrs])
 
 
 def main() -> None:
@@ -53,7 +66,9 @@ def main() -> None:
     before_star, base_images = score(base, stars, args.guidance, args.seed)
     before_old, _ = score(base, old, args.guidance, args.seed)
 
-    values = {"data.resolution": base.unet.config.sample_size * base.vae_scale_factor, "train.seed": args.seed}
+    resolution = base.unet.config.sample_size * base.vae_scale_factor
+    ceiling = vae_ceiling(base, resolution)
+    values = {"data.resolution": resolution, "train.seed": args.seed}
     if args.steps:
         values["train.max_steps"] = args.steps
     config, raw = load_run_config(LDMRunConfig, args.config, args.set, values)
@@ -70,6 +85,7 @@ def main() -> None:
     print(f"rank-{cfg.lora.rank} LoRA, {cfg.max_steps} steps of batch {cfg.batch_size}: {wall / 60:.1f} min "
           f"({cpu / 60:.1f} CPU min, {torch.get_num_threads()} threads); adapter {adapter.stat().st_size / 1e3:.0f} kB")
     print(f"star prompts right: {before_star:.0%} -> {after_star:.0%}; old prompts: {before_old:.0%} -> {after_old:.0%}")
+    print(f"the base's VAE alone (drawn stars, encoded and decoded): {ceiling:.0%} judged stars")
     print(f"grid: {Path(args.output) / 'stars.png'} (base above, base + adapter below)")
 
 
