@@ -33,10 +33,11 @@ class LoraTask(LDMTask):
             raise ConfigError("LoRA training (train.lora.rank > 0) needs --init BASE: the model the adapters train on")
         if vae_source is not None or text_encoder_source is not None:
             raise ConfigError("--vae and --text-encoder do not apply to LoRA training: every component of the base "
-                              "comes from --init")
+                              "comes from --init (leave them out)")
         fixed = [f"model.{k}" for k in ("unet", "text_encoder", "vae", "scheduler") if (raw.get("model") or {}).get(k)]
         if fixed:
-            raise ConfigError(f"config section '{fixed[0]}' conflicts with LoRA training: the --init base fixes it")
+            raise ConfigError(f"config section '{fixed[0]}' conflicts with LoRA training: the --init base fixes it "
+                              "(use a config without a model section, such as configs/lora-star.yaml)")
         if run.checkpoint:
             self.base = lora_base(run.checkpoint)
         elif init is None:
