@@ -25,7 +25,7 @@ from .config import LDMTrainConfig
 from .ema import EMA
 from .loop import MicroBatch, Setup, Stage, Task, evaluating, fit
 from .plots import image_grid
-from .train_ldm import sample_latents
+from .train_ldm import loss_options, sample_latents
 
 DEFAULT_COLUMN = "conditioning_image"
 
@@ -53,16 +53,16 @@ class ControlNetLoss(nn.Module):
     """The module DistributedDataParallel wraps: the frozen pipeline's denoising loss with the ControlNet's
     residuals."""
 
-    def __init__(self, pipe: LatentDiffusion, controlnet: ControlNet, snr_gamma: float | None, noise_offset: float):
+    def __init__(self, pipe: LatentDiffusion, controlnet: ControlNet, options: dict[str, Any]):
         super().__init__()
-        self.pipe, self.controlnet, self.snr_gamma, self.noise_offset = pipe, controlnet, snr_gamma, noise_offset
+        self.pipe, self.controlnet, self.options = pipe, controlnet, options  # train_ldm.loss_options(train config)
 
     def forward(self, latents: torch.Tensor, captions: list[str], control: torch.Tensor,
                 generators: list[torch.Generator]) -> torch.Tensor:
         with torch.no_grad():
             context = self.pipe.text_encoder(captions)  # (B, T, D)
         cond = Conditioning(context, controls=[(self.controlnet, control, 1.0)])
-        return self.pipe.diffusion_loss(latents, cond, generators, self.snr_gamma, self.noise_offset)
+        return self.pipe.diffusion_loss(latents, cond, generators, **self.options)
 
 
 def train_controlnet(config: ControlNetRunConfig, output: str | Path, model: str | Path, init: str | Path | None = None,
@@ -100,7 +100,7 @@ class ControlNetTask(Task):
         self.ema = [(EMA(controlnet, cfg.ema_decay), controlnet)] if cfg.ema_decay else []
         self.cfg, self.run, self.runtime, self.pipe, self.controlnet = cfg, run, runtime, pipe, controlnet
         self.items = setup.dataset
-        module = distributed.wrap(ControlNetLoss(pipe, controlnet, cfg.snr_gamma, cfg.noise_offset), runtime)
+        module = distributed.wrap(ControlNetLoss(pipe, controlnet, loss_options(cfg)), runtime)
         self.stages = [Stage([(list(controlnet.parameters()), cfg.learning_rate)], self.loss, module,
                              prepare=self.inputs)]
         self.curve = ("loss", f"{run.path.name}: ControlNet diffusion loss")

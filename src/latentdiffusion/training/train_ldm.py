@@ -28,7 +28,7 @@ from ..unet import UNet
 from ..vae import DiagonalGaussian
 from . import distributed
 from .batches import bernoulli
-from .config import LDMRunConfig, PriorConfig, explicit
+from .config import LDMRunConfig, LDMTrainConfig, PriorConfig, explicit
 from .ema import EMA
 from .loop import MicroBatch, Setup, Stage, Task, evaluating, fit
 from .plots import image_grid
@@ -37,14 +37,20 @@ from .precision import PARAMETER_DTYPE
 _TEXT_ENCODER_FLAGS = ("trainable", "layer")  # what a config may change on a pretrained text encoder
 
 
+def loss_options(cfg: LDMTrainConfig) -> dict[str, Any]:
+    """The keyword arguments of LatentDiffusion.diffusion_loss that a training config sets: min-SNR weighting,
+    offset noise, the timestep density. Every diffusion trainer (LDM, LoRA, ControlNet, upsampler) passes these."""
+    density = cfg.timestep_logit_normal
+    return {"snr_gamma": cfg.snr_gamma, "noise_offset": cfg.noise_offset,
+            "logit_normal": tuple(density) if density else None}
+
+
 class DiffusionLoss(nn.Module):
     """The module DistributedDataParallel wraps: its forward is the training loss (LatentDiffusion's is the sampler)."""
 
-    def __init__(self, pipe: LatentDiffusion, snr_gamma: float | None, noise_offset: float,
-                 logit_normal: list[float] | None = None):
+    def __init__(self, pipe: LatentDiffusion, options: dict[str, Any]):
         super().__init__()
-        self.pipe, self.snr_gamma, self.noise_offset = pipe, snr_gamma, noise_offset
-        self.logit_normal = tuple(logit_normal) if logit_normal else None
+        self.pipe, self.options = pipe, options  # loss_options(train config)
 
     def forward(self, latents: torch.Tensor, captions: list[str], generators: list[torch.Generator],
                 pixels: torch.Tensor | None = None,
@@ -64,8 +70,7 @@ class DiffusionLoss(nn.Module):
         context = self.pipe.text_encoder(captions)  # (B, T, D)
         # an inpainting UNet also takes random masks and the masked images' latents (pixels (B,3,H,W) in [-1,1])
         concat = self.pipe.random_inpainting_concat(pixels, generators) if self.pipe.concat_channels else None
-        return self.pipe.diffusion_loss(latents, context, generators, self.snr_gamma, self.noise_offset, concat,
-                                        logit_normal=self.logit_normal)
+        return self.pipe.diffusion_loss(latents, context, generators, concat=concat, **self.options)
 
 
 def train_ldm(config: LDMRunConfig, output: str | Path, vae: str | Path | None = None, init: str | Path | None = None,
@@ -143,7 +148,7 @@ class LDMTask(Task):
 
     def loss_module(self) -> nn.Module:
         """The module whose forward is the loss (DistributedDataParallel wraps it)."""
-        return DiffusionLoss(self.pipe, self.cfg.snr_gamma, self.cfg.noise_offset, self.cfg.timestep_logit_normal)
+        return DiffusionLoss(self.pipe, loss_options(self.cfg))
 
     def param_groups(self) -> list[tuple[list[nn.Parameter], float]]:
         """The UNet at train.learning_rate; a trained text encoder at train.text_encoder_lr where set."""

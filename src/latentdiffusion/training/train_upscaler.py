@@ -28,7 +28,7 @@ from ..upscaler import augment
 from .config import UpscalerRunConfig
 from .loop import MicroBatch, Setup, evaluating, fit
 from .plots import image_grid
-from .train_ldm import LDMTask
+from .train_ldm import LDMTask, loss_options
 
 _AUGMENT_STREAM = 1  # the noise-level draws' stream, beside the loop's per-image stream (0)
 
@@ -52,15 +52,15 @@ def augmentation_levels(mb: MicroBatch, size: int, max_level: int) -> torch.Tens
 class UpscalerLoss(nn.Module):
     """The module DistributedDataParallel wraps: the denoising loss with the low-res image and its noise level."""
 
-    def __init__(self, pipe: LatentDiffusion, snr_gamma: float | None, noise_offset: float):
+    def __init__(self, pipe: LatentDiffusion, options: dict[str, Any]):
         super().__init__()
-        self.pipe, self.snr_gamma, self.noise_offset = pipe, snr_gamma, noise_offset
+        self.pipe, self.options = pipe, options  # train_ldm.loss_options(train config)
 
     def forward(self, latents: torch.Tensor, captions: list[str], generators: list[torch.Generator],
                 low_res: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         context = self.pipe.text_encoder(captions)  # (B, T, D)
-        return self.pipe.diffusion_loss(latents, context, generators, self.snr_gamma, self.noise_offset,
-                                        concat=low_res, class_labels=levels)
+        return self.pipe.diffusion_loss(latents, context, generators, concat=low_res, class_labels=levels,
+                                        **self.options)
 
 
 def train_upscaler(config: UpscalerRunConfig, output: str | Path, vae: str | Path | None = None,
@@ -123,7 +123,7 @@ class UpscalerTask(LDMTask):
         return LatentDiffusion(vae, unet, text, config.model.scheduler, upscaler)
 
     def loss_module(self) -> nn.Module:
-        return UpscalerLoss(self.pipe, self.cfg.snr_gamma, self.cfg.noise_offset)
+        return UpscalerLoss(self.pipe, loss_options(self.cfg))
 
     def inputs(self, mb: MicroBatch):
         """The LDM's inputs, then the low-res image (B, 3, H/F, W/F) noised at each image's level, and the levels."""
