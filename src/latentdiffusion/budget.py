@@ -108,7 +108,8 @@ def estimate(vae_config: VAERunConfig, ldm_config: LDMRunConfig, sample_images: 
             clip_gradients(params, ldm_cfg.grad_clip)
             ldm_optimizer.step()
             ldm_optimizer.zero_grad(set_to_none=True)
-            torch._foreach_lerp_(average, params, 0.001)
+            with torch.no_grad():  # the EMA's update
+                torch._foreach_lerp_(average, params, 0.001)
 
         dataset = dataset_from_config(ldm_config.data)
         with torch.no_grad():
