@@ -29,6 +29,7 @@ from latentdiffusion.training import LDMRunConfig, VAERunConfig, load_run_config
 from latentdiffusion.training.batches import bernoulli, sample_generators  # noqa: E402
 from latentdiffusion.training.ema import EMA  # noqa: E402
 from latentdiffusion.training.optim import clip_gradients, make_optimizer  # noqa: E402
+from latentdiffusion.training.train_ldm import loss_options  # noqa: E402
 
 
 class Parts:
@@ -73,7 +74,7 @@ def unet_stage(pipe: LatentDiffusion, config: LDMRunConfig, steps: int, profile:
         parts.mark("data (batch, generators)")
         context = pipe.text_encoder(prompts)
         parts.mark("text encoder forward")
-        loss = pipe.diffusion_loss(latents, context, generators, cfg.snr_gamma, cfg.noise_offset)
+        loss = pipe.diffusion_loss(latents, context, generators, **loss_options(cfg))
         parts.mark("UNet forward + loss")
         loss.backward()
         parts.mark("backward (UNet + text)")
@@ -90,7 +91,7 @@ def unet_stage(pipe: LatentDiffusion, config: LDMRunConfig, steps: int, profile:
     if profile:
         with torch.profiler.profile() as prof:
             for _ in range(10):
-                loss = pipe.diffusion_loss(latents, pipe.text_encoder(prompts), generators, cfg.snr_gamma)
+                loss = pipe.diffusion_loss(latents, pipe.text_encoder(prompts), generators, **loss_options(cfg))
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -21,6 +21,7 @@ from .pipeline import LatentDiffusion
 from .training.batches import sample_generators
 from .training.config import LDMRunConfig, VAERunConfig, VAETrainConfig
 from .training.optim import clip_gradients, make_optimizer
+from .training.train_ldm import loss_options
 from .training.vae_losses import reconstruction_loss
 from .vae import DiagonalGaussian
 
@@ -80,7 +81,6 @@ def estimate(vae_config: VAERunConfig, ldm_config: LDMRunConfig, sample_images: 
     with torch.random.fork_rng():
         torch.manual_seed(0)
         pipe = demo_pipeline(vae_config, ldm_config)
-        model = pipe.config
         vae_cfg, ldm_cfg = vae_config.train, ldm_config.train
         side = vae_config.data.resolution
         pixels = torch.rand(vae_cfg.batch_size, 3, side, side) * 2 - 1
@@ -95,7 +95,7 @@ def estimate(vae_config: VAERunConfig, ldm_config: LDMRunConfig, sample_images: 
 
         pipe.unet.train().set_memory_format(torch.channels_last if ldm_cfg.channels_last else torch.contiguous_format)
         f = pipe.vae_scale_factor
-        latents = torch.randn(ldm_cfg.batch_size, model.vae.latent_channels, side // f, side // f)
+        latents = torch.randn(ldm_cfg.batch_size, pipe.vae.config.latent_channels, side // f, side // f)
         prompts = ["a large red circle on a white background"] * ldm_cfg.batch_size
         params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
         ldm_optimizer = make_optimizer([(params, ldm_cfg.learning_rate)], ldm_cfg.adam_betas, 0.0)
@@ -103,7 +103,7 @@ def estimate(vae_config: VAERunConfig, ldm_config: LDMRunConfig, sample_images: 
 
         def ldm_step() -> None:
             generators = sample_generators(0, 0, 0, len(latents))
-            loss = pipe.diffusion_loss(latents, pipe.text_encoder(prompts), generators, ldm_cfg.snr_gamma)
+            loss = pipe.diffusion_loss(latents, pipe.text_encoder(prompts), generators, **loss_options(ldm_cfg))
             loss.backward()
             clip_gradients(params, ldm_cfg.grad_clip)
             ldm_optimizer.step()
