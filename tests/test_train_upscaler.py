@@ -2,11 +2,13 @@
 the low-res input (filter, noise levels from their own stream), exact resume after SIGKILL, the loss falls, bad input.
 Tiny models at 16x16 on the factor-2 VAE of test_training, and in pixel space (model.pixels, pixels.py)."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from latentdiffusion import LatentDiffusion
@@ -85,6 +87,27 @@ def test_a_pixel_space_run_needs_no_vae_and_round_trips(tmp_path):
         train_upscaler(bad, tmp_path / "odd", progress=False)
 
 
+def test_a_residual_upsampler_adds_its_sample_to_the_bicubic_upsampling(tmp_path):
+    config, _ = load_run_config(UpscalerRunConfig, write(tmp_path / "up.yaml", pixels={"factor": 2}, max_steps=2),
+                                ["model.upscaler.residual_scale=4"])
+    pipe = LatentDiffusion.from_pretrained(train_upscaler(config, tmp_path / "run", progress=False))
+    assert pipe.upscaler.residual_scale == 4
+    low = torch.rand(2, 3, 8, 8)
+
+    def sample() -> torch.Tensor:
+        return pipe(["a red circle", "a blue square"], image=low, num_inference_steps=2, noise_level=10,
+                    output_type="latent", generator=torch.Generator().manual_seed(0))
+
+    residual = sample()
+    pipe.upscaler = replace(pipe.upscaler, residual_scale=None)  # the same UNet, sampling the latents themselves
+    plain = sample()
+    bicubic = F.pixel_unshuffle(F.interpolate(low * 2 - 1, scale_factor=2, mode="bicubic", align_corners=False), 2)
+    assert torch.allclose(residual, plain / 4 + bicubic, atol=1e-6)
+    assert not torch.allclose(residual, plain, atol=1e-2)
+    with pytest.raises(ConfigError, match="residual_scale"):
+        load_run_config(UpscalerRunConfig, write(tmp_path / "bad.yaml"), ["model.upscaler.residual_scale=0"])
+
+
 def test_low_res_input_and_noise_levels():
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     area = downsample(images, 2, "area")
@@ -123,6 +146,13 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, vae_dir):
     command = ["train-upscaler", "--config", str(write(tmp_path / "up.yaml")), "--vae", str(vae_dir),
                "--data", "builtin:shapes"]
     resume_after_sigkill(tmp_path, command[0], command[1:], ["unet", "text_encoder", "ema/unet", "ema/text_encoder"])
+
+
+@pytest.mark.slow
+def test_a_pixel_space_residual_run_resumes_bit_identically(tmp_path):
+    config = write(tmp_path / "up.yaml", pixels={"factor": 2})
+    command = ["--config", str(config), "--data", "builtin:shapes", "--set", "model.upscaler.residual_scale=8"]
+    resume_after_sigkill(tmp_path, "train-upscaler", command, ["unet", "text_encoder", "ema/unet", "ema/text_encoder"])
 
 
 @pytest.mark.slow

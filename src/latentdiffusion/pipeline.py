@@ -30,7 +30,7 @@ from .samplers.levels import vp_to_k_scale
 from .schedulers import NoiseSchedule, SchedulerConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .unet import UNet, UNetConfig
-from .upscaler import UpscalerConfig, augment, low_res_batch
+from .upscaler import UpscalerConfig, augment, low_res_batch, upsample_bicubic
 from .vae import AutoencoderKL, VAEConfig
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
@@ -183,6 +183,14 @@ class LatentDiffusion(nn.Module):
         posterior = self.vae.encode(images.to(self.device, self.vae_dtype))
         return (posterior.sample(generator) * self.vae.config.scaling_factor).to(self.dtype)
 
+    @torch.no_grad()
+    def upsampled_latents(self, low_res: torch.Tensor) -> torch.Tensor:
+        """An upsampler's low-res images (B, 3, h, w) in [-1, 1] upsampled bicubically by the VAE factor and encoded
+        (posterior mode, scaled): (B, C, h, w), what a residual upsampler (upscaler.residual_scale) adds its
+        sampled residual to."""
+        pixels = upsample_bicubic(low_res.to(self.device, torch.float32), self.vae_scale_factor)
+        return (self.vae.encode(pixels.to(self.vae_dtype)).mode() * self.vae.config.scaling_factor).to(self.dtype)
+
     def loss(self, images: torch.Tensor, captions: list[str], generator: Generator = None,
              snr_gamma: float | None = None, noise_offset: float = 0.0) -> torch.Tensor:
         """Scalar training loss for images (B,3,H,W) in [-1,1] with their captions."""
@@ -315,6 +323,9 @@ class LatentDiffusion(nn.Module):
         cond, uncond = self._conditioning(prompts, negatives, num_images_per_prompt, guidance_scale, start, controls)
         guided = ClassifierFreeGuidance(self._run_unet, cond, uncond, guidance_scale, guidance_rescale)
         latents = self._sample(entry, levels, guided, start, eta, generator, callback, progress)
+        if low_res is not None and self.upscaler.residual_scale is not None:  # a residual upsampler: add the base
+            base = self.upsampled_latents(low_res).repeat_interleave(num_images_per_prompt, dim=0)
+            latents = (latents.float() / self.upscaler.residual_scale + base.float()).to(latents.dtype)
         return self._output(latents, output_type)
 
     def _images(self, image: ImageInput | None, mask_image: ImageInput | None, noise_level: int | torch.Tensor | None,

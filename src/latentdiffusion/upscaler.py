@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ArgumentError, ConfigError
@@ -36,6 +37,11 @@ class UpscalerConfig:
     low_res_scheduler: SchedulerConfig = field(default_factory=x4_low_res_schedule)
     max_noise_level: int = 350  # noise_level is in [0, max_noise_level]; the UNet has a class embedding for each
     image_channels: int = 3  # channels of the low-res image concatenated to the latents
+    # Set: the model diffuses residual_scale x (the high-res image's latents - the latents of its low-res image
+    # upsampled bicubically), SRDiff's residual (Li et al., 2022, sec. 3.2): the UNet learns only what bicubic
+    # upscaling misses, so even an early model is no worse than bicubic. The scale brings the residual (mostly
+    # zero, edges) to about unit variance against the sampler's noise. None: the latents themselves (SD x4).
+    residual_scale: float | None = None
 
     def __post_init__(self) -> None:
         t = self.low_res_scheduler.num_train_timesteps
@@ -45,6 +51,11 @@ class UpscalerConfig:
                               f"(below low_res_scheduler.num_train_timesteps), got {self.max_noise_level!r}")
         if self.image_channels < 1:
             raise ConfigError(f"upscaler config key 'image_channels' must be >= 1, got {self.image_channels!r}")
+        if self.residual_scale is not None and not (isinstance(self.residual_scale, (int, float))
+                                                    and not isinstance(self.residual_scale, bool)
+                                                    and 0 < self.residual_scale < float("inf")):
+            raise ConfigError(f"upscaler config key 'residual_scale' must be a positive number or null, "
+                              f"got {self.residual_scale!r}")
 
     def check_noise_level(self, noise_level: int | Tensor) -> Tensor:
         """noise_level (int or (B,) ints) as a long tensor; ValueError naming `noise_level` when out of range."""
@@ -56,6 +67,12 @@ class UpscalerConfig:
             raise ArgumentError(f"noise_level must be in [0, max_noise_level={self.max_noise_level}] for this model, "
                              f"got {high if high > self.max_noise_level else low}")
         return levels.long()
+
+
+def upsample_bicubic(low_res: Tensor, factor: int) -> Tensor:
+    """(B, C, h, w) -> (B, C, h factor, w factor), bicubic (align_corners=False, no antialiasing, no clamping): the
+    baseline a residual upsampler adds its output to."""
+    return F.interpolate(low_res, scale_factor=factor, mode="bicubic", align_corners=False)
 
 
 def low_res_batch(image: ImageInput | None, batch: int, multiple: int, channels: int) -> Tensor:

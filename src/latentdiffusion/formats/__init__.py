@@ -59,6 +59,10 @@ def save_components(path: str | Path, components: Components, format: str = "lat
     if "pixels" in components.configs and format != "latentdiffusion":
         raise ArgumentError(f"format={format!r}: a pixel-space model (no VAE) has no place in that layout; save it "
                             "as format='latentdiffusion'")
+    upscaler = components.configs.get("upscaler")
+    if upscaler is not None and upscaler.residual_scale is not None and format != "latentdiffusion":
+        raise ArgumentError(f"format={format!r}: a residual upsampler (upscaler.residual_scale) has no place in that "
+                            "layout; save it as format='latentdiffusion'")
     SAVE_FORMATS[format](path, components)
 
 

@@ -5,7 +5,8 @@ average), then noised at a level drawn uniformly in [0, model.upscaler.max_noise
 stream of its own (conditioning augmentation, Ho et al. 2021). The UNet sees the latents with the noised low-res
 image concatenated and the level as its class label. It diffuses in pixel space (model.pixels: the pixels
 rearranged space-to-depth by the upsampling factor, pixels.py) or in the latent space of a frozen --vae whose factor
-is the upsampling factor (the SD x4 upscaler's design: its VAE has factor 4)."""
+is the upsampling factor (the SD x4 upscaler's design: its VAE has factor 4). With model.upscaler.residual_scale it
+diffuses the scaled difference to the low-res image's bicubic upsampling instead (upscaler.py)."""
 
 from __future__ import annotations
 
@@ -130,6 +131,8 @@ class UpscalerTask(LDMTask):
         latents, captions, gens, pixels = super().inputs(mb)  # no DreamBooth prior here (refused at the start)
         low = downsample(pixels.to(self.runtime.device), self.pipe.vae_scale_factor, self.cfg.downsample)
         levels = augmentation_levels(mb, len(captions), self.upscaler.max_noise_level).to(self.runtime.device)
+        if self.upscaler.residual_scale is not None:  # the target: what bicubic upscaling of the clean input misses
+            latents = (latents - self.pipe.upsampled_latents(low)) * self.upscaler.residual_scale
         return latents, captions, gens, augment(low, levels, self.upscaler, gens), levels
 
     def describe(self) -> str:
