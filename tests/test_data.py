@@ -13,6 +13,7 @@ from PIL import Image
 from latentdiffusion.config import from_dict
 from latentdiffusion.data import DataConfig, ShapesDataset, dataset_from_config, load_image_captions, shapes
 from latentdiffusion.data.transforms import ImageTransform
+from latentdiffusion.data.sources import open_source
 from latentdiffusion.errors import ConfigError, DataError
 
 COLOURS = {"a": (255, 0, 0), "sub/b": (0, 255, 0), "sub/deeper/c": (0, 0, 255)}
@@ -128,6 +129,14 @@ def test_shapes_deterministic_from_seed():
     torch.testing.assert_close(item["pixel_values"], torch.from_numpy(np.array(a[7][0])).permute(2, 0, 1).float() / 127.5 - 1)
     assert ShapesDataset(256, 1)[0][0].size == (256, 256)
 
+
+
+def test_shapes_star_draws_the_star_on_half_of_the_items():
+    source, _ = open_source("builtin:shapes-star", 16)
+    words = [source.caption(i).split()[3] for i in range(1000)]  # "a <size> <colour> <shape> on a <bg> background"
+    assert set(words) == {"circle", "square", "triangle", "star"}
+    assert 450 <= words.count("star") <= 550  # binomial(1000, 0.5): 500 +- 15.8 sd
+    assert all(120 <= words.count(s) <= 215 for s in shapes.SHAPES)  # the rest shared by the three known shapes
 
 
 def test_noisy_shapes_change_one_caption_word_in_ten():
