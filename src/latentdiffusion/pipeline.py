@@ -301,7 +301,8 @@ class LatentDiffusion(nn.Module):
         img2img: `image` noised to the level `strength` of the way up the schedule; inpainting: `mask_image` too
         (white = repaint). Upsampler models: `image` is the low-res image (its size the latents' size), noised at
         `noise_level` (default NOISE_LEVEL; other models refuse it) and concatenated to the latents; the output is
-        vae_scale_factor times larger.
+        vae_scale_factor times larger; a residual upsampler (upscaler.residual_scale) samples the scaled residual
+        and adds it to the latents of the low-res image's bicubic upsampling before decoding.
         `callback(step, timestep, latents)` runs after every step (latents: x0 + sigma * eps).
         `controlnet` (one or a list) with one `control_image` each (PIL, list of PIL, or (B, 3, H, W) in [0, 1]; one
         image for all prompts or one per prompt) adds its residuals times `controlnet_conditioning_scale` (one, or
