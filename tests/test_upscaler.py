@@ -2,6 +2,7 @@
 StableDiffusionUpscalePipeline on identical tiny random weights, round trips, conditioning augmentation and bad input."""
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 
 from conftest import perturb_  # noqa: E402
 from latentdiffusion import LatentDiffusion  # noqa: E402
-from latentdiffusion.errors import ConfigError, WeightsError  # noqa: E402
+from latentdiffusion.errors import ArgumentError, ConfigError, WeightsError  # noqa: E402
 from latentdiffusion.schedulers.schedule import make_alphas_cumprod  # noqa: E402
 from latentdiffusion.text_encoder import TOKENIZER_DIR  # noqa: E402
 from latentdiffusion.upscaler import UpscalerConfig, augment  # noqa: E402
@@ -125,6 +126,11 @@ def test_round_trip_and_export(pipe, reference, tmp_path):
     assert (a - torch.as_tensor(b)).abs().max() < 5e-4
     with pytest.raises(WeightsError, match="upscaler"):
         pipe.save_pretrained(tmp_path / "x4.safetensors", format="single-file")
+    again.upscaler = replace(again.upscaler, residual_scale=4.0)  # a residual upsampler: native files only
+    with pytest.raises(ArgumentError, match="residual"):
+        again.save_pretrained(tmp_path / "residual-diffusers", format="diffusers")
+    again.save_pretrained(tmp_path / "residual")
+    assert LatentDiffusion.from_pretrained(tmp_path / "residual").upscaler.residual_scale == 4.0
 
 
 @pytest.mark.parametrize("kwargs, culprit", [
