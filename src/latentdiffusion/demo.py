@@ -25,7 +25,7 @@ from .training import (ControlNetRunConfig, LDMRunConfig, UpscalerRunConfig, VAE
 from .training.metrics import CURVE_FILE
 from .training.plots import image_grid
 from .training.train_upscaler import downsample
-from .upscaler import cascade
+from .upscaler import cascade, upsample_bicubic
 from .yardstick import judge, object_mask
 
 COLUMNS = 15  # one row per (size, colour) pair: circle, square, triangle on white, black, gray
@@ -179,7 +179,7 @@ def held_out_shapes(count: int, size: int, factor: int, filter: str = "bicubic"
     truth = torch.from_numpy(np.stack([np.asarray(items[i][0], dtype=np.float32) / 255 for i in range(count)]))
     truth = truth.permute(0, 3, 1, 2)
     low = (downsample(truth * 2 - 1, factor, filter) + 1) / 2
-    bicubic = F.interpolate(low, scale_factor=factor, mode="bicubic", align_corners=False).clamp(0, 1)
+    bicubic = upsample_bicubic(low, factor).clamp(0, 1)
     return truth, low, bicubic, [items[i][1] for i in range(count)]
 
 
