@@ -149,6 +149,24 @@ def test_vae_l2_weight_adds_the_squared_error_linearly(tmp_path):
         load_run_config(VAERunConfig, write_config(tmp_path / "bad.yaml", TINY_VAE_RUN, l2_weight=-1.0))
 
 
+def test_vae_decoder_only_keeps_the_encoder_and_its_scale_bit_exactly(tmp_path, vae_dir):
+    """train.decoder_only: the decoder learns, the encoder, quant_conv and scaling_factor stay the --init VAE's (so
+    models trained on its latents still fit); without --init it is refused."""
+    run_yaml = {key: value for key, value in TINY_VAE_RUN.items() if key != "model"}  # the architecture is --init's
+    config, raw = load_run_config(VAERunConfig, write_config(
+        tmp_path / "vae.yaml", run_yaml, max_steps=2, disc_start=1, decoder_only=True, ema_decay=0.9))
+    run = train_vae(config, tmp_path / "run", init=vae_dir, raw=raw, progress=False)
+    before = weights(vae_dir, "vae")
+    for folder in (run / "checkpoints" / "step-00000002", run / "checkpoints" / "step-00000002" / "ema"):
+        after = weights(folder, "vae")
+        kept = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+        assert kept and all(torch.equal(before[k], after[k]) for k in kept)
+        assert not torch.equal(before["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
+        assert load_vae(folder).config.scaling_factor == TINY_VAE.scaling_factor
+    with pytest.raises(ConfigError, match="decoder_only.*--init"):
+        train_vae(config, tmp_path / "scratch", raw=raw, progress=False)
+
+
 def test_unet_from_scratch_takes_its_channels_from_the_vae(tmp_path):
     from latentdiffusion.training.train_ldm import build_pipeline
 

@@ -87,6 +87,9 @@ class VAETrainConfig(TrainConfig):
     # None keeps PyTorch's init (logvar ~ 0, unit noise, which a short run spends its steps outgrowing); -8 starts
     # the noise at std 0.02 so the decoder learns from clean latents from the first step.
     logvar_init: float | None = None
+    # Fine-tune the decoder alone (with --init): the encoder, and so the latent space that models trained on its
+    # latents expect, stays as it was, as the decoders of SD's ft-EMA / ft-MSE VAEs were fine-tuned.
+    decoder_only: bool = False
     scale_batches: int = 4  # batches encoded to measure the latent std for scaling_factor at each checkpoint
     sample_images: int = 8  # images in each reconstruction grid
 

@@ -67,6 +67,11 @@ class VAETask(Task):
             vae = AutoencoderKL(replace(config.model.vae, sample_size=config.data.resolution))
             if cfg.logvar_init is not None:
                 vae.init_logvar(cfg.logvar_init)
+        if cfg.decoder_only and init is None and not run.checkpoint:
+            raise ConfigError("train.decoder_only fine-tunes the decoder of a trained VAE: pass --init VAE")
+        if cfg.decoder_only:  # the encoder's outputs (the latent space) stay exactly as they were
+            vae.encoder.requires_grad_(False)
+            vae.quant_conv.requires_grad_(False)
         disc = PatchDiscriminator(vae.config.out_channels, cfg.disc_channels, cfg.disc_layers)
         vae.to(runtime.device, PARAMETER_DTYPE).train()  # whatever dtype the files stored
         disc.to(runtime.device, PARAMETER_DTYPE).train()
@@ -77,7 +82,7 @@ class VAETask(Task):
         self.pixel_multiple = vae.downsample_factor
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (real, reconstruction) per micro-batch
         self.stages = [
-            Stage([(vae.parameters(), cfg.learning_rate)], self.vae_loss, distributed.wrap(Reconstruction(vae), runtime),
+            Stage([([p for p in vae.parameters() if p.requires_grad], cfg.learning_rate)], self.vae_loss, distributed.wrap(Reconstruction(vae), runtime),
                   prepare=self.images),
             Stage([(disc.parameters(), cfg.learning_rate)], self.disc_loss, distributed.wrap(disc, runtime),
                   active=self.use_disc, name="disc", grad_norm_key="d_grad_norm"),
@@ -134,8 +139,9 @@ class VAETask(Task):
     def write_models(self, folder: Path) -> None:
         cfg = self.cfg
         for module, where in [(self.vae, folder)] + [(average.model, folder / EMA_DIR) for average, _ in self.ema]:
-            module.config.scaling_factor = measure_scaling_factor(
-                module, self.dataset, cfg.scale_batches, cfg.batch_size, cfg.seed, self.runtime.device)
+            if not cfg.decoder_only:  # else the encoder, its latents and their scale stay the --init VAE's
+                module.config.scaling_factor = measure_scaling_factor(
+                    module, self.dataset, cfg.scale_batches, cfg.batch_size, cfg.seed, self.runtime.device)
             save_components(where, Components(configs={"vae": module.config}, weights={"vae": module.state_dict()}))
 
     def save_samples(self, step: int) -> None:
