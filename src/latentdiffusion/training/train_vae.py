@@ -82,8 +82,8 @@ class VAETask(Task):
         self.pixel_multiple = vae.downsample_factor
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (real, reconstruction) per micro-batch
         self.stages = [
-            Stage([([p for p in vae.parameters() if p.requires_grad], cfg.learning_rate)], self.vae_loss, distributed.wrap(Reconstruction(vae), runtime),
-                  prepare=self.images),
+            Stage([([p for p in vae.parameters() if p.requires_grad], cfg.learning_rate)], self.vae_loss,
+                  distributed.wrap(Reconstruction(vae), runtime), prepare=self.images),
             Stage([(disc.parameters(), cfg.learning_rate)], self.disc_loss, distributed.wrap(disc, runtime),
                   active=self.use_disc, name="disc", grad_norm_key="d_grad_norm"),
         ]
