@@ -22,7 +22,7 @@ def test_demo_learns_the_prompt(tmp_path):
     assert result.guided.adherence >= 12 * CHANCE, result  # 80%
     assert result.unguided.adherence >= 3 * CHANCE, result
     assert result.guided.adherence >= result.unguided.adherence + 0.1, result
-    assert set(result.seconds) == {"vae", "ldm", "sampling"}
+    assert set(result.seconds) == {"vae", "decoder", "ldm", "sampling"}
     for name, path in result.files.items():
         assert Path(path).is_file(), name
     grid = Image.open(result.files["samples-guided"])
@@ -38,10 +38,12 @@ def test_the_estimate_scales_with_the_presets_step_counts():
     from latentdiffusion.training import LDMRunConfig, VAERunConfig, load_run_config
 
     vae, _ = load_run_config(VAERunConfig, "vae-tiny")
+    decoder, _ = load_run_config(VAERunConfig, "vae-tiny-decoder")
     ldm, _ = load_run_config(LDMRunConfig, "ldm-tiny")
-    result = estimate(vae, ldm, sample_images=90, sample_steps=25)
-    assert min(result.vae, result.latent_cache, result.ldm, result.sampling) > 0
-    assert result.total == pytest.approx(result.vae + result.latent_cache + result.ldm + result.sampling)
+    result = estimate(vae, ldm, sample_images=90, sample_steps=25, decoder_config=decoder)
+    assert min(result.vae, result.decoder, result.latent_cache, result.ldm, result.sampling) > 0
+    assert result.total == pytest.approx(result.vae + result.decoder + result.latent_cache + result.ldm
+                                         + result.sampling)
     assert result.ldm == pytest.approx(ldm.train.max_steps / result.ldm_steps_per_second)
     assert f"{result.total / 60:.1f} min" in result.describe()
     uncached = estimate(vae, replace(ldm, train=replace(ldm.train, cache_latents=False)), 90, 25)

@@ -30,6 +30,7 @@ class Estimate:
     """Seconds each stage of the demo should take on this machine."""
 
     vae: float
+    decoder: float  # the decoder-only stage (vae-tiny-decoder), 0 without it
     latent_cache: float
     ldm: float
     sampling: float
@@ -38,12 +39,12 @@ class Estimate:
 
     @property
     def total(self) -> float:
-        return self.vae + self.latent_cache + self.ldm + self.sampling
+        return self.vae + self.decoder + self.latent_cache + self.ldm + self.sampling
 
     def describe(self) -> str:
         return (f"this machine trains the VAE at {self.vae_steps_per_second:.1f} steps/s and the UNet at "
                 f"{self.ldm_steps_per_second:.1f} steps/s: the demo should take about {self.total / 60:.1f} min "
-                f"(VAE {self.vae / 60:.1f}, latents {self.latent_cache / 60:.1f}, UNet {self.ldm / 60:.1f}, "
+                f"(VAE {self.vae / 60:.1f}, decoder {self.decoder / 60:.1f}, latents {self.latent_cache / 60:.1f}, UNet {self.ldm / 60:.1f}, "
                 f"sampling {self.sampling / 60:.1f})")
 
 
@@ -75,9 +76,11 @@ def seconds_per_call(fn: Callable[[], object], warmup: int = 2, calls: int = 5) 
     return sorted(times)[len(times) // 2]
 
 
-def estimate(vae_config: VAERunConfig, ldm_config: LDMRunConfig, sample_images: int, sample_steps: int) -> Estimate:
-    """Time a few training steps of both presets on this machine (a few seconds) and scale them to the presets'
-    step counts, the data set's size (the latent cache) and `sample_images` x `sample_steps` guided sampling."""
+def estimate(vae_config: VAERunConfig, ldm_config: LDMRunConfig, sample_images: int, sample_steps: int,
+             decoder_config: VAERunConfig | None = None) -> Estimate:
+    """Time a few training steps of the presets on this machine (a few seconds) and scale them to the presets'
+    step counts, the data set's size (the latent cache) and `sample_images` x `sample_steps` guided sampling.
+    `decoder_config`: a decoder-only VAE stage (its steps are timed as such: the encoder runs without gradients)."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
         pipe = demo_pipeline(vae_config, ldm_config)
@@ -86,8 +89,9 @@ def estimate(vae_config: VAERunConfig, ldm_config: LDMRunConfig, sample_images: 
         pixels = torch.rand(vae_cfg.batch_size, 3, side, side) * 2 - 1
         vae_optimizer = make_optimizer([(pipe.vae.parameters(), vae_cfg.learning_rate)], vae_cfg.adam_betas, 0.0)
 
-        def vae_step() -> None:
-            posterior = pipe.vae.encode(pixels)
+        def vae_step(decoder_only: bool = False) -> None:
+            with torch.set_grad_enabled(not decoder_only):
+                posterior = pipe.vae.encode(pixels)
             vae_loss(pixels, pipe.vae.decode(posterior.sample(sample_generators(0, 0, 0, len(pixels)))), posterior,
                      vae_cfg).backward()
             vae_optimizer.step()
@@ -121,8 +125,11 @@ def estimate(vae_config: VAERunConfig, ldm_config: LDMRunConfig, sample_images: 
             pipe.unet.train()
         draw = seconds_per_call(lambda: [dataset[i] for i in range(16)], warmup=1, calls=3) / 16
         vae_step_s, ldm_step_s = seconds_per_call(vae_step), seconds_per_call(ldm_step)
+        decoder_step_s = seconds_per_call(lambda: vae_step(decoder_only=True)) if decoder_config else 0.0
+    decoder = decoder_config.train if decoder_config else None
     return Estimate(
         vae=vae_cfg.max_steps * (vae_step_s + vae_cfg.batch_size * draw),  # its images are drawn every step
+        decoder=decoder.max_steps * (decoder_step_s + decoder.batch_size * draw) if decoder else 0.0,
         latent_cache=len(dataset) * (draw + encode) if ldm_cfg.cache_latents else 0.0,
         ldm=ldm_cfg.max_steps * ldm_step_s,
         sampling=1.5 * sample_images * sample_steps * denoise,  # guided (a doubled batch) and unguided (a single one)

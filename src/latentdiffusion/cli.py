@@ -449,12 +449,14 @@ def _is_lora_file(path: Path) -> bool:
 # --------------------------------------------------------------------------------------------------------- main
 def add_demo(subparsers: SubParsers) -> None:
     p = subparsers.add_parser("demo", help="the built-in offline demo: train every stage on builtin:shapes, sample, "
-                              "score prompt adherence", description="Train the tiny VAE, text encoder and UNet on "
-                              "builtin:shapes (the UNet with one caption in ten wrong), sample one image per prompt "
+                              "score prompt adherence", description="Train the tiny VAE (then its decoder alone), "
+                              "text encoder and UNet on builtin:shapes (the UNet with one caption in ten wrong), sample one image per prompt "
                               "for all 90 attribute combinations and print the share judged right (colour and shape) "
                               "with and without guidance.")
     p.add_argument("--output", metavar="DIR", default="outputs/demo", help="where runs and grids go")
     p.add_argument("--vae-steps", type=int, metavar="N", help="override vae-tiny's train.max_steps")
+    p.add_argument("--decoder-steps", type=int, metavar="N", help="override vae-tiny-decoder's train.max_steps "
+                   "(0 skips the decoder-only stage)")
     p.add_argument("--ldm-steps", type=int, metavar="N", help="override ldm-tiny's train.max_steps")
     p.add_argument("--guidance", type=float, default=4.0, metavar="G", help="guidance scale of the guided samples")
     p.add_argument("--seed", type=int, default=0, metavar="S")
@@ -479,7 +481,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if (args.controlnet or args.cascade) and (args.base is not None or (Path(args.output) / "ldm").exists()):
         return _second_stages(args)
     result = demo(args.output, args.vae_steps, args.ldm_steps, args.guidance, seed=args.seed,
-                  say=lambda line: print(f"ldm demo: {line}", flush=True))
+                  say=lambda line: print(f"ldm demo: {line}", flush=True), decoder_steps=args.decoder_steps)
     times = ", ".join(f"{stage} {sec / 60:.1f} min" for stage, sec in result.seconds.items())
     print(f"time: {sum(result.seconds.values()) / 60:.1f} min ({times})")
     for name, path in result.files.items():

@@ -1,5 +1,5 @@
-"""The offline demo: train the VAE on builtin:shapes, then the text encoder and UNet on builtin:shapes-noisy (one
-caption in ten wrong, so that guidance has something to do); sample one image per attribute combination and judge each
+"""The offline demo: train the VAE on builtin:shapes, then its decoder alone a while longer (the latents stay), then
+the text encoder and UNet on builtin:shapes-noisy (one caption in ten wrong, so that guidance has something to do); sample one image per attribute combination and judge each
 against its prompt with the yardstick, with and without guidance. Second stages on top of its model: a ControlNet
 (`ldm demo --controlnet`) and an x2 upsampler, a cascade (`ldm demo --cascade`)."""
 
@@ -52,22 +52,30 @@ class Score:
 class DemoResult:
     guided: Score  # guidance on
     unguided: Score  # guidance_scale 1.0
-    seconds: dict[str, float]  # wall time of each stage: vae, ldm, sampling
+    seconds: dict[str, float]  # wall time of each stage: vae, decoder, ldm, sampling
     files: dict[str, Path]  # grids and loss curves
 
 
 def run_demo(output: str | Path, vae_steps: int | None = None, ldm_steps: int | None = None,
              guidance_scale: float = 4.0, steps: int = 25, seed: int = 0, progress: bool = True,
-             say: Callable[[str], None] | None = None) -> DemoResult:
-    """Train every stage with the tiny presets into `output`, write grids, return the adherence figures. With
-    `say`, first tell it how long the demo should take on this machine (budget.py: a few seconds of timing)."""
+             say: Callable[[str], None] | None = None, decoder_steps: int | None = None) -> DemoResult:
+    """Train every stage with the tiny presets into `output` (vae-tiny, vae-tiny-decoder unless `decoder_steps` is 0,
+    ldm-tiny), write grids, return the adherence figures. With `say`, first tell it how long the demo should take on
+    this machine (budget.py: a few seconds of timing)."""
     output, stamps = Path(output), [time.perf_counter()]
     vae_config, vae_raw = load_run_config(VAERunConfig, "vae-tiny", values=_overrides(seed, vae_steps))
+    decoder_config, decoder_raw = load_run_config(VAERunConfig, "vae-tiny-decoder",
+                                                  values=_overrides(seed, decoder_steps))
     ldm_config, ldm_raw = load_run_config(LDMRunConfig, "ldm-tiny", values=_overrides(seed, ldm_steps))
+    if decoder_steps == 0:
+        decoder_config = None
     prompts = [caption_for(c) for c in all_combinations()]
     if say is not None:
-        say(estimate(vae_config, ldm_config, len(prompts), steps).describe())
+        say(estimate(vae_config, ldm_config, len(prompts), steps, decoder_config).describe())
     vae_run = train_vae(vae_config, output / "vae", raw=vae_raw, progress=progress)
+    stamps.append(time.perf_counter())
+    if decoder_config is not None:
+        vae_run = train_vae(decoder_config, output / "vae-decoder", init=vae_run, raw=decoder_raw, progress=progress)
     stamps.append(time.perf_counter())
     pipe = LatentDiffusion.from_pretrained(train_ldm(ldm_config, output / "ldm", vae=vae_run, raw=ldm_raw,
                                                      progress=progress))
@@ -81,8 +89,12 @@ def run_demo(output: str | Path, vae_steps: int | None = None, ldm_steps: int | 
         image_grid(images, COLUMNS).save(files[f"samples-{name}"])
         scores[name] = Score.of(images, prompts)
     stamps.append(time.perf_counter())
-    files.update({"vae-loss": output / "vae" / CURVE_FILE, "ldm-loss": output / "ldm" / CURVE_FILE})
-    seconds = {stage: end - start for stage, start, end in zip(("vae", "ldm", "sampling"), stamps, stamps[1:])}
+    files["vae-loss"] = output / "vae" / CURVE_FILE
+    if decoder_config is not None:
+        files["decoder-loss"] = output / "vae-decoder" / CURVE_FILE
+    files["ldm-loss"] = output / "ldm" / CURVE_FILE
+    stages = ("vae", "decoder", "ldm", "sampling")
+    seconds = {stage: end - start for stage, start, end in zip(stages, stamps, stamps[1:])}
     return DemoResult(scores["guided"], scores["unguided"], seconds, files)
 
 
