@@ -1,14 +1,15 @@
 """LoRA teaches a concept the base has never seen: a rank-8 adapter, trained on builtin:shapes-star on top of the
 model `ldm demo` trains, draws stars, while the old prompts keep their adherence.
 
-    ldm demo --output outputs/demo                      # the base (about 10 minutes), once
+    ldm demo --output outputs/demo                      # the base (about 6 minutes), once
     python benchmarks/lora_star.py --base outputs/demo/ldm --output outputs/lora-star [--steps N] [--set key=value ...]
 
 The recipe is configs/lora-star.yaml (`--config` another; `--set` overrides any key, as `ldm train --set` does); the
 training is what `ldm train --config configs/lora-star.yaml --init BASE --lora-rank 8 --output RUN` runs. Prints the
 share of star prompts (2 sizes x 5 colours x 3 backgrounds) and of the demo's 90 old prompts judged right by the
-yardstick (colour and shape), before and after, the adapter's size, the training's wall and CPU time; writes
-outputs/lora-star/stars.png (the star prompts, base above, base + adapter below).
+yardstick (colour and shape), before and after (the mean over --sampling-seeds, each seed's share beside it), the
+adapter's size, the training's wall and CPU time; writes outputs/lora-star/stars.png (the star prompts, base above,
+base + adapter below, first sampling seed).
 """
 
 from __future__ import annotations
@@ -31,10 +32,21 @@ from latentdiffusion.yardstick import adherence
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "lora-star.yaml"
 
 
-def score(pipe: LatentDiffusion, prompts: list[str], guidance: float, seed: int) -> tuple[float, torch.Tensor]:
-    images = pipe(prompts, num_inference_steps=25, guidance_scale=guidance, output_type="pt",
-                  generator=torch.Generator().manual_seed(seed))
-    return adherence([im.permute(1, 2, 0).numpy() for im in images], prompts), images
+def score(pipe: LatentDiffusion, prompts: list[str], guidance: float, seeds: list[int]
+          ) -> tuple[list[float], torch.Tensor]:
+    """The share of `prompts` judged right, sampled once from each of `seeds`, and the first seed's images."""
+    shares, first = [], None
+    for seed in seeds:
+        images = pipe(prompts, num_inference_steps=25, guidance_scale=guidance, output_type="pt",
+                      generator=torch.Generator().manual_seed(seed))
+        shares.append(adherence([im.permute(1, 2, 0).numpy() for im in images], prompts))
+        first = images if first is None else first
+    return shares, first
+
+
+def shown(shares: list[float]) -> str:
+    return f"{shares[0]:.0%}" if len(shares) == 1 else \
+        f"{sum(shares) / len(shares):.1%} ({' / '.join(f'{s:.0%}' for s in shares)})"
 
 
 @torch.no_grad()
@@ -57,14 +69,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="train.max_steps (default: the recipe's)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the training seed and the first sampling seed")
+    parser.add_argument("--sampling-seeds", type=int, default=3, metavar="N", help="judge one sample per prompt from "
+                        "each of N generator seeds (SEED, SEED + 100, ...) and report their mean: with 30 star prompts "
+                        "one seed's share moves by several points")
     args = parser.parse_args()
 
     stars = [caption_for(c) for c in all_combinations(("star",))]
     old = [caption_for(c) for c in all_combinations()]
     base = LatentDiffusion.from_pretrained(args.base)
-    before_star, base_images = score(base, stars, args.guidance, args.seed)
-    before_old, _ = score(base, old, args.guidance, args.seed)
+    seeds = [args.seed + 100 * k for k in range(args.sampling_seeds)]
+    before_star, base_images = score(base, stars, args.guidance, seeds)
+    before_old, _ = score(base, old, args.guidance, seeds)
 
     resolution = base.unet.config.sample_size * base.vae_scale_factor
     ceiling = vae_ceiling(base, resolution)
@@ -78,13 +94,14 @@ def main() -> None:
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
 
     tuned = LatentDiffusion.from_pretrained(run)
-    after_star, tuned_images = score(tuned, stars, args.guidance, args.seed)
-    after_old, _ = score(tuned, old, args.guidance, args.seed)
+    after_star, tuned_images = score(tuned, stars, args.guidance, seeds)
+    after_old, _ = score(tuned, old, args.guidance, seeds)
     image_grid(torch.cat([base_images, tuned_images]), 15).save(Path(args.output) / "stars.png")
     adapter = list_checkpoints(run)[-1][1] / LORA_FILE
     print(f"rank-{cfg.lora.rank} LoRA, {cfg.max_steps} steps of batch {cfg.batch_size}: {wall / 60:.1f} min "
           f"({cpu / 60:.1f} CPU min, {torch.get_num_threads()} threads); adapter {adapter.stat().st_size / 1e3:.0f} kB")
-    print(f"star prompts right: {before_star:.0%} -> {after_star:.0%}; old prompts: {before_old:.0%} -> {after_old:.0%}")
+    print(f"star prompts right: {shown(before_star)} -> {shown(after_star)}; "
+          f"old prompts: {shown(before_old)} -> {shown(after_old)} (sampling seeds {seeds})")
     print(f"the base's VAE alone (drawn stars, encoded and decoded): {ceiling:.0%} judged stars")
     print(f"grid: {Path(args.output) / 'stars.png'} (base above, base + adapter below)")
 
