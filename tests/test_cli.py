@@ -87,6 +87,32 @@ def test_bad_training_options_are_one_line_errors(capsys, tmp_path, args, messag
     assert message in one_line_error(err)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--decoder-steps", "-1"], "--decoder-steps must be >= 0, got -1 (0 skips the decoder stage)"),
+    (["--vae-steps", "0"], "--vae-steps must be >= 1, got 0"),
+    (["--ldm-steps", "-3"], "--ldm-steps must be >= 1, got -3"),
+])
+def test_bad_demo_step_counts_name_their_flag(capsys, tmp_path, args, message):
+    code, _, err = run_cli(capsys, "demo", "--output", str(tmp_path / "demo"), *args)
+    assert code == 2 and message in one_line_error(err)
+    assert not (tmp_path / "demo").exists()
+
+
+def test_resume_that_changes_what_is_trained_is_refused(capsys, tmp_path, vae_dir):
+    """train.decoder_only switched on (or off) for --resume: the optimizer state would land on other tensors."""
+    output = str(tmp_path / "run")
+    sets = TINY_VAE_SETS[6:]  # no model.vae: the architecture comes from --init
+    assert run_cli(capsys, "train-vae", "--init", str(vae_dir), "--data", "builtin:shapes", "--output", output,
+                   *sets)[0] == 0
+    for flip in ("true", "false"):
+        code, _, err = run_cli(capsys, "train-vae", "--init", str(vae_dir), "--data", "builtin:shapes", "--output",
+                               output, "--resume", *sets, "--max-steps", "2", "--set", f"train.decoder_only={flip}")
+        if flip == "false":  # the run trained everything: resuming it as it was works
+            assert code == 0
+            continue
+        assert code == 2 and "train.decoder_only" in one_line_error(err) and "--resume" in one_line_error(err)
+
+
 def test_bad_sampling_options_are_one_line_errors(capsys, run_dir, tmp_path):
     code, _, err = run_cli(capsys, "sample", "--model", str(run_dir), "--prompt", "x", "--scheduler", "euler-magic",
                            "--out", str(tmp_path / "x.png"))

@@ -30,7 +30,8 @@ SubParsers = argparse._SubParsersAction  # what add_subparsers returns
 def _training_options(parser: argparse.ArgumentParser) -> None:
     """The options `train-vae` and `train` share; each dedicated flag sets one config key (and wins over --set)."""
     parser.add_argument("--config", metavar="CFG", help="YAML config: a path, or a preset name from configs/ "
-                        "(vae-tiny, ldm-tiny, controlnet-tiny, sd15-vae, sd15, sd15-finetune)")
+                        "(vae-tiny, vae-tiny-decoder, ldm-tiny, lora-star, controlnet-tiny, upscaler-tiny, sd15-vae, sd15, "
+                        "sd15-finetune)")
     parser.add_argument("--data", metavar="DATA", help="builtin:shapes[-noisy], a folder of images with "
                         "metadata.jsonl or .txt captions, a save_to_disk folder or a Hugging Face dataset name "
                         "(sets data.source)")
@@ -480,6 +481,11 @@ def run_demo(args: argparse.Namespace) -> int:
         raise ArgumentError("--base is the base model of a second stage: add --controlnet or --cascade")
     if (args.controlnet or args.cascade) and (args.base is not None or (Path(args.output) / "ldm").exists()):
         return _second_stages(args)
+    for flag, value, least in (("--vae-steps", args.vae_steps, 1), ("--decoder-steps", args.decoder_steps, 0),
+                               ("--ldm-steps", args.ldm_steps, 1)):
+        if value is not None and value < least:
+            raise ArgumentError(f"{flag} must be >= {least}, got {value}"
+                                + (" (0 skips the decoder stage)" if flag == "--decoder-steps" else ""))
     result = demo(args.output, args.vae_steps, args.ldm_steps, args.guidance, seed=args.seed,
                   say=lambda line: print(f"ldm demo: {line}", flush=True), decoder_steps=args.decoder_steps)
     times = ", ".join(f"{stage} {sec / 60:.1f} min" for stage, sec in result.seconds.items())

@@ -64,11 +64,9 @@ def run_demo(output: str | Path, vae_steps: int | None = None, ldm_steps: int | 
     this machine (budget.py: a few seconds of timing)."""
     output, stamps = Path(output), [time.perf_counter()]
     vae_config, vae_raw = load_run_config(VAERunConfig, "vae-tiny", values=_overrides(seed, vae_steps))
-    decoder_config, decoder_raw = load_run_config(VAERunConfig, "vae-tiny-decoder",
-                                                  values=_overrides(seed, decoder_steps))
+    decoder_config, decoder_raw = (None, None) if decoder_steps == 0 else load_run_config(
+        VAERunConfig, "vae-tiny-decoder", values=_overrides(seed, decoder_steps))
     ldm_config, ldm_raw = load_run_config(LDMRunConfig, "ldm-tiny", values=_overrides(seed, ldm_steps))
-    if decoder_steps == 0:
-        decoder_config = None
     prompts = [caption_for(c) for c in all_combinations()]
     if say is not None:
         say(estimate(vae_config, ldm_config, len(prompts), steps, decoder_config).describe())
@@ -99,7 +97,7 @@ def run_demo(output: str | Path, vae_steps: int | None = None, ldm_steps: int | 
 
 
 def _overrides(seed: int, max_steps: int | None) -> dict[str, int]:
-    return {"train.seed": seed, **({"train.max_steps": max_steps} if max_steps else {})}
+    return {"train.seed": seed, **({"train.max_steps": max_steps} if max_steps is not None else {})}
 
 
 # ------------------------------------------------------------------------------------------------- ControlNet stage

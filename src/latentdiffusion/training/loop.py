@@ -252,6 +252,17 @@ def fit(make_task: Callable[[Setup], Task], config: Any, output: str | Path, res
         distributed.teardown(runtime)
 
 
+def _check_same_parameters(optimizer: torch.optim.Optimizer, saved: dict[str, Any], checkpoint: Path) -> None:
+    """A resumed optimizer must train what the checkpoint's trained: else a config key that chooses the trained
+    parameters changed since (the optimizer state would land on the wrong tensors)."""
+    now = [len(group["params"]) for group in optimizer.param_groups]
+    then = [len(group["params"]) for group in saved["param_groups"]]
+    if now != then:
+        raise ConfigError(f"--resume: {checkpoint} trained {sum(then)} parameter tensors, this config trains {sum(now)}:"
+                          " a key that chooses what is trained (train.decoder_only, train.lora.*, ...) changed since; "
+                          "resume with the run's own config, or start a new run")
+
+
 def _loop(task: Task, kind: str, cfg: Any, num_workers: int, run: RunFolder, runtime: Runtime, order: BatchOrder,
           progress: bool) -> Path:
     say, stages = run.say, task.stages
@@ -259,6 +270,7 @@ def _loop(task: Task, kind: str, cfg: Any, num_workers: int, run: RunFolder, run
     precisions = [Precision(cfg.mixed_precision, runtime.device) for _ in stages]
     if run.checkpoint:
         for stage, optimizer, precision in zip(stages, optimizers, precisions):
+            _check_same_parameters(optimizer, run.state[stage.key("optimizer")], run.checkpoint)
             optimizer.load_state_dict(run.state[stage.key("optimizer")])
             precision.scaler.load_state_dict(run.state[stage.key("scaler")])
         task.resume(run.state, run.checkpoint)

@@ -94,6 +94,9 @@ class VAETask(Task):
 
     def describe(self) -> str:
         note = f"discriminator from step {self.cfg.disc_start}" if self.cfg.disc_weight > 0 else "no discriminator"
+        if self.cfg.decoder_only:
+            trained = sum(p.numel() for p in self.vae.parameters() if p.requires_grad)
+            note = f"its decoder alone, {trained / 1e6:.2f}M parameters; the encoder frozen; {note}"
         return f"a {sum(p.numel() for p in self.vae.parameters()) / 1e6:.2f}M-parameter VAE ({note})"
 
     def postfix(self, values: dict[str, float], lr: float) -> dict[str, str]:
