@@ -144,7 +144,7 @@ class LatentDiffusion(nn.Module):
 
     def set_memory_format(self, memory_format: torch.memory_format) -> LatentDiffusion:
         """Run the UNet and the VAE on activations in this layout: torch.channels_last pays on CUDA (cuDNN's NHWC
-        kernels); on CPU it measured even with NCHW (docs/readme-speed.md)."""
+        kernels); on CPU it measured even with NCHW (README, Speed against diffusers)."""
         self.unet.set_memory_format(memory_format)
         self.vae.set_memory_format(memory_format)
         return self
