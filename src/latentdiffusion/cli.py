@@ -30,8 +30,8 @@ SubParsers = argparse._SubParsersAction  # what add_subparsers returns
 def _training_options(parser: argparse.ArgumentParser) -> None:
     """The options `train-vae` and `train` share; each dedicated flag sets one config key (and wins over --set)."""
     parser.add_argument("--config", metavar="CFG", help="YAML config: a path, or a preset name from configs/ "
-                        "(vae-tiny, vae-tiny-decoder, ldm-tiny, lora-star, controlnet-tiny, upscaler-tiny, sd15-vae, sd15, "
-                        "sd15-finetune)")
+                        "(vae-tiny, vae-tiny-decoder, ldm-tiny, lora-star, controlnet-tiny, upscaler-tiny, sd15-vae, "
+                        "sd15, sd15-finetune)")
     parser.add_argument("--data", metavar="DATA", help="builtin:shapes[-noisy], a folder of images with "
                         "metadata.jsonl or .txt captions, a save_to_disk folder or a Hugging Face dataset name "
                         "(sets data.source)")
@@ -451,9 +451,9 @@ def _is_lora_file(path: Path) -> bool:
 def add_demo(subparsers: SubParsers) -> None:
     p = subparsers.add_parser("demo", help="the built-in offline demo: train every stage on builtin:shapes, sample, "
                               "score prompt adherence", description="Train the tiny VAE (then its decoder alone), "
-                              "text encoder and UNet on builtin:shapes (the UNet with one caption in ten wrong), sample one image per prompt "
-                              "for all 90 attribute combinations and print the share judged right (colour and shape) "
-                              "with and without guidance.")
+                              "text encoder and UNet on builtin:shapes (the UNet with one caption in ten wrong), "
+                              "sample one image per prompt for all 90 attribute combinations and print the share "
+                              "judged right (colour and shape) with and without guidance.")
     p.add_argument("--output", metavar="DIR", default="outputs/demo", help="where runs and grids go")
     p.add_argument("--vae-steps", type=int, metavar="N", help="override vae-tiny's train.max_steps")
     p.add_argument("--decoder-steps", type=int, metavar="N", help="override vae-tiny-decoder's train.max_steps "

@@ -1,7 +1,8 @@
 """The offline demo: train the VAE on builtin:shapes, then its decoder alone a while longer (the latents stay), then
-the text encoder and UNet on builtin:shapes-noisy (one caption in ten wrong, so that guidance has something to do); sample one image per attribute combination and judge each
-against its prompt with the yardstick, with and without guidance. Second stages on top of its model: a ControlNet
-(`ldm demo --controlnet`) and an x2 upsampler, a cascade (`ldm demo --cascade`)."""
+the text encoder and UNet on builtin:shapes-noisy (one caption in ten wrong, so that guidance has something to do);
+sample one image per attribute combination and judge each against its prompt with the yardstick, with and without
+guidance. Second stages on top of its model: a ControlNet (`ldm demo --controlnet`) and an x2 upsampler, a cascade
+(`ldm demo --cascade`)."""
 
 from __future__ import annotations
 

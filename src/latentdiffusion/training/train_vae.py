@@ -56,6 +56,8 @@ class VAETask(Task):
         cfg, run, runtime = config.train, setup.run, setup.runtime
         if config.data.buckets:
             raise ConfigError("data.buckets applies to `ldm train`: the VAE trains on square crops")
+        if cfg.decoder_only and init is None and not run.checkpoint:
+            raise ConfigError("train.decoder_only fine-tunes the decoder of a trained VAE: pass --init VAE")
         if run.checkpoint:
             vae = load_native(run.checkpoint).vae()
         elif init is not None:
@@ -67,8 +69,6 @@ class VAETask(Task):
             vae = AutoencoderKL(replace(config.model.vae, sample_size=config.data.resolution))
             if cfg.logvar_init is not None:
                 vae.init_logvar(cfg.logvar_init)
-        if cfg.decoder_only and init is None and not run.checkpoint:
-            raise ConfigError("train.decoder_only fine-tunes the decoder of a trained VAE: pass --init VAE")
         if cfg.decoder_only:  # the encoder's outputs (the latent space) stay exactly as they were
             vae.encoder.requires_grad_(False)
             vae.quant_conv.requires_grad_(False)
