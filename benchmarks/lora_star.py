@@ -35,13 +35,9 @@ RECIPE = Path(__file__).resolve().parents[1] / "configs" / "lora-star.yaml"
 def score(pipe: LatentDiffusion, prompts: list[str], guidance: float, seeds: list[int]
           ) -> tuple[list[float], torch.Tensor]:
     """The share of `prompts` judged right, sampled once from each of `seeds`, and the first seed's images."""
-    shares, first = [], None
-    for seed in seeds:
-        images = pipe(prompts, num_inference_steps=25, guidance_scale=guidance, output_type="pt",
-                      generator=torch.Generator().manual_seed(seed))
-        shares.append(adherence([im.permute(1, 2, 0).numpy() for im in images], prompts))
-        first = images if first is None else first
-    return shares, first
+    runs = [pipe(prompts, num_inference_steps=25, guidance_scale=guidance, output_type="pt",
+                 generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+    return [adherence([im.permute(1, 2, 0).numpy() for im in images], prompts) for images in runs], runs[0]
 
 
 def shown(shares: list[float]) -> str:
