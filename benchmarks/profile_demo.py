@@ -8,6 +8,10 @@ per-image generators and caption dropout (data), the text encoder, the UNet's fo
 clipping and the fused AdamW step (optimizer), the EMA update, and the one host sync that reads the logged values
 (logging); for the VAE stage the images drawn from builtin:shapes (data), forward and loss, backward, optimizer.
 Medians over --steps steps after 10 warm-up steps.
+
+A CPU without AVX-512 (AMD Zen 3, older Intel) can be imitated on one with it: run under
+`ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` (oneDNN's and ATen's kernels both limited to AVX2;
+`ONEDNN_VERBOSE=1` prints the ISA oneDNN chose).
 """
 
 from __future__ import annotations
