@@ -105,7 +105,7 @@ def unet_stage(pipe: LatentDiffusion, config: LDMRunConfig, steps: int, profile:
 def vae_stage(pipe: LatentDiffusion, config: VAERunConfig, steps: int) -> None:
     cfg = config.train
     dataset = dataset_from_config(config.data)
-    vae = pipe.vae.train()
+    vae = pipe.vae.train().set_memory_format(torch.channels_last if cfg.channels_last else torch.contiguous_format)
     optimizer = make_optimizer([(vae.parameters(), cfg.learning_rate)], cfg.adam_betas, cfg.weight_decay)
     parts = Parts()
     for step in range(steps + 10):

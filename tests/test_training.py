@@ -167,6 +167,27 @@ def test_vae_decoder_only_keeps_the_encoder_and_its_scale_bit_exactly(tmp_path, 
         train_vae(config, tmp_path / "scratch", raw=raw, progress=False)
 
 
+def test_channels_last_vae_training_makes_the_nchw_update_and_saves_standard_files(tmp_path):
+    """train.channels_last (the default) is a layout, not a different model: over three steps (the discriminator's
+    from the second) the losses are the NCHW run's to float rounding, and the files hold plain contiguous tensors
+    that load as any. (Weights are not compared: Adam turns the rounding noise of a gradient that is zero in exact
+    arithmetic, an attention key's bias, into full-size steps.)"""
+    runs = {}
+    for layout in (True, False):
+        config, raw = load_run_config(VAERunConfig, write_config(
+            tmp_path / f"vae-{layout}.yaml", TINY_VAE_RUN, max_steps=3, checkpoint_every=3, sample_every=0,
+            channels_last=layout))
+        runs[layout] = train_vae(config, tmp_path / f"run-{layout}", raw=raw, progress=False)
+    for key in ("rec_loss", "kl", "d_loss"):
+        ours, plain = ([r[key] for r in metrics(runs[layout]) if key in r] for layout in (True, False))
+        assert len(ours) == len(plain) > 0 and ours == pytest.approx(plain, rel=1e-4), key
+    saved = weights(runs[True] / "checkpoints" / "step-00000003", "vae")
+    assert all(value.is_contiguous() for value in saved.values())
+    assert_identical(saved, load_vae(runs[True]).state_dict())
+    with pytest.raises(ConfigError, match="channels_last"):
+        load_run_config(VAERunConfig, write_config(tmp_path / "bad.yaml", TINY_VAE_RUN, channels_last="yes"))
+
+
 def test_unet_from_scratch_takes_its_channels_from_the_vae(tmp_path):
     from latentdiffusion.training.train_ldm import build_pipeline
 

@@ -46,6 +46,7 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 500  # sample grids (LDM) or reconstruction grids (VAE); 0 turns them off
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
+    channels_last: bool = True  # a trained UNet's or VAE's weights and activations NHWC (faster oneDNN/cuDNN convs)
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)
@@ -65,6 +66,8 @@ class TrainConfig:
                              ("on_nonfinite", NONFINITE_POLICIES)):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"train.{key} must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
+        if not isinstance(self.channels_last, bool):
+            raise ConfigError(f"train.channels_last must be true or false, got {self.channels_last!r}")
 
 
 @dataclass
@@ -174,7 +177,6 @@ class LDMTrainConfig(TrainConfig):
     noise_offset: float = 0.0
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the UNet's forward in place (file keys unchanged; the EMA copy stays eager)
-    channels_last: bool = True  # the UNet's weights and activations NHWC: oneDNN's and cuDNN's faster convolutions
     cache_latents: bool = False  # encode every image once before training (needs deterministic preprocessing)
     validation_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 25
@@ -204,9 +206,8 @@ class LDMTrainConfig(TrainConfig):
                               "(autocast runs the half-precision base beside the float32 adapters)")
         if self.prior.data is not None and self.cache_latents:
             raise ConfigError("train.prior does not combine with train.cache_latents (the class images are not cached)")
-        for key in ("compile", "channels_last"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"train.{key} must be true or false, got {getattr(self, key)!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"train.compile must be true or false, got {self.compile!r}")
 
 
 @dataclass

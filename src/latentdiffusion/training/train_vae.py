@@ -75,6 +75,8 @@ class VAETask(Task):
         disc = PatchDiscriminator(vae.config.out_channels, cfg.disc_channels, cfg.disc_layers)
         vae.to(runtime.device, PARAMETER_DTYPE).train()  # whatever dtype the files stored
         disc.to(runtime.device, PARAMETER_DTYPE).train()
+        if cfg.channels_last:  # before the EMA's copy, so that its weights share the layout
+            vae.set_memory_format(torch.channels_last)
         self.cfg, self.run, self.runtime, self.vae, self.disc = cfg, run, runtime, vae, disc
         self.items = self.dataset = setup.dataset
         self.ema = [(EMA(vae, cfg.ema_decay), vae)] if cfg.ema_decay else []
