@@ -1,6 +1,6 @@
 """Where a demo training step spends its time, on this CPU: wall time per part, then torch.profiler's top operators.
 
-    python benchmarks/profile_demo.py [--steps 60] [--threads N]
+    python benchmarks/profile_demo.py [--steps 60] [--threads N] [--profile] [--vae-channels-last]
 
 The demo's two presets (configs/vae-tiny.yaml, configs/ldm-tiny.yaml) with random weights and random data of the
 presets' shapes, stepped as the training loop steps them: for the UNet stage the batch from the latent cache with its
@@ -133,11 +133,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="also torch.profiler's top operators (UNet stage)")
+    parser.add_argument("--vae-channels-last", action="store_true",
+                        help="the VAE stage NHWC (train.channels_last, which the demo's vae-tiny sets false)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    vae_config, _ = load_run_config(VAERunConfig, "vae-tiny")
+    vae_config, _ = load_run_config(VAERunConfig, "vae-tiny", values={"train.channels_last": args.vae_channels_last})
     ldm_config, _ = load_run_config(LDMRunConfig, "ldm-tiny")
     torch.manual_seed(0)
     pipe = demo_pipeline(vae_config, ldm_config)

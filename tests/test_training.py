@@ -188,6 +188,19 @@ def test_channels_last_vae_training_makes_the_nchw_update_and_saves_standard_fil
         load_run_config(VAERunConfig, write_config(tmp_path / "bad.yaml", TINY_VAE_RUN, channels_last="yes"))
 
 
+def test_resume_in_another_layout_says_it_is_no_longer_bit_exact(tmp_path, capsys):
+    first, raw = load_run_config(VAERunConfig, write_config(
+        tmp_path / "a.yaml", TINY_VAE_RUN, max_steps=1, checkpoint_every=1, sample_every=0, channels_last=False))
+    train_vae(first, tmp_path / "run", raw=raw, progress=False)
+    capsys.readouterr()
+    for layout, noted in ((False, False), (True, True)):
+        more, raw = load_run_config(VAERunConfig, write_config(
+            tmp_path / "b.yaml", TINY_VAE_RUN, max_steps=1, checkpoint_every=1, sample_every=0, channels_last=layout))
+        train_vae(more, tmp_path / "run", raw=raw, resume=True, progress=False)
+        said = capsys.readouterr().err
+        assert ("trained with train.channels_last false, this config says true" in said) is noted, said
+
+
 def test_unet_from_scratch_takes_its_channels_from_the_vae(tmp_path):
     from latentdiffusion.training.train_ldm import build_pipeline
 

@@ -124,8 +124,11 @@ def estimate(vae_config: VAERunConfig, ldm_config: LDMRunConfig, sample_images: 
                                        warmup=1, calls=3) / len(latents)
             pipe.unet.train()
         draw = seconds_per_call(lambda: [dataset[i] for i in range(16)], warmup=1, calls=3) / 16
-        pipe.vae.set_memory_format(torch.channels_last if vae_cfg.channels_last else torch.contiguous_format)
+        layout = lambda train: torch.channels_last if train.channels_last else torch.contiguous_format  # noqa: E731
+        pipe.vae.set_memory_format(layout(vae_cfg))
         vae_step_s, ldm_step_s = seconds_per_call(vae_step), seconds_per_call(ldm_step)
+        if decoder_config:
+            pipe.vae.set_memory_format(layout(decoder_config.train))
         decoder_step_s = seconds_per_call(lambda: vae_step(decoder_only=True)) if decoder_config else 0.0
     decoder = decoder_config.train if decoder_config else None
     return Estimate(

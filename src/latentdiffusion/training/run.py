@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
@@ -58,6 +59,16 @@ class RunFolder:
             tqdm.write(message, file=sys.stderr)
 
     def save_config(self, config: Any) -> None:
+        """Write the resolved config; on a resume, first say if it trains in another memory layout than the run did
+        (a run whose config.yaml predates train.channels_last trained NCHW): the resume is then equal to an
+        unbroken run only to float rounding."""
+        before = self.path / CONFIG_FILE
+        if self.checkpoint is not None and before.is_file():
+            then = (yaml.safe_load(before.read_text()) or {}).get("train", {}).get("channels_last", False)
+            if then != config.train.channels_last:
+                self.say(f"note: {self.path} trained with train.channels_last {str(then).lower()}, this config says "
+                         f"{str(config.train.channels_last).lower()}: the resumed steps match an unbroken run only to "
+                         f"float rounding (--set train.channels_last={str(then).lower()} keeps them bit-exact)")
         if self.runtime.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
             save_run_config(config, self.path / CONFIG_FILE)
