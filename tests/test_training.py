@@ -23,6 +23,7 @@ from latentdiffusion.training import (LDMRunConfig, NonFiniteLossError, VAERunCo
                                       train_vae)
 from latentdiffusion.training.batches import BatchOrder
 from latentdiffusion.training.checkpoint import STATE_FILE, clean_leftovers, load_state, write_checkpoint
+from latentdiffusion.training.vae_losses import PatchDiscriminator
 from latentdiffusion.vae import AutoencoderKL, VAEConfig
 from tiny import TINY_LDM, TINY_VAE, one_thread  # noqa: F401  (one_thread: a module fixture)
 
@@ -186,6 +187,18 @@ def test_channels_last_vae_training_makes_the_nchw_update_and_saves_standard_fil
     assert_identical(saved, load_vae(runs[True]).state_dict())
     with pytest.raises(ConfigError, match="channels_last"):
         load_run_config(VAERunConfig, write_config(tmp_path / "bad.yaml", TINY_VAE_RUN, channels_last="yes"))
+
+
+def test_discriminator_deeper_than_the_images_allow_is_named(tmp_path):
+    config, raw = load_run_config(VAERunConfig, write_config(tmp_path / "vae.yaml", TINY_VAE_RUN, disc_layers=3))
+    with pytest.raises(ConfigError, match="train.disc_layers 3 needs images of at least 24px, data.resolution is 16"):
+        train_vae(config, tmp_path / "run", raw=raw, progress=False)
+    assert not (tmp_path / "run").exists()
+    for layers, side in ((1, 6), (2, 12), (3, 24)):  # min_side is the exact edge: one logit there, an error below
+        disc = PatchDiscriminator(3, 8, layers)
+        assert disc(torch.zeros(1, 3, side, side)).shape[-2:] == (1, 1)
+        with pytest.raises(RuntimeError):
+            disc(torch.zeros(1, 3, side - 2, side - 2))
 
 
 def test_resume_in_another_layout_says_it_is_no_longer_bit_exact(tmp_path, capsys):

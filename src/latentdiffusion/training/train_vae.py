@@ -56,6 +56,10 @@ class VAETask(Task):
         cfg, run, runtime = config.train, setup.run, setup.runtime
         if config.data.buckets:
             raise ConfigError("data.buckets applies to `ldm train`: the VAE trains on square crops")
+        side = PatchDiscriminator.min_side(cfg.disc_layers)
+        if cfg.disc_weight > 0 and cfg.disc_start < cfg.max_steps and config.data.resolution < side:
+            raise ConfigError(f"train.disc_layers {cfg.disc_layers} needs images of at least {side}px, data.resolution "
+                              f"is {config.data.resolution}: lower train.disc_layers or set train.disc_weight 0")
         if cfg.decoder_only and init is None and not run.checkpoint:
             raise ConfigError("train.decoder_only fine-tunes the decoder of a trained VAE: pass --init VAE")
         if run.checkpoint:

@@ -41,6 +41,12 @@ class PatchDiscriminator(nn.Module):
                 nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)
 
+    @staticmethod
+    def min_side(layers: int) -> int:
+        """The smallest image side that leaves one logit: `layers` halvings, then two 4x4 convolutions (padding 1)
+        that each take one pixel off."""
+        return 3 * 2 ** layers
+
     def forward(self, x: Tensor) -> Tensor:
         return self.main(x)
 
