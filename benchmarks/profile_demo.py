@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from latentdiffusion.budget import demo_pipeline, vae_loss  # noqa: E402
+from latentdiffusion.budget import demo_pipeline, memory_format, vae_loss  # noqa: E402
 from latentdiffusion.data import dataset_from_config  # noqa: E402
 from latentdiffusion.pipeline import LatentDiffusion  # noqa: E402
 from latentdiffusion.training import LDMRunConfig, VAERunConfig, load_run_config  # noqa: E402
@@ -58,7 +58,7 @@ class Parts:
 
 def unet_stage(pipe: LatentDiffusion, config: LDMRunConfig, steps: int, profile: bool) -> None:
     cfg = config.train
-    pipe.unet.train().set_memory_format(torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    pipe.unet.train().set_memory_format(memory_format(cfg))
     pipe.text_encoder.train()
     f, side = pipe.vae_scale_factor, config.data.resolution
     cache = torch.randn(10_000, 2 * pipe.vae.config.latent_channels, side // f, side // f)
@@ -105,7 +105,7 @@ def unet_stage(pipe: LatentDiffusion, config: LDMRunConfig, steps: int, profile:
 def vae_stage(pipe: LatentDiffusion, config: VAERunConfig, steps: int) -> None:
     cfg = config.train
     dataset = dataset_from_config(config.data)
-    vae = pipe.vae.train().set_memory_format(torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    vae = pipe.vae.train().set_memory_format(memory_format(cfg))
     optimizer = make_optimizer([(vae.parameters(), cfg.learning_rate)], cfg.adam_betas, cfg.weight_decay)
     parts = Parts()
     for step in range(steps + 10):

@@ -19,7 +19,7 @@ import torch
 from .data import dataset_from_config
 from .pipeline import LatentDiffusion
 from .training.batches import sample_generators
-from .training.config import LDMRunConfig, VAERunConfig, VAETrainConfig
+from .training.config import LDMRunConfig, TrainConfig, VAERunConfig, VAETrainConfig
 from .training.optim import clip_gradients, make_optimizer
 from .training.train_ldm import loss_options
 from .training.vae_losses import reconstruction_loss
@@ -64,6 +64,11 @@ def vae_loss(pixels: torch.Tensor, reconstruction: torch.Tensor, posterior: Diag
     return rec * pixels[0].numel() + cfg.kl_weight * posterior.kl().mean()
 
 
+def memory_format(train: TrainConfig) -> torch.memory_format:
+    """The layout a training config (`train.channels_last`) runs its model in."""
+    return torch.channels_last if train.channels_last else torch.contiguous_format
+
+
 def seconds_per_call(fn: Callable[[], object], warmup: int = 2, calls: int = 5) -> float:
     """The median wall time of `fn()` after `warmup` calls."""
     for _ in range(warmup):
@@ -97,7 +102,7 @@ def estimate(vae_config: VAERunConfig, ldm_config: LDMRunConfig, sample_images: 
             vae_optimizer.step()
             vae_optimizer.zero_grad(set_to_none=True)
 
-        pipe.unet.train().set_memory_format(torch.channels_last if ldm_cfg.channels_last else torch.contiguous_format)
+        pipe.unet.train().set_memory_format(memory_format(ldm_cfg))
         f = pipe.vae_scale_factor
         latents = torch.randn(ldm_cfg.batch_size, pipe.vae.config.latent_channels, side // f, side // f)
         prompts = ["a large red circle on a white background"] * ldm_cfg.batch_size
@@ -124,11 +129,10 @@ def estimate(vae_config: VAERunConfig, ldm_config: LDMRunConfig, sample_images: 
                                        warmup=1, calls=3) / len(latents)
             pipe.unet.train()
         draw = seconds_per_call(lambda: [dataset[i] for i in range(16)], warmup=1, calls=3) / 16
-        layout = lambda train: torch.channels_last if train.channels_last else torch.contiguous_format  # noqa: E731
-        pipe.vae.set_memory_format(layout(vae_cfg))
+        pipe.vae.set_memory_format(memory_format(vae_cfg))
         vae_step_s, ldm_step_s = seconds_per_call(vae_step), seconds_per_call(ldm_step)
         if decoder_config:
-            pipe.vae.set_memory_format(layout(decoder_config.train))
+            pipe.vae.set_memory_format(memory_format(decoder_config.train))
         decoder_step_s = seconds_per_call(lambda: vae_step(decoder_only=True)) if decoder_config else 0.0
     decoder = decoder_config.train if decoder_config else None
     return Estimate(
