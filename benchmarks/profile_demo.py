@@ -64,7 +64,7 @@ def unet_stage(pipe: LatentDiffusion, config: LDMRunConfig, steps: int, profile:
     cache = torch.randn(10_000, 2 * pipe.vae.config.latent_channels, side // f, side // f)
     captions = ["a large red circle on a white background"] * len(cache)
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
-    optimizer = make_optimizer([(params, cfg.learning_rate)], cfg.adam_betas, cfg.weight_decay)
+    optimizer = make_optimizer([(params, cfg.learning_rate)], cfg.optimizer, cfg.adam_betas, cfg.weight_decay, pipe)
     averages = [(EMA(pipe.unet, cfg.ema_decay), pipe.unet), (EMA(pipe.text_encoder, cfg.ema_decay), pipe.text_encoder)]
     parts = Parts()
     for step in range(steps + 10):
@@ -106,7 +106,8 @@ def vae_stage(pipe: LatentDiffusion, config: VAERunConfig, steps: int) -> None:
     cfg = config.train
     dataset = dataset_from_config(config.data)
     vae = pipe.vae.train().set_memory_format(memory_format(cfg))
-    optimizer = make_optimizer([(vae.parameters(), cfg.learning_rate)], cfg.adam_betas, cfg.weight_decay)
+    optimizer = make_optimizer([(vae.parameters(), cfg.learning_rate)], cfg.optimizer, cfg.adam_betas,
+                               cfg.weight_decay, vae)
     parts = Parts()
     for step in range(steps + 10):
         parts.last = time.perf_counter()

@@ -92,7 +92,8 @@ def estimate(vae_config: VAERunConfig, ldm_config: LDMRunConfig, sample_images: 
         vae_cfg, ldm_cfg = vae_config.train, ldm_config.train
         side = vae_config.data.resolution
         pixels = torch.rand(vae_cfg.batch_size, 3, side, side) * 2 - 1
-        vae_optimizer = make_optimizer([(pipe.vae.parameters(), vae_cfg.learning_rate)], vae_cfg.adam_betas, 0.0)
+        vae_optimizer = make_optimizer([(pipe.vae.parameters(), vae_cfg.learning_rate)], vae_cfg.optimizer,
+                                       vae_cfg.adam_betas, 0.0, pipe.vae)
 
         def vae_step(decoder_only: bool = False) -> None:
             with torch.set_grad_enabled(not decoder_only):
@@ -107,7 +108,8 @@ def estimate(vae_config: VAERunConfig, ldm_config: LDMRunConfig, sample_images: 
         latents = torch.randn(ldm_cfg.batch_size, pipe.vae.config.latent_channels, side // f, side // f)
         prompts = ["a large red circle on a white background"] * ldm_cfg.batch_size
         params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
-        ldm_optimizer = make_optimizer([(params, ldm_cfg.learning_rate)], ldm_cfg.adam_betas, 0.0)
+        ldm_optimizer = make_optimizer([(params, ldm_cfg.learning_rate)], ldm_cfg.optimizer, ldm_cfg.adam_betas, 0.0,
+                                       pipe)
         average = [p.detach().clone() for p in params]
 
         def ldm_step() -> None:

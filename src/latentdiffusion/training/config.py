@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..lora import TEXT_ATTENTION, UNET_ATTENTION
 from ..pipeline import LatentDiffusionConfig
 from ..upscaler import UpscalerConfig
-from .optim import LR_SCHEDULES
+from .optim import LR_SCHEDULES, OPTIMIZERS
 from .precision import PRECISIONS
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -32,6 +32,7 @@ class TrainConfig:
     batch_size: int = 4  # per process; the global batch is batch_size x processes x gradient_accumulation
     gradient_accumulation: int = 1
     learning_rate: float = 1e-4
+    optimizer: str = "adamw"  # adamw | muon (Muon for the linear and convolution weights, AdamW for the rest)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     warmup_steps: int = 0
@@ -62,7 +63,7 @@ class TrainConfig:
             raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        for key, choices in (("lr_schedule", LR_SCHEDULES), ("mixed_precision", PRECISIONS),
+        for key, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("mixed_precision", PRECISIONS),
                              ("on_nonfinite", NONFINITE_POLICIES)):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"train.{key} must be one of {', '.join(choices)}, got {getattr(self, key)!r}")

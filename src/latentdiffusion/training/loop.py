@@ -266,7 +266,7 @@ def _check_same_parameters(optimizer: torch.optim.Optimizer, saved: dict[str, An
 def _loop(task: Task, kind: str, cfg: Any, num_workers: int, run: RunFolder, runtime: Runtime, order: BatchOrder,
           progress: bool) -> Path:
     say, stages = run.say, task.stages
-    optimizers = [make_optimizer(s.groups, cfg.adam_betas, cfg.weight_decay) for s in stages]
+    optimizers = [make_optimizer(s.groups, cfg.optimizer, cfg.adam_betas, cfg.weight_decay, s.module) for s in stages]
     precisions = [Precision(cfg.mixed_precision, runtime.device) for _ in stages]
     if run.checkpoint:
         for stage, optimizer, precision in zip(stages, optimizers, precisions):

@@ -1,4 +1,5 @@
-"""AdamW with a learning rate that is a pure function of the step (linear warm-up, then constant or cosine)."""
+"""The optimizer (AdamW, or Muon for the weight matrices) and a learning rate that is a pure function of the step
+(linear warm-up, then constant or cosine)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,28 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .muon import Muon, matrix_parameters
+
 LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adamw", "muon")
 
 
-def make_optimizer(groups: list[tuple[Iterable[nn.Parameter], float]], betas: tuple[float, float],
-                   weight_decay: float, eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW with one parameter group per (parameters, learning rate) pair, over the parameters that require
-    gradients, as one fused kernel where every parameter allows it (CPU or CUDA floating point: several times
-    faster than a loop over tensors on small models)."""
+def make_optimizer(groups: list[tuple[Iterable[nn.Parameter], float]], kind: str, betas: tuple[float, float],
+                   weight_decay: float, model: nn.Module | None = None) -> torch.optim.Optimizer:
+    """One parameter group per (parameters, learning rate) pair, over the parameters that require gradients.
+
+    kind "adamw": torch's AdamW, as one fused kernel where every parameter allows it (CPU or CUDA floating point:
+    several times faster than a loop over tensors on small models). "muon": Muon on the weights of `model`'s linear
+    and convolution layers, AdamW on the rest (muon.py).
+    """
     param_groups = [{"params": [p for p in params if p.requires_grad], "lr": lr} for params, lr in groups]
+    if kind == "muon":
+        if model is None:
+            raise TypeError("make_optimizer: Muon needs the model, to find its linear and convolution weights")
+        return Muon(param_groups, matrix_parameters(model), betas=betas, weight_decay=weight_decay)
     trainable = [p for group in param_groups for p in group["params"]]
     fused = bool(trainable) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
-    return torch.optim.AdamW(param_groups, betas=betas, weight_decay=weight_decay, eps=eps, fused=fused)
+    return torch.optim.AdamW(param_groups, betas=betas, weight_decay=weight_decay, fused=fused)
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, max_steps: int, schedule: str) -> float:
