@@ -459,7 +459,8 @@ def add_demo(subparsers: SubParsers) -> None:
     p.add_argument("--decoder-steps", type=int, metavar="N", help="override vae-tiny-decoder's train.max_steps "
                    "(0 skips the decoder-only stage)")
     p.add_argument("--ldm-steps", type=int, metavar="N", help="override ldm-tiny's train.max_steps")
-    p.add_argument("--guidance", type=float, default=4.0, metavar="G", help="guidance scale of the guided samples")
+    p.add_argument("--guidance", type=float, metavar="G", help="guidance scale of the guided samples (default: "
+                   "ldm-tiny's train.sample_guidance, 2.5; 4.0 for --controlnet and --cascade)")
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--controlnet", action="store_true", help="then train a ControlNet (configs/controlnet-tiny.yaml) "
                    "on top of OUTPUT/ldm with builtin:shapes silhouettes and report the mean IoU of generated objects "
@@ -492,7 +493,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"time: {sum(result.seconds.values()) / 60:.1f} min ({times})")
     for name, path in result.files.items():
         print(f"{name}: {path}")
-    for score, how in ((result.guided, f"guidance {args.guidance}"), (result.unguided, "no guidance")):
+    for score, how in ((result.guided, f"guidance {result.guidance_scale}"), (result.unguided, "no guidance")):
         print(f"prompt adherence: {score.adherence:.0%} ({how}; colour right {score.colour:.0%}, "
               f"shape right {score.shape:.0%})")
     return _second_stages(args)
@@ -502,10 +503,11 @@ def _second_stages(args: argparse.Namespace) -> int:
     if args.controlnet:
         _controlnet_demo(args)
     if args.cascade:
-        from .demo import run_cascade_demo
+        from .demo import SECOND_STAGE_GUIDANCE, run_cascade_demo
 
+        guidance = SECOND_STAGE_GUIDANCE if args.guidance is None else args.guidance
         report_cascade(run_cascade_demo(args.output, base=args.base, steps=args.cascade_steps,
-                                        guidance_scale=args.guidance, seed=args.seed), args.guidance)
+                                        guidance_scale=guidance, seed=args.seed), guidance)
     return 0
 
 
@@ -525,10 +527,11 @@ def report_cascade(result: Any, guidance: float) -> None:
 
 
 def _controlnet_demo(args: argparse.Namespace) -> int:
-    from .demo import run_controlnet_demo
+    from .demo import SECOND_STAGE_GUIDANCE, run_controlnet_demo
 
-    result = run_controlnet_demo(args.output, base=args.base, steps=args.controlnet_steps,
-                                 guidance_scale=args.guidance, seed=args.seed)
+    guidance = SECOND_STAGE_GUIDANCE if args.guidance is None else args.guidance
+    result = run_controlnet_demo(args.output, base=args.base, steps=args.controlnet_steps, guidance_scale=guidance,
+                                 seed=args.seed)
     times = ", ".join(f"{stage} {sec / 60:.1f} min" for stage, sec in result.seconds.items())
     print(f"controlnet time: {sum(result.seconds.values()) / 60:.1f} min ({times})")
     for name, path in result.files.items():
@@ -536,7 +539,7 @@ def _controlnet_demo(args: argparse.Namespace) -> int:
     print(f"mean IoU of generated objects with the control silhouette: {result.iou_with:.2f} with the ControlNet, "
           f"{result.iou_without:.2f} without")
     for score, how in ((result.adherence_with, "with"), (result.adherence_without, "without")):
-        print(f"prompt adherence {how} the ControlNet: {score.adherence:.0%} (guidance {args.guidance}; colour right "
+        print(f"prompt adherence {how} the ControlNet: {score.adherence:.0%} (guidance {guidance}; colour right "
               f"{score.colour:.0%}, shape right {score.shape:.0%})")
     return 0
 

@@ -31,6 +31,7 @@ from .yardstick import judge, object_mask
 
 COLUMNS = 15  # one row per (size, colour) pair: circle, square, triangle on white, black, gray
 CONTROL_SEED = 1000  # the control layouts' builtin:shapes seed (+ the demo's), away from the training data's
+SECOND_STAGE_GUIDANCE = 4.0  # the ControlNet and cascade demos' (their README figures were measured with it)
 HELD_OUT_SEED = 2026  # the upsampler's held-out builtin:shapes images: a seed no training run uses (they use 0 + ...)
 
 
@@ -53,22 +54,25 @@ class Score:
 class DemoResult:
     guided: Score  # guidance on
     unguided: Score  # guidance_scale 1.0
+    guidance_scale: float  # of the guided samples
     seconds: dict[str, float]  # wall time of each stage: vae, decoder, ldm, sampling
     files: dict[str, Path]  # grids and loss curves
 
 
 def run_demo(output: str | Path, vae_steps: int | None = None, ldm_steps: int | None = None,
-             guidance_scale: float = 4.0, steps: int = 25, seed: int = 0, progress: bool = True,
+             guidance_scale: float | None = None, steps: int = 25, seed: int = 0, progress: bool = True,
              say: Callable[[str], None] | None = None, decoder_steps: int | None = None) -> DemoResult:
     """Train every stage with the tiny presets into `output` (vae-tiny, vae-tiny-decoder unless `decoder_steps` is 0,
-    ldm-tiny), write grids, return the adherence figures. With `say`, first tell it how long the demo should take on
-    this machine (budget.py: a few seconds of timing)."""
+    ldm-tiny), write grids, return the adherence figures (guided at `guidance_scale`, by default ldm-tiny's
+    train.sample_guidance). With `say`, first tell it how long the demo should take on this machine (budget.py: a
+    few seconds of timing)."""
     output, stamps = Path(output), [time.perf_counter()]
     vae_config, vae_raw = load_run_config(VAERunConfig, "vae-tiny", values=_overrides(seed, vae_steps))
     decoder_config, decoder_raw = (None, None) if decoder_steps == 0 else load_run_config(
         VAERunConfig, "vae-tiny-decoder", values=_overrides(seed, decoder_steps))
     ldm_config, ldm_raw = load_run_config(LDMRunConfig, "ldm-tiny", values=_overrides(seed, ldm_steps))
     prompts = [caption_for(c) for c in all_combinations()]
+    guidance_scale = ldm_config.train.sample_guidance if guidance_scale is None else guidance_scale
     if say is not None:
         say(estimate(vae_config, ldm_config, len(prompts), steps, decoder_config).describe())
     vae_run = train_vae(vae_config, output / "vae", raw=vae_raw, progress=progress)
@@ -94,7 +98,7 @@ def run_demo(output: str | Path, vae_steps: int | None = None, ldm_steps: int | 
     files["ldm-loss"] = output / "ldm" / CURVE_FILE
     stages = ("vae", "decoder", "ldm", "sampling")
     seconds = {stage: end - start for stage, start, end in zip(stages, stamps, stamps[1:])}
-    return DemoResult(scores["guided"], scores["unguided"], seconds, files)
+    return DemoResult(scores["guided"], scores["unguided"], guidance_scale, seconds, files)
 
 
 def _overrides(seed: int, max_steps: int | None) -> dict[str, int]:
@@ -140,7 +144,7 @@ def mean_iou(images: torch.Tensor, controls: torch.Tensor) -> float:
 
 
 def run_controlnet_demo(output: str | Path, base: str | Path | None = None, steps: int | None = None,
-                        guidance_scale: float = 4.0, sample_steps: int = 25, seed: int = 0,
+                        guidance_scale: float = SECOND_STAGE_GUIDANCE, sample_steps: int = 25, seed: int = 0,
                         progress: bool = True) -> ControlResult:
     """Train a ControlNet (configs/controlnet-tiny.yaml) on top of the demo's model (`base`, default OUTPUT/ldm, which
     `run_demo` writes) with silhouettes of builtin:shapes, then sample every combination with and without it from
@@ -207,8 +211,8 @@ def upscale_batches(pipe: LatentDiffusion, captions: list[str], low: torch.Tenso
 
 
 def run_cascade_demo(output: str | Path, base: str | Path | None = None, steps: int | None = None,
-                     guidance_scale: float = 4.0, sample_steps: int = 25, noise_level: int = 20, count: int = 64,
-                     seed: int = 0, progress: bool = True) -> CascadeResult:
+                     guidance_scale: float = SECOND_STAGE_GUIDANCE, sample_steps: int = 25, noise_level: int = 20,
+                     count: int = 64, seed: int = 0, progress: bool = True) -> CascadeResult:
     """Train the x2 upsampler of configs/upscaler-tiny.yaml (pixel space, 32 -> 64 px) on builtin:shapes into
     OUTPUT/upscaler, then `evaluate_cascade` it on the demo's model (`base`, default OUTPUT/ldm, which `run_demo`
     writes). `steps` overrides the upsampler's train.max_steps."""
@@ -228,8 +232,8 @@ def run_cascade_demo(output: str | Path, base: str | Path | None = None, steps: 
 
 
 def evaluate_cascade(base: LatentDiffusion, upscaler: LatentDiffusion, output: str | Path,
-                     guidance_scale: float = 4.0, sample_steps: int = 25, noise_level: int = 20, count: int = 64,
-                     seed: int = 0, filter: str = "bicubic") -> CascadeResult:
+                     guidance_scale: float = SECOND_STAGE_GUIDANCE, sample_steps: int = 25, noise_level: int = 20,
+                     count: int = 64, seed: int = 0, filter: str = "bicubic") -> CascadeResult:
     """Sample every attribute combination with `base` alone and through `cascade(base, upscaler)` from the same noise
     and judge both with the yardstick (at each one's resolution); upsample `count` held-out images (low-res made
     with `filter`, no guidance) against bicubic. Writes OUTPUT/cascade-samples.png (base, nearest-upsampled |
