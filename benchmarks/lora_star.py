@@ -64,12 +64,14 @@ def main() -> None:
     parser.add_argument("--config", default=str(RECIPE), help="the training recipe (default: configs/lora-star.yaml)")
     parser.add_argument("--steps", type=int, help="train.max_steps (default: the recipe's)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--guidance", type=float, help="default: the demo model's, ldm-tiny's train.sample_guidance")
     parser.add_argument("--seed", type=int, default=0, help="the training seed and the first sampling seed")
     parser.add_argument("--sampling-seeds", type=int, default=3, metavar="N", help="judge one sample per prompt from "
                         "each of N generator seeds (SEED, SEED + 100, ...) and report their mean: with 30 star prompts "
                         "one seed's share moves by several points")
     args = parser.parse_args()
+    if args.guidance is None:
+        args.guidance = load_run_config(LDMRunConfig, "ldm-tiny")[0].train.sample_guidance
 
     stars = [caption_for(c) for c in all_combinations(("star",))]
     old = [caption_for(c) for c in all_combinations()]
