@@ -5,13 +5,15 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from latentdiffusion.errors import ConfigError
-from latentdiffusion.training import train_ldm
+from latentdiffusion.training import LDMRunConfig, load_run_config, train_ldm
 from latentdiffusion.training.muon import Muon, matrix_parameters, orthogonalize
 from latentdiffusion.training.optim import make_optimizer
 from test_training import assert_identical, ldm_config, vae_dir, weights  # noqa: F401  (vae_dir: a fixture)
+from tiny import TINY_LDM
 
 
 def plain_newton_schulz(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -108,5 +110,15 @@ def test_a_muon_run_resumes_bit_exactly_and_a_bad_name_is_refused(tmp_path, vae_
     train_ldm(config, run, vae=vae_dir, raw=raw, resume=True, progress=False)
     for name in ("unet", "text_encoder", "ema/unet"):
         assert_identical(weights(tmp_path / "straight", name), weights(straight, name))
+    adamw, raw_adamw = ldm_config(tmp_path, max_steps=6, checkpoint_every=2)
+    with pytest.raises(ConfigError, match="was trained with train.optimizer muon, this config sets adamw"):
+        train_ldm(adamw, run, vae=vae_dir, raw=raw_adamw, resume=True, progress=False)
     with pytest.raises(ConfigError, match="train.optimizer must be one of adamw, muon, got 'sgd'"):
         ldm_config(tmp_path, optimizer="sgd")
+
+
+def test_a_bare_no_in_yaml_is_mixed_precision_no(tmp_path):
+    """YAML 1.1 reads `mixed_precision: no` as false; it means the documented "no"."""
+    path = tmp_path / "ldm.yaml"
+    path.write_text(yaml.safe_dump(TINY_LDM).replace("train:", "train:\n  mixed_precision: no", 1))
+    assert load_run_config(LDMRunConfig, path)[0].train.mixed_precision == "no"

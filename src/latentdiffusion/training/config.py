@@ -39,7 +39,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine (after the warm-up)
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     ema_decay: float = 0.0  # 0 turns the EMA off
-    mixed_precision: str = "no"  # no | bf16 | fp16 (CUDA only; float32 on CPU)
+    mixed_precision: str | bool = "no"  # no | bf16 | fp16 (CUDA only; float32 on CPU); YAML reads a bare no as false
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     checkpoint_every: int = 500
@@ -51,6 +51,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)
+        if self.mixed_precision is False:  # `mixed_precision: no` unquoted, in a file or --set
+            self.mixed_precision = "no"
         for key in ("max_steps", "batch_size", "gradient_accumulation", "checkpoint_every", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")

@@ -42,7 +42,7 @@ from . import distributed
 from .batches import BatchOrder, batch_order, open_dataset, sample_generators
 from .distributed import Runtime, all_reduce_mean
 from .ema import EMA
-from .optim import clip_gradients, lr_at, make_optimizer
+from .optim import clip_gradients, lr_at, make_optimizer, optimizer_kind
 from .precision import Precision
 from .run import RunFolder
 
@@ -252,9 +252,14 @@ def fit(make_task: Callable[[Setup], Task], config: Any, output: str | Path, res
         distributed.teardown(runtime)
 
 
-def _check_same_parameters(optimizer: torch.optim.Optimizer, saved: dict[str, Any], checkpoint: Path) -> None:
-    """A resumed optimizer must train what the checkpoint's trained: else a config key that chooses the trained
-    parameters changed since (the optimizer state would land on the wrong tensors)."""
+def _check_same_parameters(optimizer: torch.optim.Optimizer, saved: dict[str, Any], checkpoint: Path,
+                           kind: str) -> None:
+    """A resumed optimizer must be the checkpoint's kind (train.optimizer) and train what the checkpoint's trained:
+    else a config key changed since (the optimizer state would land on the wrong tensors, or be another's)."""
+    then_kind = optimizer_kind(saved)
+    if then_kind != kind:
+        raise ConfigError(f"--resume: {checkpoint} was trained with train.optimizer {then_kind}, this config sets "
+                          f"{kind}; resume with the run's own config, or start a new run")
     now = [len(group["params"]) for group in optimizer.param_groups]
     then = [len(group["params"]) for group in saved["param_groups"]]
     if now != then:
@@ -270,7 +275,7 @@ def _loop(task: Task, kind: str, cfg: Any, num_workers: int, run: RunFolder, run
     precisions = [Precision(cfg.mixed_precision, runtime.device) for _ in stages]
     if run.checkpoint:
         for stage, optimizer, precision in zip(stages, optimizers, precisions):
-            _check_same_parameters(optimizer, run.state[stage.key("optimizer")], run.checkpoint)
+            _check_same_parameters(optimizer, run.state[stage.key("optimizer")], run.checkpoint, cfg.optimizer)
             optimizer.load_state_dict(run.state[stage.key("optimizer")])
             precision.scaler.load_state_dict(run.state[stage.key("scaler")])
         task.resume(run.state, run.checkpoint)

@@ -33,6 +33,11 @@ def make_optimizer(groups: list[tuple[Iterable[nn.Parameter], float]], kind: str
     return torch.optim.AdamW(param_groups, betas=betas, weight_decay=weight_decay, fused=fused)
 
 
+def optimizer_kind(state: dict) -> str:
+    """The train.optimizer that wrote an optimizer state dict: Muon's parameter groups carry its momentum."""
+    return "muon" if any("ns_steps" in group for group in state["param_groups"]) else "adamw"
+
+
 def lr_at(step: int, base_lr: float, warmup_steps: int, max_steps: int, schedule: str) -> float:
     """The learning rate of optimizer step `step` (0-based): warm-up ramps linearly to base_lr, then the schedule.
     Being a function of the step alone, it needs no state of its own to resume exactly."""
