@@ -85,7 +85,7 @@ def unet_stage(pipe: LatentDiffusion, config: LDMRunConfig, steps: int, profile:
         norm = clip_gradients(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        parts.mark("clip + AdamW")
+        parts.mark(f"clip + {cfg.optimizer}")
         for average, module in averages:
             average.update(module, step)
         parts.mark("EMA")
@@ -123,7 +123,7 @@ def vae_stage(pipe: LatentDiffusion, config: VAERunConfig, steps: int) -> None:
         parts.mark("backward")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        parts.mark("AdamW")
+        parts.mark(cfg.optimizer)
         torch.stack([loss.detach()]).tolist()
         parts.mark("logging (host sync)")
     parts.table(f"VAE stage (batch {cfg.batch_size}, {config.data.resolution}px)", 10)
