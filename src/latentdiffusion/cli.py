@@ -500,12 +500,12 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _second_stages(args: argparse.Namespace) -> int:
-    if args.controlnet:
-        _controlnet_demo(args)
-    if args.cascade:
-        from .demo import SECOND_STAGE_GUIDANCE, run_cascade_demo
+    from .demo import SECOND_STAGE_GUIDANCE, run_cascade_demo
 
-        guidance = SECOND_STAGE_GUIDANCE if args.guidance is None else args.guidance
+    guidance = SECOND_STAGE_GUIDANCE if args.guidance is None else args.guidance
+    if args.controlnet:
+        _controlnet_demo(args, guidance)
+    if args.cascade:
         report_cascade(run_cascade_demo(args.output, base=args.base, steps=args.cascade_steps,
                                         guidance_scale=guidance, seed=args.seed), guidance)
     return 0
@@ -526,10 +526,9 @@ def report_cascade(result: Any, guidance: float) -> None:
               f"edge error {m['edge_error']:.4f}")
 
 
-def _controlnet_demo(args: argparse.Namespace) -> int:
-    from .demo import SECOND_STAGE_GUIDANCE, run_controlnet_demo
+def _controlnet_demo(args: argparse.Namespace, guidance: float) -> int:
+    from .demo import run_controlnet_demo
 
-    guidance = SECOND_STAGE_GUIDANCE if args.guidance is None else args.guidance
     result = run_controlnet_demo(args.output, base=args.base, steps=args.controlnet_steps, guidance_scale=guidance,
                                  seed=args.seed)
     times = ", ".join(f"{stage} {sec / 60:.1f} min" for stage, sec in result.seconds.items())

@@ -23,6 +23,12 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan's quintic: as steep as it 
 LINEAR_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def fused_adamw_applies(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes every one of `params` (CPU or CUDA floating point): several times
+    faster than a loop over tensors on small models."""
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+
+
 def matrix_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The weights Muon orthogonalises: those of `model`'s linear and convolution layers (peft's LoRA factors are
     such layers too); not embeddings, norms or biases."""
@@ -30,10 +36,11 @@ def matrix_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def orthogonalize(matrices: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """(B, rows, cols) -> the same shape with the singular vectors kept and every singular value moved towards 1 (into
-    about [0.7, 1.2] after 5 steps, unless far below the largest): a quintic Newton-Schulz iteration on the Frobenius-normalised matrices, in their own
-    dtype. A wide (or, transposed, tall) matrix X iterates on its Gram matrix X X^T instead of X, which gives the same
-    iterates up to rounding (every one is a polynomial in X X^T times X) in fewer flops."""
+    """(B, rows, cols) -> the same shape with the singular vectors kept and every singular value moved towards 1
+    (into about [0.7, 1.2] after 5 steps, unless far below the largest): a quintic Newton-Schulz iteration on the
+    Frobenius-normalised matrices, in their own dtype. A wide (or, transposed, tall) matrix X iterates on its Gram
+    matrix X X^T instead of X, which gives the same iterates up to rounding (every one is a polynomial in X X^T
+    times X) in fewer flops."""
     a, b, c = NS_COEFFICIENTS
     tall = matrices.size(-2) > matrices.size(-1)
     x = matrices.mT if tall else matrices
@@ -74,8 +81,7 @@ class Muon(torch.optim.Optimizer):
         self.matrix_ids = {id(p) for p in matrices}
         for group in self.param_groups:  # the AdamW half as torch.optim.AdamW(fused=True) where every tensor allows
             if group["fused"] is None:
-                group["fused"] = all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
-                                     for p in group["params"])
+                group["fused"] = fused_adamw_applies(group["params"])
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:

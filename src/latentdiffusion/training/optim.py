@@ -9,7 +9,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .muon import Muon, matrix_parameters
+from .muon import Muon, fused_adamw_applies, matrix_parameters
 
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "muon")
@@ -19,17 +19,15 @@ def make_optimizer(groups: list[tuple[Iterable[nn.Parameter], float]], kind: str
                    weight_decay: float, model: nn.Module | None = None) -> torch.optim.Optimizer:
     """One parameter group per (parameters, learning rate) pair, over the parameters that require gradients.
 
-    kind "adamw": torch's AdamW, as one fused kernel where every parameter allows it (CPU or CUDA floating point:
-    several times faster than a loop over tensors on small models). "muon": Muon on the weights of `model`'s linear
-    and convolution layers, AdamW on the rest (muon.py).
+    kind "adamw": torch's AdamW, as one fused kernel where every parameter allows it. "muon": Muon on the weights of
+    `model`'s linear and convolution layers, AdamW on the rest (muon.py).
     """
     param_groups = [{"params": [p for p in params if p.requires_grad], "lr": lr} for params, lr in groups]
     if kind == "muon":
         if model is None:
             raise TypeError("make_optimizer: Muon needs the model, to find its linear and convolution weights")
         return Muon(param_groups, matrix_parameters(model), betas=betas, weight_decay=weight_decay)
-    trainable = [p for group in param_groups for p in group["params"]]
-    fused = bool(trainable) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
+    fused = fused_adamw_applies([p for group in param_groups for p in group["params"]])
     return torch.optim.AdamW(param_groups, betas=betas, weight_decay=weight_decay, fused=fused)
 
 
