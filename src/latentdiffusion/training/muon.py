@@ -52,12 +52,13 @@ def orthogonalize(matrices: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> 
             x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     else:  # X_k = Q_k X with Q_k symmetric and commuting with G = X X^T: iterate on rows x rows matrices only
         gram = x @ x.mT
-        eye = torch.eye(rows, dtype=x.dtype, device=x.device).expand_as(gram)
-        q = eye
+        eye = torch.eye(rows, dtype=x.dtype, device=x.device)
+        q = None  # Q_0 = I, not multiplied by
         for _ in range(steps):
-            g_k = q @ gram @ q  # X_k X_k^T
-            q = (torch.baddbmm(g_k, g_k, g_k, beta=b, alpha=c) + a * eye) @ q
-        x = q @ x
+            g_k = gram if q is None else q @ gram @ q  # X_k X_k^T
+            step = torch.baddbmm(g_k, g_k, g_k, beta=b, alpha=c) + a * eye  # a I + b G_k + c G_k^2
+            q = step if q is None else step @ q
+        x = x if q is None else q @ x
     return x.mT if tall else x
 
 
@@ -96,22 +97,24 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _muon_step(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
-        lr, momentum = group["lr"], group["momentum"]
-        by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        if not params:
+            return
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
         for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buffer = state["momentum_buffer"]
-            buffer.lerp_(p.grad, 1 - momentum)
-            update = p.grad.lerp(buffer, momentum)  # Nesterov
-            by_shape[(p.shape[0], p[0].numel())].append((p, update))
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        grads, buffers = [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_lerp_(buffers, grads, 1 - momentum)
+        updates = torch._foreach_lerp(grads, buffers, momentum)  # Nesterov
+        if weight_decay:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        for p, update in zip(params, updates):
+            by_shape[(p.shape[0], p.numel() // p.shape[0])].append((p, update))
         for (rows, cols), pairs in by_shape.items():
             steps = orthogonalize(torch.stack([u.reshape(rows, cols) for _, u in pairs]), group["ns_steps"])
-            scale = -lr * 0.2 * math.sqrt(max(rows, cols))
-            for (p, _), s in zip(pairs, steps):
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(s.view_as(p), alpha=scale)
+            torch._foreach_add_([p for p, _ in pairs], [s.view_as(p) for (p, _), s in zip(pairs, steps)],
+                                alpha=-lr * 0.2 * math.sqrt(max(rows, cols)))
 
     def _adamw_step(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
         if not params:
