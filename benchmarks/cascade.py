@@ -2,7 +2,7 @@
 through `cascade(base, upsampler)` from the same noise, judged by the yardstick; and the upsampler against bicubic on
 held-out builtin:shapes images. What `ldm demo --cascade` reports, for models trained elsewhere.
 
-    python benchmarks/cascade.py --base BASE --upscaler UPSAMPLER [--steps 25] [--guidance 4.0] [--noise-level 20]
+    python benchmarks/cascade.py --base BASE --upscaler UPSAMPLER [--steps 25] [--guidance G] [--noise-level 20]
                                  [--count 64] [--seed 0] [--out outputs/cascade-bench]
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from latentdiffusion import LatentDiffusion
 from latentdiffusion.cli import report_cascade
-from latentdiffusion.demo import evaluate_cascade
+from latentdiffusion.demo import demo_guidance, evaluate_cascade
 
 
 def main() -> None:
@@ -23,13 +23,16 @@ def main() -> None:
     parser.add_argument("--base", required=True, help="the text-to-image model (e.g. the demo's OUTPUT/ldm)")
     parser.add_argument("--upscaler", required=True, help="the upsampler (a train-upscaler run)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps of both stages")
-    parser.add_argument("--guidance", type=float, default=4.0, help="guidance of both stages")
+    parser.add_argument("--guidance", type=float, help="guidance of both stages (default: the demo's, ldm-tiny's "
+                        "train.sample_guidance)")
     parser.add_argument("--noise-level", type=int, default=20)
     parser.add_argument("--count", type=int, default=64, help="held-out images for the fidelity figures")
     parser.add_argument("--downsample", default="bicubic", choices=("bicubic", "area"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/cascade-bench"))
     args = parser.parse_args()
+    if args.guidance is None:
+        args.guidance = demo_guidance()
     base, upscaler = LatentDiffusion.from_pretrained(args.base), LatentDiffusion.from_pretrained(args.upscaler)
     result = evaluate_cascade(base, upscaler, args.out, args.guidance, args.steps, args.noise_level, args.count, args.seed,
                               args.downsample)

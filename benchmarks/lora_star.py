@@ -23,6 +23,7 @@ import torch
 
 from latentdiffusion import LatentDiffusion
 from latentdiffusion.data.shapes import ShapesDataset, all_combinations, caption_for, render
+from latentdiffusion.demo import demo_guidance
 from latentdiffusion.formats.lora import LORA_FILE
 from latentdiffusion.formats.native import list_checkpoints
 from latentdiffusion.training import LDMRunConfig, load_run_config, train_ldm
@@ -71,7 +72,7 @@ def main() -> None:
                         "one seed's share moves by several points")
     args = parser.parse_args()
     if args.guidance is None:
-        args.guidance = load_run_config(LDMRunConfig, "ldm-tiny")[0].train.sample_guidance
+        args.guidance = demo_guidance()
 
     stars = [caption_for(c) for c in all_combinations(("star",))]
     old = [caption_for(c) for c in all_combinations()]

@@ -459,8 +459,8 @@ def add_demo(subparsers: SubParsers) -> None:
     p.add_argument("--decoder-steps", type=int, metavar="N", help="override vae-tiny-decoder's train.max_steps "
                    "(0 skips the decoder-only stage)")
     p.add_argument("--ldm-steps", type=int, metavar="N", help="override ldm-tiny's train.max_steps")
-    p.add_argument("--guidance", type=float, metavar="G", help="guidance scale of the guided samples (default: "
-                   "ldm-tiny's train.sample_guidance, 2.5; 4.0 for --controlnet and --cascade)")
+    p.add_argument("--guidance", type=float, metavar="G", help="guidance scale of the guided samples, of "
+                   "--controlnet and --cascade too (default: ldm-tiny's train.sample_guidance, 2.5)")
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--controlnet", action="store_true", help="then train a ControlNet (configs/controlnet-tiny.yaml) "
                    "on top of OUTPUT/ldm with builtin:shapes silhouettes and report the mean IoU of generated objects "
@@ -500,9 +500,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _second_stages(args: argparse.Namespace) -> int:
-    from .demo import SECOND_STAGE_GUIDANCE, run_cascade_demo
+    from .demo import demo_guidance, run_cascade_demo
 
-    guidance = SECOND_STAGE_GUIDANCE if args.guidance is None else args.guidance
+    guidance = demo_guidance() if args.guidance is None else args.guidance
     if args.controlnet:
         _controlnet_demo(args, guidance)
     if args.cascade:

@@ -31,7 +31,6 @@ from .yardstick import judge, object_mask
 
 COLUMNS = 15  # one row per (size, colour) pair: circle, square, triangle on white, black, gray
 CONTROL_SEED = 1000  # the control layouts' builtin:shapes seed (+ the demo's), away from the training data's
-SECOND_STAGE_GUIDANCE = 4.0  # the ControlNet and cascade demos' (their README figures were measured with it)
 HELD_OUT_SEED = 2026  # the upsampler's held-out builtin:shapes images: a seed no training run uses (they use 0 + ...)
 
 
@@ -101,6 +100,11 @@ def run_demo(output: str | Path, vae_steps: int | None = None, ldm_steps: int | 
     return DemoResult(scores["guided"], scores["unguided"], guidance_scale, seconds, files)
 
 
+def demo_guidance() -> float:
+    """The guidance scale the demo samples its model with, in every stage: ldm-tiny's train.sample_guidance."""
+    return load_run_config(LDMRunConfig, "ldm-tiny")[0].train.sample_guidance
+
+
 def _overrides(seed: int, max_steps: int | None) -> dict[str, int]:
     return {"train.seed": seed, **({"train.max_steps": max_steps} if max_steps is not None else {})}
 
@@ -144,12 +148,12 @@ def mean_iou(images: torch.Tensor, controls: torch.Tensor) -> float:
 
 
 def run_controlnet_demo(output: str | Path, base: str | Path | None = None, steps: int | None = None,
-                        guidance_scale: float = SECOND_STAGE_GUIDANCE, sample_steps: int = 25, seed: int = 0,
+                        guidance_scale: float | None = None, sample_steps: int = 25, seed: int = 0,
                         progress: bool = True) -> ControlResult:
     """Train a ControlNet (configs/controlnet-tiny.yaml) on top of the demo's model (`base`, default OUTPUT/ldm, which
     `run_demo` writes) with silhouettes of builtin:shapes, then sample every combination with and without it from
-    the same noise and measure how well the objects follow the control."""
-    output = Path(output)
+    the same noise and measure how well the objects follow the control. Guidance: by default the demo's."""
+    output, guidance_scale = Path(output), demo_guidance() if guidance_scale is None else guidance_scale
     base = Path(base) if base is not None else output / "ldm"
     if not base.exists():
         raise ConfigError(f"no base model at {base}: run `ldm demo --output {output}` first, or pass --model BASE")
@@ -211,11 +215,11 @@ def upscale_batches(pipe: LatentDiffusion, captions: list[str], low: torch.Tenso
 
 
 def run_cascade_demo(output: str | Path, base: str | Path | None = None, steps: int | None = None,
-                     guidance_scale: float = SECOND_STAGE_GUIDANCE, sample_steps: int = 25, noise_level: int = 20,
+                     guidance_scale: float | None = None, sample_steps: int = 25, noise_level: int = 20,
                      count: int = 64, seed: int = 0, progress: bool = True) -> CascadeResult:
     """Train the x2 upsampler of configs/upscaler-tiny.yaml (pixel space, 32 -> 64 px) on builtin:shapes into
     OUTPUT/upscaler, then `evaluate_cascade` it on the demo's model (`base`, default OUTPUT/ldm, which `run_demo`
-    writes). `steps` overrides the upsampler's train.max_steps."""
+    writes). `steps` overrides the upsampler's train.max_steps; guidance: by default the demo's."""
     output = Path(output)
     base = Path(base) if base is not None else output / "ldm"
     if not base.exists():
@@ -232,13 +236,15 @@ def run_cascade_demo(output: str | Path, base: str | Path | None = None, steps: 
 
 
 def evaluate_cascade(base: LatentDiffusion, upscaler: LatentDiffusion, output: str | Path,
-                     guidance_scale: float = SECOND_STAGE_GUIDANCE, sample_steps: int = 25, noise_level: int = 20,
+                     guidance_scale: float | None = None, sample_steps: int = 25, noise_level: int = 20,
                      count: int = 64, seed: int = 0, filter: str = "bicubic") -> CascadeResult:
     """Sample every attribute combination with `base` alone and through `cascade(base, upscaler)` from the same noise
     and judge both with the yardstick (at each one's resolution); upsample `count` held-out images (low-res made
     with `filter`, no guidance) against bicubic. Writes OUTPUT/cascade-samples.png (base, nearest-upsampled |
-    cascade, first COLUMNS prompts) and OUTPUT/upscaler-samples.png (low-res | bicubic | ours | truth, 8 rows)."""
+    cascade, first COLUMNS prompts) and OUTPUT/upscaler-samples.png (low-res | bicubic | ours | truth, 8 rows).
+    Guidance of both stages: by default the demo's."""
     output, started = Path(output), time.perf_counter()
+    guidance_scale = demo_guidance() if guidance_scale is None else guidance_scale
     output.mkdir(parents=True, exist_ok=True)
     prompts = [caption_for(c) for c in all_combinations()]
     options = {"num_inference_steps": sample_steps, "guidance_scale": guidance_scale}
