@@ -15,7 +15,7 @@ from pathlib import Path
 
 from latentdiffusion import LatentDiffusion
 from latentdiffusion.cli import report_cascade
-from latentdiffusion.demo import demo_guidance, evaluate_cascade
+from latentdiffusion.demo import demo_sampling, evaluate_cascade
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/cascade-bench"))
     args = parser.parse_args()
     if args.guidance is None:
-        args.guidance = demo_guidance()
+        args.guidance = demo_sampling()[1]
     base, upscaler = LatentDiffusion.from_pretrained(args.base), LatentDiffusion.from_pretrained(args.upscaler)
     result = evaluate_cascade(base, upscaler, args.out, args.guidance, args.steps, args.noise_level, args.count, args.seed,
                               args.downsample)

@@ -23,7 +23,7 @@ import torch
 
 from latentdiffusion import LatentDiffusion
 from latentdiffusion.data.shapes import ShapesDataset, all_combinations, caption_for, render
-from latentdiffusion.demo import demo_guidance
+from latentdiffusion.demo import demo_sampling
 from latentdiffusion.formats.lora import LORA_FILE
 from latentdiffusion.formats.native import list_checkpoints
 from latentdiffusion.training import LDMRunConfig, load_run_config, train_ldm
@@ -35,8 +35,10 @@ RECIPE = Path(__file__).resolve().parents[1] / "configs" / "lora-star.yaml"
 
 def score(pipe: LatentDiffusion, prompts: list[str], guidance: float, seeds: list[int]
           ) -> tuple[list[float], torch.Tensor]:
-    """The share of `prompts` judged right, sampled once from each of `seeds`, and the first seed's images."""
-    runs = [pipe(prompts, num_inference_steps=25, guidance_scale=guidance, output_type="pt",
+    """The share of `prompts` judged right, sampled once from each of `seeds` with the demo's sampler, and the first
+    seed's images."""
+    scheduler = demo_sampling()[0]
+    runs = [pipe(prompts, num_inference_steps=25, guidance_scale=guidance, scheduler=scheduler, output_type="pt",
                  generator=torch.Generator().manual_seed(seed)) for seed in seeds]
     return [adherence([im.permute(1, 2, 0).numpy() for im in images], prompts) for images in runs], runs[0]
 
@@ -72,7 +74,7 @@ def main() -> None:
                         "one seed's share moves by several points")
     args = parser.parse_args()
     if args.guidance is None:
-        args.guidance = demo_guidance()
+        args.guidance = demo_sampling()[1]
 
     stars = [caption_for(c) for c in all_combinations(("star",))]
     old = [caption_for(c) for c in all_combinations()]

@@ -163,3 +163,9 @@ def test_two_gloo_ranks_by_two_equal_one_by_four(split_runs):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "global batch 4 = 2 per process x 2 process(es) x 1 accumulation" in result.stderr
     assert _gap(final_weights(folder / "ddp", step=3), runs["1x4"]) < 1e-4
+
+
+def test_an_unknown_sample_scheduler_is_a_config_error_naming_the_choices():
+    with pytest.raises(ConfigError, match="train.sample_scheduler must be one of ddim, .*euler_ancestral.*'dpm'"):
+        LDMTrainConfig(sample_scheduler="dpm")
+    assert LDMTrainConfig(sample_scheduler="euler_ancestral").sample_scheduler == "euler_ancestral"

@@ -456,8 +456,9 @@ def add_demo(subparsers: SubParsers) -> None:
                               "judged right (colour and shape) with and without guidance.")
     p.add_argument("--output", metavar="DIR", default="outputs/demo", help="where runs and grids go")
     p.add_argument("--vae-steps", type=int, metavar="N", help="override vae-tiny's train.max_steps")
-    p.add_argument("--decoder-steps", type=int, metavar="N", help="override vae-tiny-decoder's train.max_steps "
-                   "(0 skips the decoder-only stage)")
+    p.add_argument("--decoder-steps", type=int, default=0, metavar="N", help="also train the decoder alone for N "
+                   "steps after the VAE (configs/vae-tiny-decoder.yaml, 800 there; the latents stay): sharper edges, "
+                   "what a LoRA needs to learn new shapes; default 0, none")
     p.add_argument("--ldm-steps", type=int, metavar="N", help="override ldm-tiny's train.max_steps")
     p.add_argument("--guidance", type=float, metavar="G", help="guidance scale of the guided samples, of "
                    "--controlnet and --cascade too (default: ldm-tiny's train.sample_guidance, 2.5)")
@@ -493,16 +494,18 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"time: {sum(result.seconds.values()) / 60:.1f} min ({times})")
     for name, path in result.files.items():
         print(f"{name}: {path}")
-    for score, how in ((result.guided, f"guidance {result.guidance_scale}"), (result.unguided, "no guidance")):
+    sampler = result.scheduler
+    for score, how in ((result.guided, f"guidance {result.guidance_scale}, {sampler}"),
+                       (result.unguided, f"no guidance, {sampler}")):
         print(f"prompt adherence: {score.adherence:.0%} ({how}; colour right {score.colour:.0%}, "
               f"shape right {score.shape:.0%})")
     return _second_stages(args)
 
 
 def _second_stages(args: argparse.Namespace) -> int:
-    from .demo import demo_guidance, run_cascade_demo
+    from .demo import demo_sampling, run_cascade_demo
 
-    guidance = demo_guidance() if args.guidance is None else args.guidance
+    guidance = demo_sampling()[1] if args.guidance is None else args.guidance
     if args.controlnet:
         _controlnet_demo(args, guidance)
     if args.cascade:

@@ -1,5 +1,5 @@
-"""The offline demo: train the VAE on builtin:shapes, then its decoder alone a while longer (the latents stay), then
-the text encoder and UNet on builtin:shapes-noisy (one caption in ten wrong, so that guidance has something to do);
+"""The offline demo: train the VAE on builtin:shapes (with --decoder-steps, then its decoder alone a while longer; the
+latents stay), then the text encoder and UNet on builtin:shapes-noisy (one caption in ten wrong, so that guidance has something to do);
 sample one image per attribute combination and judge each against its prompt with the yardstick, with and without
 guidance. Second stages on top of its model: a ControlNet (`ldm demo --controlnet`) and an x2 upsampler, a cascade
 (`ldm demo --cascade`)."""
@@ -54,55 +54,59 @@ class DemoResult:
     guided: Score  # guidance on
     unguided: Score  # guidance_scale 1.0
     guidance_scale: float  # of the guided samples
+    scheduler: str  # the sampler of both
     seconds: dict[str, float]  # wall time of each stage: vae, decoder, ldm, sampling
     files: dict[str, Path]  # grids and loss curves
 
 
 def run_demo(output: str | Path, vae_steps: int | None = None, ldm_steps: int | None = None,
              guidance_scale: float | None = None, steps: int = 25, seed: int = 0, progress: bool = True,
-             say: Callable[[str], None] | None = None, decoder_steps: int | None = None) -> DemoResult:
-    """Train every stage with the tiny presets into `output` (vae-tiny, vae-tiny-decoder unless `decoder_steps` is 0,
-    ldm-tiny), write grids, return the adherence figures (guided at `guidance_scale`, by default ldm-tiny's
-    train.sample_guidance). With `say`, first tell it how long the demo should take on this machine (budget.py: a
-    few seconds of timing)."""
-    output, stamps = Path(output), [time.perf_counter()]
+             say: Callable[[str], None] | None = None, decoder_steps: int = 0) -> DemoResult:
+    """Train every stage with the tiny presets into `output` (vae-tiny; with `decoder_steps` > 0 that many steps of
+    vae-tiny-decoder, which sharpens the decoder and leaves the latents; ldm-tiny), write grids, return the adherence
+    figures (sampled with ldm-tiny's train.sample_scheduler, guided at `guidance_scale`, by default its
+    train.sample_guidance). With `say`, first tell it how long the demo should take on this machine (budget.py: a few
+    seconds of timing)."""
+    output, stamps = Path(output), {"start": time.perf_counter()}
     vae_config, vae_raw = load_run_config(VAERunConfig, "vae-tiny", values=_overrides(seed, vae_steps))
     decoder_config, decoder_raw = (None, None) if decoder_steps == 0 else load_run_config(
         VAERunConfig, "vae-tiny-decoder", values=_overrides(seed, decoder_steps))
     ldm_config, ldm_raw = load_run_config(LDMRunConfig, "ldm-tiny", values=_overrides(seed, ldm_steps))
     prompts = [caption_for(c) for c in all_combinations()]
+    scheduler = ldm_config.train.sample_scheduler
     guidance_scale = ldm_config.train.sample_guidance if guidance_scale is None else guidance_scale
     if say is not None:
         say(estimate(vae_config, ldm_config, len(prompts), steps, decoder_config).describe())
     vae_run = train_vae(vae_config, output / "vae", raw=vae_raw, progress=progress)
-    stamps.append(time.perf_counter())
+    stamps["vae"] = time.perf_counter()
     if decoder_config is not None:
         vae_run = train_vae(decoder_config, output / "vae-decoder", init=vae_run, raw=decoder_raw, progress=progress)
-    stamps.append(time.perf_counter())
+        stamps["decoder"] = time.perf_counter()
     pipe = LatentDiffusion.from_pretrained(train_ldm(ldm_config, output / "ldm", vae=vae_run, raw=ldm_raw,
                                                      progress=progress))
-    stamps.append(time.perf_counter())
+    stamps["ldm"] = time.perf_counter()
 
     files, scores = {}, {}
     for name, scale in (("guided", guidance_scale), ("unguided", 1.0)):
-        images = pipe(prompts, num_inference_steps=steps, guidance_scale=scale, output_type="pt",
-                      generator=torch.Generator().manual_seed(seed))
+        images = pipe(prompts, num_inference_steps=steps, guidance_scale=scale, scheduler=scheduler,
+                      output_type="pt", generator=torch.Generator().manual_seed(seed))
         files[f"samples-{name}"] = output / f"samples-{name}.png"
         image_grid(images, COLUMNS).save(files[f"samples-{name}"])
         scores[name] = Score.of(images, prompts)
-    stamps.append(time.perf_counter())
+    stamps["sampling"] = time.perf_counter()
     files["vae-loss"] = output / "vae" / CURVE_FILE
     if decoder_config is not None:
         files["decoder-loss"] = output / "vae-decoder" / CURVE_FILE
     files["ldm-loss"] = output / "ldm" / CURVE_FILE
-    stages = ("vae", "decoder", "ldm", "sampling")
-    seconds = {stage: end - start for stage, start, end in zip(stages, stamps, stamps[1:])}
-    return DemoResult(scores["guided"], scores["unguided"], guidance_scale, seconds, files)
+    times = list(stamps.values())
+    seconds = {stage: end - start for stage, start, end in zip(list(stamps)[1:], times, times[1:])}
+    return DemoResult(scores["guided"], scores["unguided"], guidance_scale, scheduler, seconds, files)
 
 
-def demo_guidance() -> float:
-    """The guidance scale the demo samples its model with, in every stage: ldm-tiny's train.sample_guidance."""
-    return load_run_config(LDMRunConfig, "ldm-tiny")[0].train.sample_guidance
+def demo_sampling() -> tuple[str, float]:
+    """How the demo samples its model, in every stage: ldm-tiny's train.sample_scheduler and sample_guidance."""
+    train = load_run_config(LDMRunConfig, "ldm-tiny")[0].train
+    return train.sample_scheduler, train.sample_guidance
 
 
 def _overrides(seed: int, max_steps: int | None) -> dict[str, int]:
@@ -153,7 +157,8 @@ def run_controlnet_demo(output: str | Path, base: str | Path | None = None, step
     """Train a ControlNet (configs/controlnet-tiny.yaml) on top of the demo's model (`base`, default OUTPUT/ldm, which
     `run_demo` writes) with silhouettes of builtin:shapes, then sample every combination with and without it from
     the same noise and measure how well the objects follow the control. Guidance: by default the demo's."""
-    output, guidance_scale = Path(output), demo_guidance() if guidance_scale is None else guidance_scale
+    scheduler, default_guidance = demo_sampling()
+    output, guidance_scale = Path(output), default_guidance if guidance_scale is None else guidance_scale
     base = Path(base) if base is not None else output / "ldm"
     if not base.exists():
         raise ConfigError(f"no base model at {base}: run `ldm demo --output {output}` first, or pass --model BASE")
@@ -166,7 +171,8 @@ def run_controlnet_demo(output: str | Path, base: str | Path | None = None, step
     results = {}
     for name, extra in (("without", {}), ("with", {"controlnet": controlnet, "control_image": controls})):
         results[name] = pipe(prompts, num_inference_steps=sample_steps, guidance_scale=guidance_scale,
-                             output_type="pt", generator=torch.Generator().manual_seed(seed), **extra)
+                             scheduler=scheduler, output_type="pt", generator=torch.Generator().manual_seed(seed),
+                             **extra)
     stamps.append(time.perf_counter())
     files = {"controlnet-samples": output / "controlnet-samples.png", "controlnet-loss": run / CURVE_FILE}
     rows = [controls[:COLUMNS], results["without"][:COLUMNS], results["with"][:COLUMNS]]  # control | without | with
@@ -244,10 +250,11 @@ def evaluate_cascade(base: LatentDiffusion, upscaler: LatentDiffusion, output: s
     cascade, first COLUMNS prompts) and OUTPUT/upscaler-samples.png (low-res | bicubic | ours | truth, 8 rows).
     Guidance of both stages: by default the demo's."""
     output, started = Path(output), time.perf_counter()
-    guidance_scale = demo_guidance() if guidance_scale is None else guidance_scale
+    scheduler, default_guidance = demo_sampling()
+    guidance_scale = default_guidance if guidance_scale is None else guidance_scale
     output.mkdir(parents=True, exist_ok=True)
     prompts = [caption_for(c) for c in all_combinations()]
-    options = {"num_inference_steps": sample_steps, "guidance_scale": guidance_scale}
+    options = {"num_inference_steps": sample_steps, "guidance_scale": guidance_scale, "scheduler": scheduler}
     low = base(prompts, output_type="pt", generator=torch.Generator().manual_seed(seed), **options)
     high = cascade(base, upscaler, prompts, output_type="pt", generator=torch.Generator().manual_seed(seed),
                    noise_level=noise_level, **options)

@@ -16,6 +16,7 @@ from ..data import DataConfig
 from ..errors import ConfigError
 from ..lora import TEXT_ATTENTION, UNET_ATTENTION
 from ..pipeline import LatentDiffusionConfig
+from ..samplers import SAMPLERS
 from ..upscaler import UpscalerConfig
 from .optim import LR_SCHEDULES, OPTIMIZERS
 from .precision import PRECISIONS
@@ -184,6 +185,7 @@ class LDMTrainConfig(TrainConfig):
     validation_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 25
     sample_guidance: float = 5.0
+    sample_scheduler: str = "ddim"  # the sampler of the validation samples (and of the demo): a samplers.SAMPLERS name
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -204,6 +206,9 @@ class LDMTrainConfig(TrainConfig):
             raise ConfigError(f"train.text_encoder_lr must be > 0 (or null), got {self.text_encoder_lr}")
         if self.sample_steps < 1:
             raise ConfigError(f"train.sample_steps must be >= 1, got {self.sample_steps}")
+        if self.sample_scheduler not in SAMPLERS:
+            raise ConfigError(f"train.sample_scheduler must be one of {', '.join(SAMPLERS)}, got "
+                              f"{self.sample_scheduler!r}")
         if self.lora.base_dtype != "float32" and self.mixed_precision == "no":
             raise ConfigError(f"train.lora.base_dtype {self.lora.base_dtype} needs train.mixed_precision bf16 or fp16 "
                               "(autocast runs the half-precision base beside the float32 adapters)")

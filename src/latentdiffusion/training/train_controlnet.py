@@ -142,7 +142,8 @@ class ControlNetTask(Task):
         control = torch.stack([item["conditioning_pixel_values"] for item in items])
         with evaluating(controlnet):
             images = self.pipe([item["text"] for item in items], num_inference_steps=self.cfg.sample_steps,
-                               guidance_scale=self.cfg.sample_guidance, controlnet=controlnet, control_image=control,
+                               guidance_scale=self.cfg.sample_guidance, scheduler=self.cfg.sample_scheduler,
+                               controlnet=controlnet, control_image=control,
                                controlnet_conditioning_scale=self.cfg.sample_conditioning_scale,
                                generator=torch.Generator().manual_seed(self.cfg.seed), output_type="pt")
         image_grid(torch.cat([control, images]), len(items)).save(self.run.sample_path(step))

@@ -335,5 +335,6 @@ def save_samples(pipe: LatentDiffusion, cfg: Any, path: Path) -> None:
     """A grid of one image per validation prompt, from a fixed seed, so grids of successive steps compare."""
     with evaluating(pipe.unet, pipe.text_encoder):
         images = pipe(cfg.validation_prompts, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.sample_guidance,
-                      generator=torch.Generator().manual_seed(cfg.seed), output_type="pt")
+                      scheduler=cfg.sample_scheduler, generator=torch.Generator().manual_seed(cfg.seed),
+                      output_type="pt")
     image_grid(images, min(len(images), 8)).save(path)
