@@ -44,8 +44,8 @@ class Estimate:
     def describe(self) -> str:
         return (f"this machine trains the VAE at {self.vae_steps_per_second:.1f} steps/s and the UNet at "
                 f"{self.ldm_steps_per_second:.1f} steps/s: the demo should take about {self.total / 60:.1f} min "
-                f"(VAE {self.vae / 60:.1f}, decoder {self.decoder / 60:.1f}, latents {self.latent_cache / 60:.1f}, "
-                f"UNet {self.ldm / 60:.1f}, sampling {self.sampling / 60:.1f})")
+                f"(VAE {self.vae / 60:.1f}, " + (f"decoder {self.decoder / 60:.1f}, " if self.decoder else "")
+                + f"latents {self.latent_cache / 60:.1f}, UNet {self.ldm / 60:.1f}, sampling {self.sampling / 60:.1f})")
 
 
 def demo_pipeline(vae_config: VAERunConfig, ldm_config: LDMRunConfig) -> LatentDiffusion:
