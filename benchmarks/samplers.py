@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from latentdiffusion import LatentDiffusion
 from latentdiffusion.data.shapes import all_combinations, caption_for
+from latentdiffusion.demo import demo_sampling
 from latentdiffusion.samplers import SAMPLERS
 from latentdiffusion.yardstick import judge
 
@@ -99,11 +100,13 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny random model, 2 step counts, 8 prompts")
     parser.add_argument("--steps", default="5,10,15,20,30,50")
     parser.add_argument("--samplers", default=",".join(SAMPLERS))
-    parser.add_argument("--guidance", type=float, default=4.0, help="the demo's guidance scale (default 4.0)")
+    parser.add_argument("--guidance", type=float, help="default: the demo's, ldm-tiny's train.sample_guidance")
     parser.add_argument("--reference-steps", type=int, default=REFERENCE_STEPS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/samplers")
     args = parser.parse_args()
+    if args.guidance is None:
+        args.guidance = demo_sampling()[1]
 
     pipe = tiny_model() if args.tiny else LatentDiffusion.from_pretrained(args.model)
     prompts = [caption_for(c) for c in all_combinations()]
