@@ -1,7 +1,7 @@
 """LoRA teaches a concept the base has never seen: a rank-8 adapter, trained on builtin:shapes-star on top of the
 model `ldm demo` trains, draws stars, while the old prompts keep their adherence.
 
-    ldm demo --output outputs/demo                      # the base (about 5 minutes), once
+    ldm demo --output outputs/demo --decoder-steps 800  # the base with the decoder stage stars need (5 min), once
     python benchmarks/lora_star.py --base outputs/demo/ldm --output outputs/lora-star [--steps N] [--set key=value ...]
 
 The recipe is configs/lora-star.yaml (`--config` another; `--set` overrides any key, as `ldm train --set` does); the
