@@ -31,8 +31,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/cascade-bench"))
     args = parser.parse_args()
-    if args.guidance is None:
-        args.guidance = demo_sampling()[1]
+    args.guidance = demo_sampling(args.guidance)[1]
     base, upscaler = LatentDiffusion.from_pretrained(args.base), LatentDiffusion.from_pretrained(args.upscaler)
     result = evaluate_cascade(base, upscaler, args.out, args.guidance, args.steps, args.noise_level, args.count, args.seed,
                               args.downsample)

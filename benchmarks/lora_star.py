@@ -73,8 +73,7 @@ def main() -> None:
                         "each of N generator seeds (SEED, SEED + 100, ...) and report their mean: with 30 star prompts "
                         "one seed's share moves by several points")
     args = parser.parse_args()
-    if args.guidance is None:
-        args.guidance = demo_sampling()[1]
+    args.guidance = demo_sampling(args.guidance)[1]
 
     stars = [caption_for(c) for c in all_combinations(("star",))]
     old = [caption_for(c) for c in all_combinations()]

@@ -105,8 +105,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/samplers")
     args = parser.parse_args()
-    if args.guidance is None:
-        args.guidance = demo_sampling()[1]
+    args.guidance = demo_sampling(args.guidance)[1]
 
     pipe = tiny_model() if args.tiny else LatentDiffusion.from_pretrained(args.model)
     prompts = [caption_for(c) for c in all_combinations()]

@@ -505,7 +505,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def _second_stages(args: argparse.Namespace) -> int:
     from .demo import demo_sampling, run_cascade_demo
 
-    guidance = demo_sampling()[1] if args.guidance is None else args.guidance
+    guidance = demo_sampling(args.guidance)[1]
     if args.controlnet:
         _controlnet_demo(args, guidance)
     if args.cascade:

@@ -1,8 +1,8 @@
 """The offline demo: train the VAE on builtin:shapes (with --decoder-steps, then its decoder alone a while longer; the
-latents stay), then the text encoder and UNet on builtin:shapes-noisy (one caption in ten wrong, so that guidance has something to do);
-sample one image per attribute combination and judge each against its prompt with the yardstick, with and without
-guidance. Second stages on top of its model: a ControlNet (`ldm demo --controlnet`) and an x2 upsampler, a cascade
-(`ldm demo --cascade`)."""
+latents stay), then the text encoder and UNet on builtin:shapes-noisy (one caption in ten wrong, so that guidance has
+something to do); sample one image per attribute combination and judge each against its prompt with the yardstick,
+with and without guidance. Second stages on top of its model: a ControlNet (`ldm demo --controlnet`) and an x2
+upsampler, a cascade (`ldm demo --cascade`)."""
 
 from __future__ import annotations
 
@@ -73,8 +73,7 @@ def run_demo(output: str | Path, vae_steps: int | None = None, ldm_steps: int | 
         VAERunConfig, "vae-tiny-decoder", values=_overrides(seed, decoder_steps))
     ldm_config, ldm_raw = load_run_config(LDMRunConfig, "ldm-tiny", values=_overrides(seed, ldm_steps))
     prompts = [caption_for(c) for c in all_combinations()]
-    scheduler = ldm_config.train.sample_scheduler
-    guidance_scale = ldm_config.train.sample_guidance if guidance_scale is None else guidance_scale
+    scheduler, guidance_scale = demo_sampling(guidance_scale)
     if say is not None:
         say(estimate(vae_config, ldm_config, len(prompts), steps, decoder_config).describe())
     vae_run = train_vae(vae_config, output / "vae", raw=vae_raw, progress=progress)
@@ -103,10 +102,11 @@ def run_demo(output: str | Path, vae_steps: int | None = None, ldm_steps: int | 
     return DemoResult(scores["guided"], scores["unguided"], guidance_scale, scheduler, seconds, files)
 
 
-def demo_sampling() -> tuple[str, float]:
-    """How the demo samples its model, in every stage: ldm-tiny's train.sample_scheduler and sample_guidance."""
+def demo_sampling(guidance_scale: float | None = None) -> tuple[str, float]:
+    """How the demo samples its model, in every stage: ldm-tiny's train.sample_scheduler, and `guidance_scale` or
+    else its train.sample_guidance."""
     train = load_run_config(LDMRunConfig, "ldm-tiny")[0].train
-    return train.sample_scheduler, train.sample_guidance
+    return train.sample_scheduler, train.sample_guidance if guidance_scale is None else guidance_scale
 
 
 def _overrides(seed: int, max_steps: int | None) -> dict[str, int]:
@@ -157,8 +157,7 @@ def run_controlnet_demo(output: str | Path, base: str | Path | None = None, step
     """Train a ControlNet (configs/controlnet-tiny.yaml) on top of the demo's model (`base`, default OUTPUT/ldm, which
     `run_demo` writes) with silhouettes of builtin:shapes, then sample every combination with and without it from
     the same noise and measure how well the objects follow the control. Guidance: by default the demo's."""
-    scheduler, default_guidance = demo_sampling()
-    output, guidance_scale = Path(output), default_guidance if guidance_scale is None else guidance_scale
+    output, (scheduler, guidance_scale) = Path(output), demo_sampling(guidance_scale)
     base = Path(base) if base is not None else output / "ldm"
     if not base.exists():
         raise ConfigError(f"no base model at {base}: run `ldm demo --output {output}` first, or pass --model BASE")
@@ -250,8 +249,7 @@ def evaluate_cascade(base: LatentDiffusion, upscaler: LatentDiffusion, output: s
     cascade, first COLUMNS prompts) and OUTPUT/upscaler-samples.png (low-res | bicubic | ours | truth, 8 rows).
     Guidance of both stages: by default the demo's."""
     output, started = Path(output), time.perf_counter()
-    scheduler, default_guidance = demo_sampling()
-    guidance_scale = default_guidance if guidance_scale is None else guidance_scale
+    scheduler, guidance_scale = demo_sampling(guidance_scale)
     output.mkdir(parents=True, exist_ok=True)
     prompts = [caption_for(c) for c in all_combinations()]
     options = {"num_inference_steps": sample_steps, "guidance_scale": guidance_scale, "scheduler": scheduler}
