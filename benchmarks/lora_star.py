@@ -33,11 +33,9 @@ from latentdiffusion.yardstick import adherence
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "lora-star.yaml"
 
 
-def score(pipe: LatentDiffusion, prompts: list[str], guidance: float, seeds: list[int]
+def score(pipe: LatentDiffusion, prompts: list[str], scheduler: str, guidance: float, seeds: list[int]
           ) -> tuple[list[float], torch.Tensor]:
-    """The share of `prompts` judged right, sampled once from each of `seeds` with the demo's sampler, and the first
-    seed's images."""
-    scheduler = demo_sampling()[0]
+    """The share of `prompts` judged right, sampled once from each of `seeds`, and the first seed's images."""
     runs = [pipe(prompts, num_inference_steps=25, guidance_scale=guidance, scheduler=scheduler, output_type="pt",
                  generator=torch.Generator().manual_seed(seed)) for seed in seeds]
     return [adherence([im.permute(1, 2, 0).numpy() for im in images], prompts) for images in runs], runs[0]
@@ -73,14 +71,14 @@ def main() -> None:
                         "each of N generator seeds (SEED, SEED + 100, ...) and report their mean: with 30 star prompts "
                         "one seed's share moves by several points")
     args = parser.parse_args()
-    args.guidance = demo_sampling(args.guidance)[1]
+    scheduler, args.guidance = demo_sampling(args.guidance)  # the demo's sampler; its guidance unless given
 
     stars = [caption_for(c) for c in all_combinations(("star",))]
     old = [caption_for(c) for c in all_combinations()]
     base = LatentDiffusion.from_pretrained(args.base)
     seeds = [args.seed + 100 * k for k in range(args.sampling_seeds)]
-    before_star, base_images = score(base, stars, args.guidance, seeds)
-    before_old, _ = score(base, old, args.guidance, seeds)
+    before_star, base_images = score(base, stars, scheduler, args.guidance, seeds)
+    before_old, _ = score(base, old, scheduler, args.guidance, seeds)
 
     resolution = base.unet.config.sample_size * base.vae_scale_factor
     ceiling = vae_ceiling(base, resolution)
@@ -94,8 +92,8 @@ def main() -> None:
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
 
     tuned = LatentDiffusion.from_pretrained(run)
-    after_star, tuned_images = score(tuned, stars, args.guidance, seeds)
-    after_old, _ = score(tuned, old, args.guidance, seeds)
+    after_star, tuned_images = score(tuned, stars, scheduler, args.guidance, seeds)
+    after_old, _ = score(tuned, old, scheduler, args.guidance, seeds)
     image_grid(torch.cat([base_images, tuned_images]), 15).save(Path(args.output) / "stars.png")
     adapter = list_checkpoints(run)[-1][1] / LORA_FILE
     print(f"rank-{cfg.lora.rank} LoRA, {cfg.max_steps} steps of batch {cfg.batch_size}: {wall / 60:.1f} min "

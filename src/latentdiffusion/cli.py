@@ -452,9 +452,8 @@ def add_demo(subparsers: SubParsers) -> None:
     p = subparsers.add_parser("demo", help="the built-in offline demo: train every stage on builtin:shapes, sample, "
                               "score prompt adherence", description="Train the tiny VAE (with --decoder-steps, then "
                               "its decoder alone), text encoder and UNet on builtin:shapes (the UNet with one caption "
-                              "in ten wrong), "
-                              "sample one image per prompt for all 90 attribute combinations and print the share "
-                              "judged right (colour and shape) with and without guidance.")
+                              "in ten wrong), sample one image per prompt for all 90 attribute combinations and print "
+                              "the share judged right (colour and shape) with and without guidance.")
     p.add_argument("--output", metavar="DIR", default="outputs/demo", help="where runs and grids go")
     p.add_argument("--vae-steps", type=int, metavar="N", help="override vae-tiny's train.max_steps")
     p.add_argument("--decoder-steps", type=int, default=0, metavar="N", help="also train the decoder alone for N "
