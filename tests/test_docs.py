@@ -176,7 +176,7 @@ def run_cli(argv: list[str], capsys) -> None:
 @pytest.mark.parametrize("block", cases())
 def test_docs_block_runs(block: Block, workspaces, capsys):
     if block.skip is not None:
-        pytest.skip(block.skip)
+        pytest.skip(f"{block.id}: {block.skip}")
     folder, namespace = workspaces(block.page)
     cwd = os.getcwd()
     os.chdir(folder)
