@@ -2,7 +2,7 @@
 
     python benchmarks/profile_cpu.py [--which ours|diffusers] [--mode forward|backward] [--rows 25]
 
-Prints the operator table sorted by self CPU time (the README's profile tables, Speed against diffusers, come from it).
+Prints the operator table sorted by self CPU time (the profile tables of docs/results.md, Speed against diffusers, come from it).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`ldm demo --cascade`: the upsampler stage on top of a base model runs on tiny step counts and reports the base
 model's and the cascade's prompt adherence and the upsampler's fidelity against bicubic (no figures asserted: the
-measured ones are in the README, Cascades)."""
+measured ones are in docs/results.md, Cascades)."""
 
 import pytest
 import torch

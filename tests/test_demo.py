@@ -1,6 +1,6 @@
 """The demo learns: the seeded `ldm demo` (vae-tiny and ldm-tiny at their full steps, about 3 minutes) gets the
 prompt's colour almost always and colour and shape together far above chance, and guidance makes the difference that
-one wrong caption in ten calls for. Its figures are in the README. (Cut runs are not enough: with the former AdamW VAE
+one wrong caption in ten calls for. Its figures are in docs/results.md. (Cut runs are not enough: with the former AdamW VAE
 at 600 steps, without the L2 term, half the colours were still wrong.)"""
 
 from pathlib import Path
