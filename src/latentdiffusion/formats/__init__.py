@@ -96,7 +96,8 @@ def load_pipeline(path: str | Path, use_ema: bool | None = None, prediction_type
     text = given["text_encoder"] if "text_encoder" in given else components.text_encoder(dtype)
     autoencoder = given["vae"] if "vae" in given else components.vae(dtype)
     pipe = LatentDiffusion(autoencoder, components.unet(dtype), text,
-                           components.configs.get("scheduler", SchedulerConfig()), components.configs.get("upscaler"))
+                           components.configs.get("scheduler", SchedulerConfig()), components.configs.get("upscaler"),
+                           components.configs.get("sampling"))
     return pipe if dtype is None else pipe.to(dtype)
 
 

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, LatentDiffusionError
+from ..messages import warn
 from . import distributed
 from .batches import BatchOrder, batch_order, open_dataset, sample_generators
 from .distributed import Runtime, all_reduce_mean
@@ -246,6 +247,9 @@ def fit(make_task: Callable[[Setup], Task], config: Any, output: str | Path, res
         if config.data.buckets and task.items is not dataset:
             raise ConfigError("data.buckets needs the images themselves: it does not combine with train.cache_latents")
         order = batch_order(dataset, config.data, cfg, runtime, run.start_step, task.pixel_multiple, run.say)
+        if cfg.warmup_steps > cfg.max_steps:
+            warn(f"train.warmup_steps {cfg.warmup_steps} is more than train.max_steps {cfg.max_steps}: the whole run is "
+                 f"warm-up, and the learning rate reaches only {cfg.max_steps / cfg.warmup_steps:.0%} of its peak")
         run.save_config(config)
         return _loop(task, kind, cfg, config.data.num_workers, run, runtime, order, progress)
     finally:

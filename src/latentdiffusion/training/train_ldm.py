@@ -21,7 +21,7 @@ from ..formats import load_components
 from ..formats.components import Components
 from ..formats.native import EMA_DIR, is_native, load_components as load_native
 from ..formats.native import save_pipeline
-from ..pipeline import LatentDiffusion
+from ..pipeline import LatentDiffusion, SamplingConfig
 from ..schedulers import SchedulerConfig
 from ..text_encoder import TextEncoder
 from ..unet import UNet
@@ -135,6 +135,7 @@ class LDMTask(Task):
         averaged = [average.model for average, _ in self.ema]
         self.ema_pipe = LatentDiffusion(vae, averaged[0], averaged[1] if self.train_text else text_encoder,
                                         pipe.scheduler.config, pipe.upscaler) if self.ema else pipe
+        pipe.sampling = self.ema_pipe.sampling = self.sampling()  # checkpoints sample as the grids do
         for module in trained:  # building ema_pipe put the shared modules in eval mode
             module.train()
         if cfg.compile:  # after the EMA's deepcopy: a copied compiled module would still call the original's forward
@@ -145,6 +146,10 @@ class LDMTask(Task):
                      text_encoder_source: Any) -> LatentDiffusion:
         """The pipeline a fresh run starts from (a trainer of another model overrides this)."""
         return build_pipeline(config, raw, vae_source, init, text_encoder_source)
+
+    def sampling(self) -> SamplingConfig:
+        """The sampling settings the checkpoints record: those of the validation grids."""
+        return SamplingConfig(self.cfg.sample_scheduler, self.cfg.sample_guidance, self.cfg.sample_steps)
 
     def loss_module(self) -> nn.Module:
         """The module whose forward is the loss (DistributedDataParallel wraps it)."""

@@ -72,6 +72,7 @@ class LoraTask(LDMTask):
         if cfg.ema_decay:
             run.say("note: a LoRA run keeps no EMA of its adapter (train.ema_decay is not used)")
         self.ema, self.ema_pipe, self.pipe = [], pipe, pipe
+        pipe.sampling = self.sampling()
 
     def param_groups(self) -> list[tuple[list[nn.Parameter], float]]:
         """The UNet's adapter at train.learning_rate, the text encoder's at train.text_encoder_lr where set."""
@@ -88,7 +89,7 @@ class LoraTask(LDMTask):
         return f"{n_params / 1e6:.3f}M LoRA parameters (rank {self.cfg.lora.rank} on {where}; base {self.base} frozen)"
 
     def write_models(self, folder: Path) -> None:
-        write_lora_checkpoint(folder, self.pipe.lora_weights(ADAPTER), self.base)
+        write_lora_checkpoint(folder, self.pipe.lora_weights(ADAPTER), self.base, self.pipe.sampling)
 
     def finished(self) -> str:
         return (f"done: {self.run.path} (from_pretrained loads {self.base} with the newest adapter; the adapter file "

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..formats import load_components
-from ..pipeline import LatentDiffusion
+from ..pipeline import LatentDiffusion, SamplingConfig
 from ..pixels import PixelSpace
 from ..text_encoder import TextEncoder
 from ..unet import UNet
@@ -134,6 +134,10 @@ class UpscalerTask(LDMTask):
         if self.upscaler.residual_scale is not None:  # the target: what bicubic upscaling of the clean input misses
             latents = (latents - self.pipe.upsampled_latents(low)) * self.upscaler.residual_scale
         return latents, captions, gens, augment(low, levels, self.upscaler, gens), levels
+
+    def sampling(self) -> SamplingConfig:
+        """The grids' settings: unguided (the low-res image is the condition that matters)."""
+        return SamplingConfig(self.cfg.sample_scheduler, 1.0, self.cfg.sample_steps)
 
     def describe(self) -> str:
         return super().describe() + f", x{self.pipe.vae_scale_factor} upsampler ({self.cfg.downsample} low-res input)"
