@@ -205,3 +205,21 @@ def test_upscale_takes_the_sampling_options_of_sample(capsys, tiny_upsampler, tm
                              "--out", str(tmp_path / "up.png"))
     assert code == 0, err
     assert "2 images, 16x16" in out and "sampling" not in err  # no progress bar
+
+
+# ------------------------------------------------------------------------------------------------- 11: ControlNet
+def test_a_float32_controlnet_runs_with_a_bfloat16_pipeline(tiny_model, tmp_path):
+    from latentdiffusion import ControlNet
+
+    pipe = LatentDiffusion.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    ControlNet.from_unet(pipe.unet, vae_scale_factor=pipe.vae_scale_factor).save_pretrained(tmp_path / "cn")
+    net = ControlNet.from_pretrained(tmp_path / "cn")
+    assert next(net.parameters()).dtype == torch.float32
+    assert next(ControlNet.from_pretrained(tmp_path / "cn", dtype=torch.bfloat16).parameters()).dtype == torch.bfloat16
+    pipe = pipe.to(torch.bfloat16)
+    control = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    images = pipe("a red circle", num_inference_steps=2, controlnet=net, control_image=control, output_type="pt",
+                  generator=torch.Generator().manual_seed(0))
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+    assert next(net.parameters()).dtype == torch.float32  # the user's ControlNet is left as it was
