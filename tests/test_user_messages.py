@@ -223,3 +223,86 @@ def test_a_float32_controlnet_runs_with_a_bfloat16_pipeline(tiny_model, tmp_path
                   generator=torch.Generator().manual_seed(0))
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
     assert next(net.parameters()).dtype == torch.float32  # the user's ControlNet is left as it was
+
+
+def controlnet_run(pipe: LatentDiffusion, folder: Path) -> Path:
+    """A train-controlnet run's layout: a ControlNet of ours as its newest checkpoint."""
+    from latentdiffusion import ControlNet
+
+    torch.manual_seed(0)
+    net = ControlNet.from_unet(pipe.unet, vae_scale_factor=pipe.vae_scale_factor)
+    net.save_pretrained(folder / "checkpoints" / "step-00000002")
+    return folder
+
+
+def test_a_controlnet_run_is_named_as_one_and_converts(capsys, tiny_model, tmp_path):
+    from latentdiffusion import ControlNet
+
+    run = controlnet_run(LatentDiffusion.from_pretrained(tiny_model), tmp_path / "cn-run")
+    code, _, err = run_cli(capsys, "sample", "--model", str(run), "--prompt", "x", "--out", str(tmp_path / "x.png"))
+    assert code == 2 and f"{run} is a ControlNet, not a whole model" in one_line_error(err)
+    assert f"--controlnet {run}" in err
+    original = ControlNet.from_pretrained(run).state_dict()
+    code, out, err = run_cli(capsys, "convert", str(run), str(tmp_path / "diffusers"), "--to", "diffusers")
+    assert code == 0, err
+    back = ControlNet.from_pretrained(tmp_path / "diffusers").state_dict()
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in back)
+    # an original file holds no config: one of 4 norm groups would load back as 32, and is refused saying so
+    code, out, err = run_cli(capsys, "convert", str(run), str(tmp_path / "cn.safetensors"), "--to", "single-file")
+    assert code == 2 and "as an original ControlNet file, which would not load back" in one_line_error(err)
+
+
+def test_single_file_export_names_the_pooled_context_setting(capsys, tmp_path):
+    from dataclasses import replace
+
+    config = smallest_model()
+    config.unet = replace(config.unet, pooled_context=True)
+    LatentDiffusion.from_config(config).save_pretrained(tmp_path / "pooled")
+    code, _, err = run_cli(capsys, "convert", str(tmp_path / "pooled"), str(tmp_path / "m.safetensors"),
+                           "--to", "single-file")
+    assert code == 2 and "model.unet.pooled_context has no place in the Stable Diffusion single-file layout" in \
+        one_line_error(err)
+
+
+def test_a_second_demo_into_the_same_folder_says_what_to_do(capsys, tmp_path):
+    (tmp_path / "demo" / "vae" / "checkpoints" / "step-00000400").mkdir(parents=True)
+    code, _, err = run_cli(capsys, "demo", "--output", str(tmp_path / "demo"))
+    line = one_line_error(err)
+    assert code == 2 and "already holds the runs of a demo (vae): give another --output folder" in line
+    assert "--resume" not in line
+
+
+@pytest.mark.slow
+def test_a_lora_run_loads_as_lora_and_notes_ema_decay_only_when_set(capsys, tmp_path):
+    import yaml
+
+    from tiny import tiny_base
+
+    torch.manual_seed(0)
+    LatentDiffusion.from_config(tiny_base()).save_pretrained(tmp_path / "base")
+    train = {k: v for k, v in TINY_LDM["train"].items() if k != "ema_decay"}
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump({"train": {**train, "max_steps": 1, "sample_guidance": 2.5},
+                                                        "data": TINY_LDM["data"]}))
+    code, _, err = run_cli(capsys, "train", "--config", str(tmp_path / "lora.yaml"), "--init", str(tmp_path / "base"),
+                           "--lora-rank", "2", "--output", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "ema_decay" not in err  # the user never set it
+    assert LatentDiffusion.from_pretrained(tmp_path / "run").sampling.guidance_scale == 2.5  # the run's record
+    code, out, err = run_cli(capsys, "sample", "--model", str(tmp_path / "base"), "--lora", f"{tmp_path / 'run'}:0.5",
+                             "--prompt", "x", "--steps", "1", "--no-progress", "--out", str(tmp_path / "x.png"))
+    assert code == 0, err  # a LoRA run folder as --lora: its newest adapter
+
+
+@pytest.mark.slow
+def test_a_vae_run_given_to_train_says_what_it_holds(capsys, tmp_path, vae_dir):
+    from test_cli import TINY_VAE_SETS
+
+    code, _, err = run_cli(capsys, "train-vae", "--data", "builtin:shapes", "--output", str(tmp_path / "vae"),
+                           *TINY_VAE_SETS)
+    assert code == 0, err
+    config = write_config(tmp_path / "ldm.yaml", TINY_LDM, max_steps=1)
+    code, _, err = run_cli(capsys, "train", "--config", str(config), "--vae", str(vae_dir), "--output",
+                           str(tmp_path / "vae"))
+    line = one_line_error(err)
+    assert code == 2 and "holds a vae training run, not a ldm one: choose another --output folder" in line
+    assert "--resume" not in line

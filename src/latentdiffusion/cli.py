@@ -187,7 +187,7 @@ def add_sample(subparsers: SubParsers) -> None:
     p.add_argument("--text-encoder", metavar="MODEL", help="use MODEL's text encoder (for a file without one)")
     _prediction_type_option(p)
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="a LoRA adapter file "
-                   "(diffusers or kohya layout) at SCALE (default 1); repeatable")
+                   "(diffusers or kohya layout) or LoRA training run at SCALE (default 1); repeatable")
     p.add_argument("--out", metavar="FILE.png", default="sample.png", help="output image; several images are saved "
                    "as one grid (default sample.png)")
     p.add_argument("--controlnet", action="append", default=[], metavar="PATH", help="a ControlNet (diffusers folder, "
@@ -422,8 +422,8 @@ def add_convert(subparsers: SubParsers) -> None:
     p.add_argument("dst", metavar="DST", help="a new folder (or, --to single-file, a .safetensors/.ckpt file)")
     p.add_argument("--to", default="latentdiffusion", metavar="FORMAT", help="latentdiffusion: a save_pretrained "
                    "folder (default); diffusers: the diffusers folder layout; single-file: an SD 1.x / 2.x checkpoint file "
-                   "(a LoRA run: its base with the adapter fused in). For a LoRA adapter file SRC: kohya or diffusers, "
-                   "the adapter in that layout")
+                   "(a LoRA run: its base with the adapter fused in; a ControlNet: the original ControlNet layout). For a "
+                   "LoRA adapter file SRC: kohya or diffusers, the adapter in that layout")
     p.add_argument("--model", metavar="MODEL", help="a LoRA adapter's base model, whose module names a kohya file is "
                    "read against (default: the SD 1.x architecture)")
     p.add_argument("--no-ema", action="store_true", help="take a checkpoint's raw weights, not its EMA weights")
@@ -433,6 +433,7 @@ def add_convert(subparsers: SubParsers) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     from .formats import load_components, save_components
+    from .formats.controlnet import is_controlnet
 
     dst = Path(args.dst)
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
@@ -441,6 +442,15 @@ def run_convert(args: argparse.Namespace) -> int:
         from .formats.lora import convert_lora
 
         print(f"wrote {convert_lora(args.src, dst, args.to, args.model)} (LoRA adapter, {args.to} layout)")
+        return 0
+    if is_controlnet(Path(args.src)):
+        from .controlnet import ControlNet
+
+        if args.to not in ("latentdiffusion", "diffusers", "single-file"):
+            raise ArgumentError(f"--to {args.to}: SRC {args.src} is a ControlNet: convert it to latentdiffusion, "
+                                "diffusers or single-file")
+        ControlNet.from_pretrained(args.src, use_ema=False if args.no_ema else None).save_pretrained(dst, args.to)
+        print(f"wrote {dst} ({args.to}: controlnet)")
         return 0
     components = load_components(args.src, use_ema=False if args.no_ema else None,
                                  prediction_type=args.prediction_type)

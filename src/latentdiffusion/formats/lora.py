@@ -24,8 +24,11 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers gives an ad
 
 def lora_file(path: str | Path) -> Path:
     """The adapter file at `path`: the file itself, or pytorch_lora_weights.safetensors (or the one .safetensors
-    file) in a folder."""
+    file) in a folder; of a LoRA training run, its newest checkpoint's adapter."""
     path = Path(path)
+    checkpoint = lora_checkpoint(path)
+    if checkpoint is not None:
+        path = checkpoint
     if path.is_dir():
         candidates = [path / LORA_FILE] if (path / LORA_FILE).is_file() else sorted(path.glob("*.safetensors"))
         if len(candidates) != 1:

@@ -15,7 +15,7 @@ from .. import lora
 from ..errors import ConfigError
 from ..formats import load_pipeline
 from ..formats.lora import LORA_FILE, load_lora_weights, lora_base, write_lora_checkpoint
-from .config import LDMRunConfig
+from .config import LDMRunConfig, explicit
 from .train_ldm import LDMTask
 
 ADAPTER = "lora"  # the adapter's name inside the pipeline
@@ -69,7 +69,7 @@ class LoraTask(LDMTask):
         pipe.unet.train()
         pipe.text_encoder.model.train(self.train_text)
         pipe.unet.gradient_checkpointing = cfg.gradient_checkpointing
-        if cfg.ema_decay:
+        if cfg.ema_decay and "ema_decay" in explicit(raw, "train"):  # the default is no choice of the user's
             run.say("note: a LoRA run keeps no EMA of its adapter (train.ema_decay is not used)")
         self.ema, self.ema_pipe, self.pipe = [], pipe, pipe
         pipe.sampling = self.sampling()
