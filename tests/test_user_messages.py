@@ -306,3 +306,15 @@ def test_a_vae_run_given_to_train_says_what_it_holds(capsys, tmp_path, vae_dir):
     line = one_line_error(err)
     assert code == 2 and "holds a vae training run, not a ldm one: choose another --output folder" in line
     assert "--resume" not in line
+
+
+@pytest.mark.slow
+def test_buckets_train_with_a_config_that_caches_latents(capsys, tmp_path, vae_dir):
+    for i, size in enumerate([(32, 32)] * 4 + [(64, 32)] * 4):
+        Image.new("RGB", size, (30 * i, 90, 200)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text("a picture")
+    config = write_config(tmp_path / "ldm.yaml", TINY_LDM, max_steps=2, cache_latents=True)
+    code, _, err = run_cli(capsys, "train", "--config", str(config), "--vae", str(vae_dir), "--data", str(tmp_path),
+                           "--resolution", "32", "--set", "data.buckets=true", "--output", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "train.cache_latents is left off" in err

@@ -102,8 +102,10 @@ class LDMTask(Task):
         self.setup_models(config, raw, vae_source, init, text_encoder_source)
         pipe = self.pipe
         self.pixel_multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_channels) - 1)
-        self.items = cache_latents(pipe.vae, setup.dataset, cfg.batch_size, runtime) if cfg.cache_latents \
-            else setup.dataset
+        cached = cfg.cache_latents and not config.data.buckets  # buckets: each image encoded at its bucket's shape
+        if cfg.cache_latents and not cached:
+            run.say("note: data.buckets: the latents are encoded as the images train (train.cache_latents is left off)")
+        self.items = cache_latents(pipe.vae, setup.dataset, cfg.batch_size, runtime) if cached else setup.dataset
         if cfg.prior.data is not None:
             self.items = with_prior(pipe, cfg.prior, setup.dataset, config.data, runtime, run.say)
         module = distributed.wrap(self.loss_module(), runtime)
