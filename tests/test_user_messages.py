@@ -318,3 +318,31 @@ def test_buckets_train_with_a_config_that_caches_latents(capsys, tmp_path, vae_d
                            "--resolution", "32", "--set", "data.buckets=true", "--output", str(tmp_path / "run"))
     assert code == 0, err
     assert "train.cache_latents is left off" in err
+
+
+# ------------------------------------------------------------------------------------------------- 16: long work
+def test_a_resolution_far_above_the_images_is_warned_of(tmp_path, caplog):
+    from latentdiffusion.data import load_image_captions
+
+    for i, size in enumerate([(32, 32), (32, 32), (40, 30), (300, 300)]):
+        Image.new("RGB", size).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="latentdiffusion"):
+        load_image_captions(str(tmp_path), 256)
+        assert "3 of 4 image(s) are more than 4x smaller than the training resolution 256 (32x32 (2), 40x30 (1))" in \
+            warnings_of(caplog)
+        caplog.clear()
+        load_image_captions(str(tmp_path), 64)  # 2x: usual
+        assert "smaller than the training resolution" not in warnings_of(caplog)
+
+
+@pytest.mark.slow
+def test_validation_grids_and_class_images_show_a_progress_bar(tmp_path, vae_dir, capsys):
+    config = write_config(tmp_path / "ldm.yaml", TINY_LDM, max_steps=1, sample_every=1, sample_steps=2,
+                          validation_prompts=["a red circle"])
+    code, _, err = run_cli(capsys, "train", "--config", str(config), "--vae", str(vae_dir), "--output",
+                           str(tmp_path / "run"), "--set", f"train.prior.data={tmp_path / 'class'}",
+                           "train.prior.prompt=a circle", "train.prior.num_images=2", "train.prior.sample_steps=1")
+    assert code == 0, err
+    assert "sampling: 100%" in err  # the grid's sampling steps, not a bar standing at 100% of the training steps
+    assert "class images: 100%" in err  # DreamBooth's class images

@@ -229,6 +229,7 @@ class Setup:
     run: RunFolder
     runtime: Runtime
     dataset: Dataset
+    progress: bool = True  # progress bars for long work (sample grids, class images): the main process's, if asked
 
 
 def fit(make_task: Callable[[Setup], Task], config: Any, output: str | Path, resume: bool, kind: str,
@@ -243,7 +244,7 @@ def fit(make_task: Callable[[Setup], Task], config: Any, output: str | Path, res
         run = RunFolder(output, runtime, resume, kind)
         dataset = open_dataset(config.data, run.say)
         torch.manual_seed(cfg.seed)
-        task = make_task(Setup(run, runtime, dataset))
+        task = make_task(Setup(run, runtime, dataset, progress and runtime.is_main))
         if config.data.buckets and task.items is not dataset:
             raise ConfigError("data.buckets needs the images themselves: it does not combine with train.cache_latents")
         order = batch_order(dataset, config.data, cfg, runtime, run.start_step, task.pixel_multiple, run.say)

@@ -152,7 +152,8 @@ class UpscalerTask(LDMTask):
         with evaluating(self.ema_pipe.unet, self.ema_pipe.text_encoder):
             ours = self.ema_pipe(prompts, image=low, noise_level=0, num_inference_steps=self.cfg.sample_steps,
                                  guidance_scale=1.0, scheduler=self.cfg.sample_scheduler,
-                                 generator=torch.Generator().manual_seed(self.cfg.seed), output_type="pt")
+                                 generator=torch.Generator().manual_seed(self.cfg.seed), output_type="pt",
+                                 progress=self.progress)
         nearest = F.interpolate(low, scale_factor=self.pipe.vae_scale_factor, mode="nearest")
         rows = torch.stack([nearest.cpu(), ours, ((truth + 1) / 2).clamp(0, 1).cpu()], dim=1).flatten(0, 1)
         image_grid(rows, 3).save(self.run.sample_path(step))
