@@ -346,3 +346,12 @@ def test_validation_grids_and_class_images_show_a_progress_bar(tmp_path, vae_dir
     assert code == 0, err
     assert "sampling: 100%" in err  # the grid's sampling steps, not a bar standing at 100% of the training steps
     assert "class images: 100%" in err  # DreamBooth's class images
+
+
+def test_convert_lists_every_target_format(capsys, tiny_model, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    assert "single-file or kohya" in " ".join(capsys.readouterr().out.split())
+    code, _, err = run_cli(capsys, "convert", str(tiny_model), str(tmp_path / "x"), "--to", "onnx")
+    assert code == 2 and one_line_error(err) == ("ldm: error: --to onnx: choose from latentdiffusion, diffusers, "
+                                                 "single-file or kohya (a LoRA adapter file)")

@@ -253,8 +253,10 @@ def _upscale_options(p: argparse.ArgumentParser, first: bool = False) -> None:
     p.add_argument("--noise-level", type=int, metavar="N", help="noise added to the low-res image "
                    "(conditioning augmentation), 0 .. the model's max_noise_level (default 20)")
     if not first:
-        p.add_argument("--upscale-steps", type=int, metavar="N", help="upsampler's denoising steps (default: --steps)")
-        p.add_argument("--upscale-guidance", type=float, metavar="G", help="upsampler's guidance (default: --guidance)")
+        p.add_argument("--upscale-steps", type=int, metavar="N", help="upsampler's denoising steps (default: --steps "
+                       "where given, else the upsampler's own)")
+        p.add_argument("--upscale-guidance", type=float, metavar="G", help="upsampler's guidance (default: --guidance "
+                       "where given, else the upsampler's own)")
 
 
 def _device(name: str) -> str:
@@ -420,7 +422,8 @@ def add_convert(subparsers: SubParsers) -> None:
                               description="Read any model from_pretrained accepts and write it out again.")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST", help="a new folder (or, --to single-file, a .safetensors/.ckpt file)")
-    p.add_argument("--to", default="latentdiffusion", metavar="FORMAT", help="latentdiffusion: a save_pretrained "
+    p.add_argument("--to", default="latentdiffusion", metavar="FORMAT", help="latentdiffusion, diffusers, single-file "
+                   "or kohya. latentdiffusion: a save_pretrained "
                    "folder (default); diffusers: the diffusers folder layout; single-file: an SD 1.x / 2.x checkpoint file "
                    "(a LoRA run: its base with the adapter fused in; a ControlNet: the original ControlNet layout). For a "
                    "LoRA adapter file SRC: kohya or diffusers, the adapter in that layout")
@@ -432,10 +435,12 @@ def add_convert(subparsers: SubParsers) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from .formats import load_components, save_components
+    from .formats import SAVE_FORMATS, load_components, save_components
     from .formats.controlnet import is_controlnet
 
     dst = Path(args.dst)
+    if args.to not in (*SAVE_FORMATS, "kohya"):
+        raise ArgumentError(f"--to {args.to}: choose from {', '.join(SAVE_FORMATS)} or kohya (a LoRA adapter file)")
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
         raise ArgumentError(f"DST {dst} already exists: choose a new destination")
     if args.to == "kohya" or (args.to == "diffusers" and _is_lora_file(Path(args.src))):
