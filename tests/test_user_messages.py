@@ -154,11 +154,11 @@ def test_a_data_path_that_does_not_exist_fails_at_once_without_the_hub(tmp_path,
 def test_local_data_loads_without_datasets_progress_bars(tmp_path, capfd):
     from latentdiffusion.data import load_image_captions
 
-    for i in range(3):
+    for i in range(80):  # datasets shows its bars from some number of files on
         Image.new("RGB", (16, 16)).save(tmp_path / f"{i}.png")
-    (tmp_path / "metadata.jsonl").write_text("".join(f'{{"file_name": "{i}.png", "text": "x"}}\n' for i in range(3)))
+    (tmp_path / "metadata.jsonl").write_text("".join(f'{{"file_name": "{i}.png", "text": "x"}}\n' for i in range(80)))
     capfd.readouterr()
-    assert len(load_image_captions(str(tmp_path), 16, cache_dir=str(tmp_path / "cache"))) == 3
+    assert len(load_image_captions(str(tmp_path), 16, cache_dir=str(tmp_path / "cache"))) == 80
     out, err = capfd.readouterr()
     assert "|" not in out + err, out + err  # no tqdm bar ("Generating train split: 100%|...")
 
