@@ -105,7 +105,8 @@ def save_single_file(controlnet: ControlNet, path: str | Path) -> None:
     try:
         back = infer_config({k: tuple(v.shape) for k, v in state.items()}, str(path))
     except (WeightsError, ConfigError) as e:  # read back from its shapes, the file would be another ControlNet
-        raise WeightsError(f"cannot save {path} as an original ControlNet file, which would not load back: {e}") from None
+        raise WeightsError(f"cannot save {path} as an original ControlNet file, which would not load back: "
+                           f"{e}") from None
     for name, value in [*_stored(controlnet.config.unet), *_stored(controlnet.config)]:
         theirs = dict([*_stored(back.unet), *_stored(back)])[name]
         if value != theirs:

@@ -98,7 +98,8 @@ RUN_FILE = "lora_run.json"  # in a LoRA run's checkpoint: {"base": the base mode
 # "sampling": the run's preferred sampling settings (SamplingConfig's fields; older runs have none)}
 
 
-def write_lora_checkpoint(folder: Path, weights: AdapterWeights, base: Path, sampling: SamplingConfig | None = None) -> None:
+def write_lora_checkpoint(folder: Path, weights: AdapterWeights, base: Path,
+                          sampling: SamplingConfig | None = None) -> None:
     """A LoRA run's checkpoint models: the adapter file (diffusers layout), where its base model is, and the
     run's sampling settings (a SamplingConfig) where given."""
     save_lora_weights(weights, folder / LORA_FILE)

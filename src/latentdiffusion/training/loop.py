@@ -249,8 +249,8 @@ def fit(make_task: Callable[[Setup], Task], config: Any, output: str | Path, res
             raise ConfigError("data.buckets needs the images themselves: it does not combine with train.cache_latents")
         order = batch_order(dataset, config.data, cfg, runtime, run.start_step, task.pixel_multiple, run.say)
         if cfg.warmup_steps > cfg.max_steps:
-            warn(f"train.warmup_steps {cfg.warmup_steps} is more than train.max_steps {cfg.max_steps}: the whole run is "
-                 f"warm-up, and the learning rate reaches only {cfg.max_steps / cfg.warmup_steps:.0%} of its peak")
+            warn(f"train.warmup_steps {cfg.warmup_steps} is more than train.max_steps {cfg.max_steps}: the whole run "
+                 f"is warm-up, and the learning rate reaches only {cfg.max_steps / cfg.warmup_steps:.0%} of its peak")
         run.save_config(config)
         return _loop(task, kind, cfg, config.data.num_workers, run, runtime, order, progress)
     finally:
