@@ -424,9 +424,9 @@ def add_convert(subparsers: SubParsers) -> None:
     p.add_argument("dst", metavar="DST", help="a new folder (or, --to single-file, a .safetensors/.ckpt file)")
     p.add_argument("--to", default="latentdiffusion", metavar="FORMAT", help="latentdiffusion, diffusers, "
                    "single-file or kohya. latentdiffusion: a save_pretrained folder (default); diffusers: the "
-                   "diffusers folder layout; single-file: an SD 1.x / 2.x checkpoint file (a LoRA run: its base with the adapter "
-                   "fused in; a ControlNet: the original ControlNet layout). For a LoRA adapter file SRC: kohya or "
-                   "diffusers, the adapter in that layout")
+                   "diffusers folder layout; single-file: an SD 1.x / 2.x checkpoint file (a LoRA run: its base with "
+                   "the adapter fused in; a ControlNet: the original ControlNet layout). For a LoRA adapter file SRC: "
+                   "kohya or diffusers, the adapter in that layout")
     p.add_argument("--model", metavar="MODEL", help="a LoRA adapter's base model, whose module names a kohya file is "
                    "read against (default: the SD 1.x architecture)")
     p.add_argument("--no-ema", action="store_true", help="take a checkpoint's raw weights, not its EMA weights")
