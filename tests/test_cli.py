@@ -118,7 +118,7 @@ def test_bad_sampling_options_are_one_line_errors(capsys, run_dir, tmp_path):
                            "--out", str(tmp_path / "x.png"))
     assert code == 2 and "unknown scheduler 'euler-magic'" in one_line_error(err)
     assert "euler_ancestral" in one_line_error(err)  # the message lists the names
-    for args, message in ((["--scheduler", "ddim", "--karras"], "use_karras_sigmas"),
+    for args, message in ((["--scheduler", "ddim", "--karras"], "--karras does not apply"),
                           (["--mask", str(tmp_path / "m.png")], "--mask needs --image"),
                           (["--image", str(tmp_path / "none.png")], "--image file not found"),
                           (["--image", str(tmp_path / "bad.png")], "--image"),

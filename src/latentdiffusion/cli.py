@@ -13,6 +13,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -167,14 +168,8 @@ def add_sample(subparsers: SubParsers) -> None:
     p.add_argument("--model", metavar="MODEL", required=True)
     p.add_argument("--prompt", metavar="TEXT", required=True)
     p.add_argument("--negative-prompt", metavar="TEXT", default=None)
-    p.add_argument("--steps", type=int, default=50, metavar="N", help="denoising steps (default 50)")
-    p.add_argument("--guidance", type=float, default=7.5, metavar="G", help="classifier-free guidance scale; "
-                   "1 turns it off (default 7.5)")
+    _sampling_options(p)
     p.add_argument("--seed", type=int, default=0, metavar="S", help="image i uses seed S + i (default 0)")
-    p.add_argument("--num-images", type=int, default=1, metavar="N")
-    p.add_argument("--scheduler", default="ddim", metavar="NAME", help="the sampler: " + ", ".join(SAMPLERS)
-                   + " (default ddim)")
-    p.add_argument("--karras", action="store_true", help="Karras et al. (2022) noise levels (samplers that take them)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (default 0)")
     p.add_argument("--image", metavar="FILE", default=None, help="img2img: start from this image (its size sets the "
                    "output's); with --mask: the image to inpaint")
@@ -182,7 +177,6 @@ def add_sample(subparsers: SubParsers) -> None:
                    "runs, in (0, 1]; 1 repaints from pure noise (default 0.8)")
     p.add_argument("--mask", metavar="FILE", default=None, help="inpainting: white = repaint, black = keep (needs "
                    "--image, of the same size)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--height", type=int, default=None, help="default: the model's training resolution")
     p.add_argument("--width", type=int, default=None, help="default: the model's training resolution")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
@@ -193,7 +187,7 @@ def add_sample(subparsers: SubParsers) -> None:
     p.add_argument("--text-encoder", metavar="MODEL", help="use MODEL's text encoder (for a file without one)")
     _prediction_type_option(p)
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="a LoRA adapter file "
-                   "(diffusers or kohya layout) at SCALE (default 1); repeatable")
+                   "(diffusers or kohya layout) or LoRA training run at SCALE (default 1); repeatable")
     p.add_argument("--out", metavar="FILE.png", default="sample.png", help="output image; several images are saved "
                    "as one grid (default sample.png)")
     p.add_argument("--controlnet", action="append", default=[], metavar="PATH", help="a ControlNet (diffusers folder, "
@@ -206,6 +200,27 @@ def add_sample(subparsers: SubParsers) -> None:
                    "(same prompt, seed, steps and guidance unless --upscale-steps / --upscale-guidance)")
     _upscale_options(p)
     p.set_defaults(run=run_sample)
+
+
+def _sampling_options(p: argparse.ArgumentParser) -> None:
+    """The sampling options `sample` and `upscale` share; left out, the model's preferred settings (what its
+    training run sampled with), else 50 steps, guidance 7.5 and ddim."""
+    preferred = "default: the model's own, as its training run sampled; else"
+    p.add_argument("--steps", type=int, metavar="N", help=f"denoising steps ({preferred} 50)")
+    p.add_argument("--guidance", type=float, metavar="G", help=f"classifier-free guidance scale; 1 turns it off "
+                   f"({preferred} 7.5)")
+    p.add_argument("--scheduler", metavar="NAME", help="the sampler: " + ", ".join(SAMPLERS) + f" ({preferred} ddim)")
+    p.add_argument("--karras", action="store_true", help="Karras et al. (2022) noise levels (samplers that take them)")
+    p.add_argument("--num-images", type=int, default=1, metavar="N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(option_names=_OPTION_NAMES)
+
+
+# The pipeline's argument names as `sample` / `upscale` call its options, for the messages: the library checks once.
+_OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "use_karras_sigmas": "--karras",
+                 "noise_level": "--noise-level", "num_images_per_prompt": "--num-images", "negative_prompt":
+                 "--negative-prompt", "mask_image": "--mask", "control_image": "--control-image",
+                 "controlnet_conditioning_scale": "--controlnet-scale"}
 
 
 def _controls(args: argparse.Namespace, device: str, dtype: object) -> dict[str, object]:
@@ -238,8 +253,10 @@ def _upscale_options(p: argparse.ArgumentParser, first: bool = False) -> None:
     p.add_argument("--noise-level", type=int, metavar="N", help="noise added to the low-res image "
                    "(conditioning augmentation), 0 .. the model's max_noise_level (default 20)")
     if not first:
-        p.add_argument("--upscale-steps", type=int, metavar="N", help="upsampler's denoising steps (default: --steps)")
-        p.add_argument("--upscale-guidance", type=float, metavar="G", help="upsampler's guidance (default: --guidance)")
+        p.add_argument("--upscale-steps", type=int, metavar="N", help="upsampler's denoising steps (default: --steps "
+                       "where given, else the upsampler's own)")
+        p.add_argument("--upscale-guidance", type=float, metavar="G", help="upsampler's guidance (default: --guidance "
+                       "where given, else the upsampler's own)")
 
 
 def _device(name: str) -> str:
@@ -337,9 +354,7 @@ def add_upscale(subparsers: SubParsers) -> None:
     p.add_argument("--prompt", metavar="TEXT", required=True)
     p.add_argument("--negative-prompt", metavar="TEXT", default=None)
     _upscale_options(p, first=True)
-    p.add_argument("--steps", type=int, default=50, metavar="N", help="denoising steps (default 50)")
-    p.add_argument("--guidance", type=float, default=7.5, metavar="G", help="guidance scale (default 7.5)")
-    p.add_argument("--scheduler", default="ddim", metavar="NAME", help="sampler name (default ddim)")
+    _sampling_options(p)
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
@@ -362,7 +377,9 @@ def run_upscale(args: argparse.Namespace) -> int:
     pipe = pipe.to(_device(args.device), getattr(torch, args.dtype))
     images = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, noise_level=args.noise_level,
                   num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
-                  generator=torch.Generator().manual_seed(args.seed), output_type="pt", progress=True)
+                  use_karras_sigmas=args.karras, num_images_per_prompt=args.num_images,
+                  generator=[torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)],
+                  output_type="pt", progress=not args.no_progress)
     _save_images(images, Path(args.out))
     return 0
 
@@ -405,10 +422,11 @@ def add_convert(subparsers: SubParsers) -> None:
                               description="Read any model from_pretrained accepts and write it out again.")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST", help="a new folder (or, --to single-file, a .safetensors/.ckpt file)")
-    p.add_argument("--to", default="latentdiffusion", metavar="FORMAT", help="latentdiffusion: a save_pretrained "
-                   "folder (default); diffusers: the diffusers folder layout; single-file: an SD 1.x / 2.x checkpoint file "
-                   "(a LoRA run: its base with the adapter fused in). For a LoRA adapter file SRC: kohya or diffusers, "
-                   "the adapter in that layout")
+    p.add_argument("--to", default="latentdiffusion", metavar="FORMAT", help="latentdiffusion, diffusers, "
+                   "single-file or kohya. latentdiffusion: a save_pretrained folder (default); diffusers: the "
+                   "diffusers folder layout; single-file: an SD 1.x / 2.x checkpoint file (a LoRA run: its base with "
+                   "the adapter fused in; a ControlNet: the original ControlNet layout). For a LoRA adapter file SRC: "
+                   "kohya or diffusers, the adapter in that layout")
     p.add_argument("--model", metavar="MODEL", help="a LoRA adapter's base model, whose module names a kohya file is "
                    "read against (default: the SD 1.x architecture)")
     p.add_argument("--no-ema", action="store_true", help="take a checkpoint's raw weights, not its EMA weights")
@@ -417,15 +435,27 @@ def add_convert(subparsers: SubParsers) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from .formats import load_components, save_components
+    from .formats import SAVE_FORMATS, load_components, save_components
+    from .formats.controlnet import is_controlnet
 
     dst = Path(args.dst)
+    if args.to not in (*SAVE_FORMATS, "kohya"):
+        raise ArgumentError(f"--to {args.to}: choose from {', '.join(SAVE_FORMATS)} or kohya (a LoRA adapter file)")
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
         raise ArgumentError(f"DST {dst} already exists: choose a new destination")
     if args.to == "kohya" or (args.to == "diffusers" and _is_lora_file(Path(args.src))):
         from .formats.lora import convert_lora
 
         print(f"wrote {convert_lora(args.src, dst, args.to, args.model)} (LoRA adapter, {args.to} layout)")
+        return 0
+    if is_controlnet(Path(args.src)):
+        from .controlnet import ControlNet
+
+        if args.to not in ("latentdiffusion", "diffusers", "single-file"):
+            raise ArgumentError(f"--to {args.to}: SRC {args.src} is a ControlNet: convert it to latentdiffusion, "
+                                "diffusers or single-file")
+        ControlNet.from_pretrained(args.src, use_ema=False if args.no_ema else None).save_pretrained(dst, args.to)
+        print(f"wrote {dst} ({args.to}: controlnet)")
         return 0
     components = load_components(args.src, use_ema=False if args.no_ema else None,
                                  prediction_type=args.prediction_type)
@@ -583,7 +613,10 @@ def main(argv: list[str] | None = None) -> int:
     except LatentDiffusionError as e:  # bad input (2), or the run itself failed, e.g. a loss that became NaN (1)
         if args.debug:
             traceback.print_exc()
-        print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
+        message = _one_line(e)
+        for name, option in getattr(args, "option_names", {}).items():  # the Python names as the command's options
+            message = re.sub(rf"\b{name}\b", option, message)
+        print(f"{prefix}: error: {message}", file=sys.stderr)
         return 2 if isinstance(e, UserInputError) else 1
     finally:
         logger.removeHandler(handler)

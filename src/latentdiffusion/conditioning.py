@@ -78,7 +78,11 @@ def run_unet(unet: nn.Module, x: Tensor, timesteps: Tensor, cond: Conditioning) 
     down, mid = None, None
     for controlnet, image, scale in cond.controls:
         x_control = x_in if controlnet.config.unet.in_channels == x_in.shape[1] else x  # a copy of this UNet, or not
-        d, m = controlnet(x_control, timesteps, cond.context, image, scale, class_labels=cond.class_labels)
+        weight = next(controlnet.parameters())  # a ControlNet in another dtype or device runs in its own
+        x_c, context, image = (t.to(weight.device, weight.dtype) for t in (x_control, cond.context, image))
+        labels = None if cond.class_labels is None else cond.class_labels.to(weight.device)
+        d, m = controlnet(x_c, timesteps.to(weight.device), context, image, scale, class_labels=labels)
+        d, m = [r.to(x.device, x.dtype) for r in d], m.to(x.device, x.dtype)
         down = d if down is None else [a + b for a, b in zip(down, d)]
         mid = m if mid is None else mid + m
     return unet(x_in, timesteps, cond.context, class_labels=cond.class_labels, down_residuals=down, mid_residual=mid)

@@ -138,12 +138,15 @@ class ControlNet(nn.Module):
         return controlnet
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, use_ema: bool | None = None) -> ControlNet:
+    def from_pretrained(cls, path: str | Path, use_ema: bool | None = None,
+                        dtype: torch.dtype | None = None) -> ControlNet:
         """A diffusers ControlNet folder, an original single file (.pth / .safetensors, `control_model.*` keys), a
-        folder written by `save_pretrained`, or a train-controlnet run (its newest checkpoint, EMA weights first)."""
+        folder written by `save_pretrained`, or a train-controlnet run (its newest checkpoint, EMA weights first);
+        its weights in `dtype` (None: float32). A pipeline runs a ControlNet of another dtype in its own."""
         from .formats.controlnet import load_controlnet  # formats sit above the models
 
-        return load_controlnet(path, use_ema)
+        net = load_controlnet(path, use_ema)
+        return net if dtype is None else net.to(dtype)
 
     def save_pretrained(self, path: str | Path, format: str = "latentdiffusion") -> None:
         """Write a folder: ours ("latentdiffusion": controlnet.yaml + safetensors) or diffusers' layout."""

@@ -20,6 +20,7 @@ from .controlnet import ControlNet
 from .data.shapes import ShapesDataset, all_combinations, caption_for, silhouette
 from .errors import ConfigError
 from .fidelity import measures
+from .formats.native import list_checkpoints
 from .pipeline import LatentDiffusion
 from .training import (ControlNetRunConfig, LDMRunConfig, UpscalerRunConfig, VAERunConfig, load_run_config,
                        train_controlnet, train_ldm, train_upscaler, train_vae)
@@ -68,6 +69,10 @@ def run_demo(output: str | Path, vae_steps: int | None = None, ldm_steps: int | 
     train.sample_guidance). With `say`, first tell it how long the demo should take on this machine (budget.py: a few
     seconds of timing)."""
     output, stamps = Path(output), {"start": time.perf_counter()}
+    done = [name for name in ("vae", "vae-decoder", "ldm") if list_checkpoints(output / name)]
+    if done:
+        raise ConfigError(f"--output {output} already holds the runs of a demo ({', '.join(done)}): give another "
+                          "--output folder, or remove that one")
     vae_config, vae_raw = load_run_config(VAERunConfig, "vae-tiny", values=_overrides(seed, vae_steps))
     decoder_config, decoder_raw = (None, None) if decoder_steps == 0 else load_run_config(
         VAERunConfig, "vae-tiny-decoder", values=_overrides(seed, decoder_steps))

@@ -38,6 +38,23 @@ NOISE_LEVEL = 20  # an upsampler's noise_level when none is given (diffusers' x4
 
 
 @dataclass
+class SamplingConfig:
+    """How a model prefers to be sampled (a training run records the sampler, guidance and steps of its validation
+    grids): what `pipe(...)` and `ldm sample` use where the caller does not say. A model without the record: these
+    defaults."""
+
+    scheduler: str = "ddim"
+    guidance_scale: float = 7.5
+    num_inference_steps: int = 50
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SAMPLERS:
+            raise ConfigError(f"sampling.scheduler must be one of {', '.join(SAMPLERS)}, got {self.scheduler!r}")
+        if self.num_inference_steps < 1:
+            raise ConfigError(f"sampling.num_inference_steps must be >= 1, got {self.num_inference_steps}")
+
+
+@dataclass
 class LatentDiffusionConfig:
     """The whole model: one section per component. The defaults are Stable Diffusion 1.x."""
 
@@ -47,6 +64,7 @@ class LatentDiffusionConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     upscaler: UpscalerConfig | None = None  # set for upsampler models (the low-res image concatenated to the latents)
     pixels: PixelSpaceConfig | None = None  # set: diffusion in pixel space (pixels.py) in the VAE's place; vae unused
+    sampling: SamplingConfig | None = None  # the preferred sampling settings, where recorded
 
 
 @dataclass
@@ -65,7 +83,8 @@ class LatentDiffusion(nn.Module):
     """Latent diffusion (Rombach et al., 2022): prompt -> context; noise -> (UNet + guidance + scheduler) -> VAE -> pixels."""
 
     def __init__(self, vae: AutoencoderKL | PixelSpace, unet: UNet, text_encoder: TextEncoder,
-                 scheduler: SchedulerConfig, upscaler: UpscalerConfig | None = None):
+                 scheduler: SchedulerConfig, upscaler: UpscalerConfig | None = None,
+                 sampling: SamplingConfig | None = None):
         super().__init__()
         if unet.config.context_dim != text_encoder.config.hidden_size:
             raise ConfigError(f"unet.context_dim {unet.config.context_dim} != text_encoder.hidden_size "
@@ -83,6 +102,7 @@ class LatentDiffusion(nn.Module):
                 raise ConfigError(f"upscaler.max_noise_level {upscaler.max_noise_level} needs unet.num_class_embeds > "
                                  f"{upscaler.max_noise_level}, got {unet.config.num_class_embeds}")
         self.vae, self.unet, self.text_encoder, self.upscaler = vae, unet, text_encoder, upscaler
+        self.sampling = sampling  # the preferred sampler, guidance and steps (None: SamplingConfig's defaults)
         self.vae.requires_grad_(False)
         self.scheduler = NoiseSchedule(scheduler)  # the training noise schedule; samplers take their levels from it
         self.lora_scales: dict[str, float] = {}  # the LoRA adapters loaded, each with its scale
@@ -95,13 +115,14 @@ class LatentDiffusion(nn.Module):
         """A model with fresh random weights."""
         vae = PixelSpace(config.pixels) if config.pixels is not None else AutoencoderKL(config.vae)
         return cls(vae, UNet(config.unet), TextEncoder(config.text_encoder), config.scheduler,
-                   config.upscaler)
+                   config.upscaler, config.sampling)
 
     @property
     def config(self) -> LatentDiffusionConfig:
         pixels = self.vae.config if isinstance(self.vae, PixelSpace) else None
         return LatentDiffusionConfig(VAEConfig() if pixels else self.vae.config, self.unet.config,
-                                     self.text_encoder.config, self.scheduler.config, self.upscaler, pixels)
+                                     self.text_encoder.config, self.scheduler.config, self.upscaler, pixels,
+                                     self.sampling)
 
     @property
     def device(self) -> torch.device:
@@ -274,14 +295,14 @@ class LatentDiffusion(nn.Module):
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
         generator: Generator = None,
         latents: torch.Tensor | None = None,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         use_karras_sigmas: bool = False,
         eta: float = 0.0,
         output_type: str = "pil",
@@ -306,7 +327,13 @@ class LatentDiffusion(nn.Module):
         `callback(step, timestep, latents)` runs after every step (latents: x0 + sigma * eps).
         `controlnet` (one or a list) with one `control_image` each (PIL, list of PIL, or (B, 3, H, W) in [0, 1]; one
         image for all prompts or one per prompt) adds its residuals times `controlnet_conditioning_scale` (one, or
-        one per ControlNet) to the UNet's, in both halves of guidance (Zhang et al. 2023)."""
+        one per ControlNet) to the UNet's, in both halves of guidance (Zhang et al. 2023).
+        `num_inference_steps`, `guidance_scale` and `scheduler` left None: the model's recorded preference
+        (`self.sampling`, written by its training run), else 50, 7.5 and "ddim"."""
+        preferred = self.sampling or SamplingConfig()
+        num_inference_steps = preferred.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = preferred.guidance_scale if guidance_scale is None else guidance_scale
+        scheduler = preferred.scheduler if scheduler is None else scheduler
         prompts, num_inference_steps, num_images_per_prompt, height, width = self._check_arguments(
             prompt, num_inference_steps, num_images_per_prompt, height, width)
         negatives = self._negative_prompts(negative_prompt, len(prompts))

@@ -112,7 +112,8 @@ def cascade(base: LatentDiffusion, upscaler: LatentDiffusion, prompt: str | list
     (N, 3, H, W) in [0, 1] upsampled by `upscaler` with the same prompts and `noise_level`.
 
     base_kwargs go to the base model (num_inference_steps, guidance_scale, scheduler, height, width, ...);
-    the upsampler takes the same step count and guidance unless upscale_steps / upscale_guidance say otherwise.
+    the upsampler takes the step count and guidance given to the base unless upscale_steps / upscale_guidance say
+    otherwise (neither given: each model's own preferred settings, `LatentDiffusion.sampling`).
     The generator (or list, one per image) continues from the first stage into the second."""
     if upscaler.upscaler is None:
         raise ArgumentError("upscaler: the model given is not an upsampler (its config has no upscaler section)")
@@ -125,8 +126,8 @@ def cascade(base: LatentDiffusion, upscaler: LatentDiffusion, prompt: str | list
     def each(items: list[str] | None) -> list[str] | None:  # one entry per base image
         return None if items is None else [p for p in items for _ in range(num_images_per_prompt)]
 
-    steps = upscale_steps if upscale_steps is not None else base_kwargs.get("num_inference_steps", 50)
-    guidance = upscale_guidance if upscale_guidance is not None else base_kwargs.get("guidance_scale", 7.5)
+    steps = upscale_steps if upscale_steps is not None else base_kwargs.get("num_inference_steps")
+    guidance = upscale_guidance if upscale_guidance is not None else base_kwargs.get("guidance_scale")
     shared = {k: base_kwargs[k] for k in ("scheduler", "use_karras_sigmas", "eta", "progress") if k in base_kwargs}
     return upscaler(each(prompts), negative_prompt=each(negatives), image=low_res, noise_level=noise_level,
                     num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type=output_type,

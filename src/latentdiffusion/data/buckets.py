@@ -4,7 +4,9 @@ Buckets are sizes (width, height) of about the area of the square training resol
 pixels (64, or at small sizes the VAE factor times the UNet's downsampling, so every latent side divides evenly),
 aspect ratios up to MAX_RATIO. Each image goes to the bucket nearest its aspect ratio (in log scale) and is
 resized to cover it, centred, so at most the sliver its aspect ratio differs by is cut (never a square crop of a
-wide subject). Each global batch comes from one bucket (`BucketBatchOrder`).
+wide subject). Each global batch comes from one bucket (`BucketBatchOrder`), so a bucket of fewer images than a
+global batch would never be drawn: `merge_small_buckets` moves its images to the nearest bucket that has a whole batch
+(kohya's sd-scripts trains such buckets at a smaller batch instead; SimpleTuner drops them with a warning).
 """
 
 from __future__ import annotations
@@ -46,3 +48,18 @@ def nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> int
     """The index of the bucket nearest the aspect ratio width / height (log scale: 2:1 and 1:2 equally far)."""
     target = math.log(width / height)
     return int(np.argmin([abs(math.log(w / h) - target) for w, h in sizes]))
+
+
+def merge_small_buckets(bucket_of: list[int], sizes: list[tuple[int, int]],
+                        global_batch: int) -> tuple[list[int], dict[int, tuple[int, int]]]:
+    """Move the images of every bucket smaller than `global_batch` to the bucket nearest its aspect ratio (log scale)
+    among those holding at least a global batch; returns the new assignment and {small bucket: (the bucket it joined,
+    its image count)}. Where no bucket holds a whole batch, nothing moves."""
+    counts = np.bincount(np.asarray(bucket_of, dtype=np.int64), minlength=len(sizes))
+    full = [b for b, n in enumerate(counts) if n >= global_batch]
+    if not full:
+        return list(bucket_of), {}
+    ratio = [math.log(w / h) for w, h in sizes]
+    moved = {b: (min(full, key=lambda f: abs(ratio[f] - ratio[b])), int(n)) for b, n in enumerate(counts)
+             if 0 < n < global_batch}
+    return [moved[b][0] if b in moved else b for b in bucket_of], moved

@@ -16,6 +16,7 @@ from .sources import Source, open_source
 from .transforms import IMAGE_ERRORS, ImageTransform, load_rgb
 
 _MAX_NAMED = 10  # skipped files named in one message
+_FAR_BELOW = 4  # an image whose shorter side is this many times below the training resolution is named in a warning
 
 
 @dataclass
@@ -72,8 +73,15 @@ class ImageCaptionDataset(Dataset):
         self.indices = list(range(len(source)))
         self.bucket_sizes: list[tuple[int, int]] = []  # (width, height) per bucket, once assign_buckets ran
         self.bucket_of: list[int] = []  # the bucket of each item
+        self._small: dict[tuple[int, int], int] = {}  # (width, height) -> images far below the resolution
         if verify_images:
             self.indices = [i for i in self.indices if self._readable(i)]
+        if self._small:
+            sizes = sorted(self._small.items(), key=lambda item: -item[1])
+            listed = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes[:_MAX_NAMED])
+            warn(f"{where}: {sum(self._small.values())} of {len(self.indices)} image(s) are more than {_FAR_BELOW}x "
+                 f"smaller than the training resolution {transform.resolution} ({listed}): they train blurred up, at "
+                 "the cost of the full resolution; train at a lower --resolution (data.resolution) or on larger images")
         if self.skipped:
             names = list(self.skipped)
             listed = "; ".join(f"{n}: {self.skipped[n]}" for n in names[:_MAX_NAMED])
@@ -125,10 +133,12 @@ class ImageCaptionDataset(Dataset):
             pairs.append((self.source.conditioning, self.source.conditioning_name))
         for open_image, name in pairs:
             try:
-                load_rgb(open_image(item), self.transform.resolution)
+                image = load_rgb(open_image(item), self.transform.resolution)
             except IMAGE_ERRORS as e:
                 self.skipped[name(item)] = f"{type(e).__name__}: {e}"
                 return False
+            if open_image == self.source.image and min(image.size) * _FAR_BELOW < self.transform.resolution:
+                self._small[image.size] = self._small.get(image.size, 0) + 1
         return True
 
 

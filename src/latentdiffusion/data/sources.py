@@ -14,11 +14,12 @@ with a message naming it; a `.txt` that none of these decodes leaves its image o
 from __future__ import annotations
 
 import codecs
+import contextlib
 import io
 import json
 import re
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 from PIL import Image, ImageFilter
 
@@ -102,6 +103,10 @@ class ArrowSource:
         self.ds, self.image_column, self.root = ds, image_column, root
         self.conditioning_column = conditioning_column
         self.captions = ds[caption_column]
+        uncaptioned = [self.name(i) for i, text in enumerate(self.captions) if text is None]
+        if uncaptioned:
+            warn(f"{where}: {len(uncaptioned)} row(s) without a '{caption_column}' caption train with an empty "
+                 f"caption: {first_names(uncaptioned)}")
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -189,7 +194,8 @@ def open_source(
         return _open_folder(path, image_column, caption_column, split, cache_dir, conditioning_column)
     if path.exists():
         raise DataError(f"DATA '{data}' is a file; expected a folder, a Hugging Face dataset name or builtin:shapes")
-    if not _HUB_NAME.fullmatch(data) or data.startswith("."):
+    if not _HUB_NAME.fullmatch(data) or data.startswith(".") or Path(path.parts[0]).exists():
+        # a path (data/nothere: its first folder is here), never a Hugging Face Hub name: no download attempts
         raise DataError(f"DATA path not found: {data}")
     ds = _load_dataset(data, split, cache_dir)
     return ArrowSource(ds, image_column, caption_column, None, f"dataset '{data}'", conditioning_column), {}
@@ -204,7 +210,8 @@ def _open_folder(
     where = f"folder {path}"
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         try:
-            ds = datasets.load_from_disk(str(path))
+            with _quiet(True):
+                ds = datasets.load_from_disk(str(path))
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read the saved data set in {path}: {e}") from None
         return ArrowSource(_pick_split(ds, split, where), image_column, caption_column, path, where,
@@ -220,13 +227,24 @@ def _open_folder(
             raise DataError(f"conditioning column '{conditioning_column}' not found in {where}: images with .txt "
                             "captions have no columns; columns found: image, text (write a metadata.jsonl with "
                             "file_name, text and conditioning_image)")
-        return _caption_files(images)
+        return _caption_files(images, path)
     ds = _load_dataset(str(path), split, cache_dir)
     return ArrowSource(ds, image_column, caption_column, path, where, conditioning_column), {}
 
 
-def _caption_files(images: list[Path]) -> tuple[FileSource, dict[str, str]]:
-    """Images with same-named .txt captions; images without one are skipped."""
+def first_names(names: list[str], count: int = 5) -> str:
+    """The first `count` names, and how many more there are, for a message."""
+    more = f" and {len(names) - count} more" if len(names) > count else ""
+    return ", ".join(names[:count]) + more
+
+
+def _caption_files(images: list[Path], folder: Path) -> tuple[FileSource, dict[str, str]]:
+    """Images with same-named .txt captions; images without one are skipped, caption files without an image named."""
+    captioned = {image.with_suffix(".txt") for image in images}
+    orphans = sorted(str(p) for p in folder.rglob("*.txt") if p not in captioned)
+    if orphans:
+        warn(f"folder {folder}: {len(orphans)} caption file(s) without a same-named image, left out: "
+             f"{first_names(orphans)}")
     paths, captions, skipped = [], [], {}
     for image in images:
         txt = image.with_suffix(".txt")
@@ -294,11 +312,27 @@ def _read_jsonl(files: list[Path]) -> Any:
     return datasets.Dataset.from_list(rows)
 
 
+@contextlib.contextmanager
+def _quiet(local: bool) -> Iterator[None]:
+    """datasets' progress bars off while it reads local files ("Downloading data: 80/80 files" of a folder)."""
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    if local:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if local and was:
+            datasets.enable_progress_bars()
+
+
 def _load_dataset(name: str, split: str, cache_dir: str | None) -> Any:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, cache_dir=cache_dir)
+        with _quiet(Path(name).is_dir()):
+            ds = datasets.load_dataset(name, cache_dir=cache_dir)
     except Exception as e:  # load_dataset raises many unrelated types (network, format, missing files)
         what = ("a folder that datasets.load_dataset cannot load" if Path(name).is_dir()
                 else "not a local path, and datasets.load_dataset cannot load it")

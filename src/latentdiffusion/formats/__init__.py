@@ -13,7 +13,7 @@ from ..schedulers import SchedulerConfig
 from ..schedulers.schedule import PREDICTION_TYPES
 from ..text_encoder import TextEncoder
 from ..vae import AutoencoderKL
-from . import diffusers_layout, lora, native, single_file
+from . import controlnet, diffusers_layout, lora, native, single_file
 from .components import Components
 
 
@@ -31,6 +31,9 @@ def load_components(path: str | Path, use_ema: bool | None = None, prediction_ty
         components = single_file.load_components(path, use_ema=bool(use_ema), prediction_type=prediction_type)
     elif not path.exists():
         raise WeightsError(f"model not found: {path}")
+    elif controlnet.is_controlnet(path):
+        raise WeightsError(f"{path} is a ControlNet, not a whole model: load it with ControlNet.from_pretrained and "
+                           f"pass it as controlnet= (on the command line --controlnet {path}, beside --model BASE)")
     elif native.is_native(path) or (path / native.CHECKPOINTS_DIR).is_dir():
         components = native.load_components(native.resolve_model_dir(path, use_ema))
     elif diffusers_layout.is_diffusers(path):
@@ -96,7 +99,8 @@ def load_pipeline(path: str | Path, use_ema: bool | None = None, prediction_type
     text = given["text_encoder"] if "text_encoder" in given else components.text_encoder(dtype)
     autoencoder = given["vae"] if "vae" in given else components.vae(dtype)
     pipe = LatentDiffusion(autoencoder, components.unet(dtype), text,
-                           components.configs.get("scheduler", SchedulerConfig()), components.configs.get("upscaler"))
+                           components.configs.get("scheduler", SchedulerConfig()), components.configs.get("upscaler"),
+                           components.configs.get("sampling"))
     return pipe if dtype is None else pipe.to(dtype)
 
 

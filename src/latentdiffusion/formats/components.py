@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import WeightsError
-from ..pipeline import LatentDiffusion
+from ..pipeline import LatentDiffusion, SamplingConfig
 from ..pixels import PixelSpace, PixelSpaceConfig
 from ..schedulers import SchedulerConfig
 from ..text_encoder import TextEncoder, TextEncoderConfig
@@ -25,8 +25,9 @@ COMPONENT_CONFIGS: dict[str, type] = {
     "scheduler": SchedulerConfig,
     "upscaler": UpscalerConfig,  # upsampler models only
     "pixels": PixelSpaceConfig,  # pixel-space models: in the VAE's place
+    "sampling": SamplingConfig,  # the preferred sampler, guidance and steps, where recorded
 }
-CONFIG_ONLY = ("scheduler", "upscaler", "pixels")  # components without weights
+CONFIG_ONLY = ("scheduler", "upscaler", "pixels", "sampling")  # components without weights
 
 
 @dataclass
@@ -45,7 +46,8 @@ class Components:
             ({"vae": pipe.vae.config}, {"vae": pipe.vae.state_dict()})
         return cls(
             configs={**space[0], "unet": pipe.unet.config, "text_encoder": pipe.text_encoder.config,
-                     "scheduler": pipe.scheduler.config, **({"upscaler": pipe.upscaler} if pipe.upscaler else {})},
+                     "scheduler": pipe.scheduler.config, **({"upscaler": pipe.upscaler} if pipe.upscaler else {}),
+                     **({"sampling": pipe.sampling} if pipe.sampling else {})},
             weights={**space[1], "unet": pipe.unet.state_dict(), "text_encoder": pipe.text_encoder.model.state_dict()},
             tokenizer_dir=pipe.text_encoder.tokenizer_dir,
         )
@@ -85,7 +87,7 @@ class Components:
         self.require("vae", "unet", "text_encoder")
         scheduler = self.configs.get("scheduler", SchedulerConfig())
         pipe = LatentDiffusion(self.vae(dtype), self.unet(dtype), self.text_encoder(dtype), scheduler,
-                               self.configs.get("upscaler"))
+                               self.configs.get("upscaler"), self.configs.get("sampling"))
         return pipe if dtype is None else pipe.to(dtype=dtype)
 
     def _weights(self, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:

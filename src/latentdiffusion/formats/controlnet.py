@@ -102,7 +102,11 @@ def save_single_file(controlnet: ControlNet, path: str | Path) -> None:
     if path.suffix.lower() not in (".safetensors", ".pth", ".pt", ".ckpt"):
         raise WeightsError(f"cannot save {path}: ControlNet single files end in .safetensors, .pth, .pt or .ckpt")
     state = dict(_original(original_key_map(controlnet.config), controlnet.state_dict(), "", "controlnet", path))
-    back = infer_config({k: tuple(v.shape) for k, v in state.items()}, str(path))
+    try:
+        back = infer_config({k: tuple(v.shape) for k, v in state.items()}, str(path))
+    except (WeightsError, ConfigError) as e:  # read back from its shapes, the file would be another ControlNet
+        raise WeightsError(f"cannot save {path} as an original ControlNet file, which would not load back: "
+                           f"{e}") from None
     for name, value in [*_stored(controlnet.config.unet), *_stored(controlnet.config)]:
         theirs = dict([*_stored(back.unet), *_stored(back)])[name]
         if value != theirs:
@@ -163,6 +167,14 @@ def _load_diffusers(folder: Path) -> ControlNet:
 
 
 # ----------------------------------------------------------------------------------------------- ours, and dispatch
+def is_controlnet(path: Path) -> bool:
+    """Whether `path` is a ControlNet folder of ours or a train-controlnet run (its newest checkpoint one)."""
+    if (path / CONFIG_FILE).is_file():
+        return True
+    checkpoints = list_checkpoints(path) if (path / CHECKPOINTS_DIR).is_dir() else []
+    return bool(checkpoints) and (checkpoints[-1][1] / CONFIG_FILE).is_file()
+
+
 def load_controlnet(path: str | Path, use_ema: bool | None = None) -> ControlNet:
     """Any ControlNet location: an original single file, a diffusers folder, a folder of ours, or a train-controlnet
     run (its newest checkpoint, EMA weights where they exist unless use_ema=False)."""

@@ -11,8 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..config import from_dict, to_dict
 from ..errors import WeightsError
 from ..lora import AdapterWeights, adapted_modules
+from ..pipeline import SamplingConfig
 from . import lora_keys
 from .native import list_checkpoints
 
@@ -22,8 +24,11 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers gives an ad
 
 def lora_file(path: str | Path) -> Path:
     """The adapter file at `path`: the file itself, or pytorch_lora_weights.safetensors (or the one .safetensors
-    file) in a folder."""
+    file) in a folder; of a LoRA training run, its newest checkpoint's adapter."""
     path = Path(path)
+    checkpoint = lora_checkpoint(path)
+    if checkpoint is not None:
+        path = checkpoint
     if path.is_dir():
         candidates = [path / LORA_FILE] if (path / LORA_FILE).is_file() else sorted(path.glob("*.safetensors"))
         if len(candidates) != 1:
@@ -89,13 +94,17 @@ def save_lora_weights(weights: AdapterWeights, path: str | Path, layout: str = "
 
 
 # ------------------------------------------------------------------------------------------------- LoRA runs
-RUN_FILE = "lora_run.json"  # in a LoRA run's checkpoint: {"base": the base model's path, "adapter": file name}
+RUN_FILE = "lora_run.json"  # in a LoRA run's checkpoint: {"base": the base model's path, "adapter": file name,
+# "sampling": the run's preferred sampling settings (SamplingConfig's fields; older runs have none)}
 
 
-def write_lora_checkpoint(folder: Path, weights: AdapterWeights, base: Path) -> None:
-    """A LoRA run's checkpoint models: the adapter file (diffusers layout) and where its base model is."""
+def write_lora_checkpoint(folder: Path, weights: AdapterWeights, base: Path,
+                          sampling: SamplingConfig | None = None) -> None:
+    """A LoRA run's checkpoint models: the adapter file (diffusers layout), where its base model is, and the
+    run's sampling settings (a SamplingConfig) where given."""
     save_lora_weights(weights, folder / LORA_FILE)
-    (folder / RUN_FILE).write_text(json.dumps({"base": str(base), "adapter": LORA_FILE}, indent=2) + "\n")
+    record = {"base": str(base), "adapter": LORA_FILE, **({"sampling": to_dict(sampling)} if sampling else {})}
+    (folder / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def lora_checkpoint(path: Path) -> Path | None:
@@ -127,6 +136,9 @@ def load_lora_run(checkpoint: Path, fuse: bool = False):
     from . import load_pipeline  # the base may be any format
 
     pipe = load_pipeline(lora_base(checkpoint))
+    sampling = json.loads((checkpoint / RUN_FILE).read_text()).get("sampling")
+    if sampling is not None:
+        pipe.sampling = from_dict(SamplingConfig, sampling, "sampling")
     pipe.load_lora(checkpoint / LORA_FILE, adapter_name="lora")
     if fuse:
         pipe.fuse_lora()

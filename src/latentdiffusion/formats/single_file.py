@@ -408,5 +408,8 @@ def save_components(path: str | Path, components: Components) -> None:
     if "upscaler" in components.configs:  # the file has no place for the low-res schedule and max_noise_level
         raise WeightsError(f"cannot save {path} as a single file: an upsampler model needs its upscaler section; save "
                            "it in the native format or the diffusers layout instead")
+    if components.configs["unet"].pooled_context:  # its class embedding has no key in the SD layout
+        raise WeightsError(f"cannot save {path} as a single file: the UNet's setting model.unet.pooled_context has no "
+                           "place in the Stable Diffusion single-file layout; save it in the native format instead")
     parts = {k: (components.configs[k], components.weights[k]) for k in ("unet", "vae", "text_encoder")}
     save_single_file(path, **parts, scheduler=components.configs.get("scheduler"))

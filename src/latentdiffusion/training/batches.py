@@ -14,8 +14,9 @@ import torch
 from torch.utils.data import Sampler
 
 from ..data import DataConfig, ImageCaptionDataset, dataset_from_config
-from ..data.buckets import bucket_sizes, bucket_step
+from ..data.buckets import bucket_sizes, bucket_step, merge_small_buckets
 from ..errors import DataError
+from ..messages import warn
 from .config import TrainConfig
 from .distributed import Runtime
 
@@ -129,6 +130,14 @@ def batch_order(dataset: ImageCaptionDataset, data: DataConfig, train: TrainConf
     sizes = (train.batch_size, runtime.world_size, runtime.rank, train.gradient_accumulation, train.seed, start_step)
     if data.buckets:
         dataset.assign_buckets(bucket_sizes(data.resolution, bucket_step(data.resolution, pixel_multiple)))
+        global_batch = train.batch_size * runtime.world_size * train.gradient_accumulation
+        dataset.bucket_of, moved = merge_small_buckets(dataset.bucket_of, dataset.bucket_sizes, global_batch)
+        if moved and runtime.is_main:
+            size = dataset.bucket_sizes
+            warn(f"{len(moved)} aspect-ratio bucket(s) hold fewer images than a global batch of {global_batch}, so "
+                 "they would never be drawn: their images train cropped to the nearest bucket with a whole batch (" +
+                 ", ".join(f"{size[b][0]}x{size[b][1]} ({n} image{'s' * (n > 1)}) -> {size[to][0]}x{size[to][1]}"
+                           for b, (to, n) in moved.items()) + ")")
         counts = np.bincount(dataset.bucket_of, minlength=len(dataset.bucket_sizes))
         say("buckets: " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in zip(dataset.bucket_sizes, counts) if n))
         order: BatchOrder = BucketBatchOrder(dataset.bucket_of, *sizes)

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, LatentDiffusionError
+from ..messages import warn
 from . import distributed
 from .batches import BatchOrder, batch_order, open_dataset, sample_generators
 from .distributed import Runtime, all_reduce_mean
@@ -228,6 +229,7 @@ class Setup:
     run: RunFolder
     runtime: Runtime
     dataset: Dataset
+    progress: bool = True  # progress bars for long work (sample grids, class images): the main process's, if asked
 
 
 def fit(make_task: Callable[[Setup], Task], config: Any, output: str | Path, resume: bool, kind: str,
@@ -242,10 +244,13 @@ def fit(make_task: Callable[[Setup], Task], config: Any, output: str | Path, res
         run = RunFolder(output, runtime, resume, kind)
         dataset = open_dataset(config.data, run.say)
         torch.manual_seed(cfg.seed)
-        task = make_task(Setup(run, runtime, dataset))
+        task = make_task(Setup(run, runtime, dataset, progress and runtime.is_main))
         if config.data.buckets and task.items is not dataset:
             raise ConfigError("data.buckets needs the images themselves: it does not combine with train.cache_latents")
         order = batch_order(dataset, config.data, cfg, runtime, run.start_step, task.pixel_multiple, run.say)
+        if cfg.warmup_steps > cfg.max_steps:
+            warn(f"train.warmup_steps {cfg.warmup_steps} is more than train.max_steps {cfg.max_steps}: the whole run "
+                 f"is warm-up, and the learning rate reaches only {cfg.max_steps / cfg.warmup_steps:.0%} of its peak")
         run.save_config(config)
         return _loop(task, kind, cfg, config.data.num_workers, run, runtime, order, progress)
     finally:

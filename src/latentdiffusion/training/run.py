@@ -39,10 +39,15 @@ class RunFolder:
                 self.say(f"removed unfinished checkpoint leftovers in {self.path / CHECKPOINTS_DIR}: "
                          f"{', '.join(removed)}")
         barrier(runtime)
-        self.checkpoint = checkpoint.latest_checkpoint(self.path) if resume else None
+        latest = checkpoint.latest_checkpoint(self.path)
+        self.checkpoint = latest if resume else None
         if resume and self.checkpoint is None:
             self.say(f"--resume: {self.path} holds no whole checkpoint yet; starting from the beginning")
         if not resume and list_checkpoints(self.path):
+            there = checkpoint.load_state(latest).get("kind") if latest is not None else kind
+            if there != kind:  # what it holds first: resuming it would be refused too
+                raise ConfigError(f"--output {self.path} holds a {there} training run, not a {kind} one: choose "
+                                  "another --output folder")
             raise ConfigError(f"--output {self.path} already holds checkpoints of a run: pass --resume to continue it, "
                               "or choose another --output folder")
         self.state: dict[str, Any] = checkpoint.load_state(self.checkpoint) if self.checkpoint else {}

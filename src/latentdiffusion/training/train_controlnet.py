@@ -99,6 +99,7 @@ class ControlNetTask(Task):
         controlnet.gradient_checkpointing = cfg.gradient_checkpointing
         self.ema = [(EMA(controlnet, cfg.ema_decay), controlnet)] if cfg.ema_decay else []
         self.cfg, self.run, self.runtime, self.pipe, self.controlnet = cfg, run, runtime, pipe, controlnet
+        self.progress = setup.progress
         self.items = setup.dataset
         module = distributed.wrap(ControlNetLoss(pipe, controlnet, loss_options(cfg)), runtime)
         self.stages = [Stage([(list(controlnet.parameters()), cfg.learning_rate)], self.loss, module,
@@ -145,7 +146,8 @@ class ControlNetTask(Task):
                                guidance_scale=self.cfg.sample_guidance, scheduler=self.cfg.sample_scheduler,
                                controlnet=controlnet, control_image=control,
                                controlnet_conditioning_scale=self.cfg.sample_conditioning_scale,
-                               generator=torch.Generator().manual_seed(self.cfg.seed), output_type="pt")
+                               generator=torch.Generator().manual_seed(self.cfg.seed), output_type="pt",
+                               progress=self.progress)
         image_grid(torch.cat([control, images]), len(items)).save(self.run.sample_path(step))
 
     def finished(self) -> str:

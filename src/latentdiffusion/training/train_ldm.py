@@ -21,7 +21,7 @@ from ..formats import load_components
 from ..formats.components import Components
 from ..formats.native import EMA_DIR, is_native, load_components as load_native
 from ..formats.native import save_pipeline
-from ..pipeline import LatentDiffusion
+from ..pipeline import LatentDiffusion, SamplingConfig
 from ..schedulers import SchedulerConfig
 from ..text_encoder import TextEncoder
 from ..unet import UNet
@@ -98,14 +98,16 @@ class LDMTask(Task):
     def __init__(self, config: LDMRunConfig, setup: Setup, vae_source: Any, init: Any, text_encoder_source: Any,
                  raw: dict[str, Any]):
         cfg, run, runtime = config.train, setup.run, setup.runtime
-        self.cfg, self.run, self.runtime = cfg, run, runtime
+        self.cfg, self.run, self.runtime, self.progress = cfg, run, runtime, setup.progress
         self.setup_models(config, raw, vae_source, init, text_encoder_source)
         pipe = self.pipe
         self.pixel_multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_channels) - 1)
-        self.items = cache_latents(pipe.vae, setup.dataset, cfg.batch_size, runtime) if cfg.cache_latents \
-            else setup.dataset
+        cached = cfg.cache_latents and not config.data.buckets  # buckets: each image encoded at its bucket's shape
+        if cfg.cache_latents and not cached:
+            run.say("note: data.buckets: the latents are encoded as the images train (train.cache_latents is left off)")
+        self.items = cache_latents(pipe.vae, setup.dataset, cfg.batch_size, runtime) if cached else setup.dataset
         if cfg.prior.data is not None:
-            self.items = with_prior(pipe, cfg.prior, setup.dataset, config.data, runtime, run.say)
+            self.items = with_prior(pipe, cfg.prior, setup.dataset, config.data, runtime, run.say, self.progress)
         module = distributed.wrap(self.loss_module(), runtime)
         self.stages = [Stage(self.param_groups(), self.loss, module, prepare=self.inputs)]
         self.curve = ("loss", f"{run.path.name}: diffusion loss")
@@ -135,6 +137,7 @@ class LDMTask(Task):
         averaged = [average.model for average, _ in self.ema]
         self.ema_pipe = LatentDiffusion(vae, averaged[0], averaged[1] if self.train_text else text_encoder,
                                         pipe.scheduler.config, pipe.upscaler) if self.ema else pipe
+        pipe.sampling = self.ema_pipe.sampling = self.sampling()  # checkpoints sample as the grids do
         for module in trained:  # building ema_pipe put the shared modules in eval mode
             module.train()
         if cfg.compile:  # after the EMA's deepcopy: a copied compiled module would still call the original's forward
@@ -145,6 +148,10 @@ class LDMTask(Task):
                      text_encoder_source: Any) -> LatentDiffusion:
         """The pipeline a fresh run starts from (a trainer of another model overrides this)."""
         return build_pipeline(config, raw, vae_source, init, text_encoder_source)
+
+    def sampling(self) -> SamplingConfig:
+        """The sampling settings the checkpoints record: those of the validation grids."""
+        return SamplingConfig(self.cfg.sample_scheduler, self.cfg.sample_guidance, self.cfg.sample_steps)
 
     def loss_module(self) -> nn.Module:
         """The module whose forward is the loss (DistributedDataParallel wraps it)."""
@@ -199,7 +206,7 @@ class LDMTask(Task):
 
     def save_samples(self, step: int) -> None:
         if self.cfg.validation_prompts:
-            save_samples(self.ema_pipe, self.cfg, self.run.sample_path(step))
+            save_samples(self.ema_pipe, self.cfg, self.run.sample_path(step), self.progress)
 
     def finished(self) -> str:
         return f"done: {self.run.path} (from_pretrained loads its newest checkpoint{', EMA weights' if self.ema else ''})"
@@ -252,7 +259,7 @@ def build_pipeline(config: LDMRunConfig, raw: dict[str, Any], vae: Any, init: An
 
 
 def with_prior(pipe: LatentDiffusion, prior: PriorConfig, dataset: Dataset, data: DataConfig,
-               runtime: distributed.Runtime, say) -> WithPrior:
+               runtime: distributed.Runtime, say, progress: bool = False) -> WithPrior:
     """DreamBooth's prior preservation: the class folder filled up to prior.num_images by the model as it is before
     training (the main process generates, the others wait), paired with the instance images."""
     if data.buckets:
@@ -261,7 +268,8 @@ def with_prior(pipe: LatentDiffusion, prior: PriorConfig, dataset: Dataset, data
     have = len(class_image_files(folder))
     if have < prior.num_images and runtime.is_main:
         say(f"prior: generating {prior.num_images - have} class images of {prior.prompt!r} into {folder}")
-        with evaluating(pipe.unet, pipe.text_encoder):
+        with evaluating(pipe.unet, pipe.text_encoder), tqdm(total=prior.num_images - have, disable=not progress,
+                                                           desc="class images") as bar:
             for start in range(have, prior.num_images, _CLASS_BATCH):
                 numbers = range(start, min(start + _CLASS_BATCH, prior.num_images))
                 images = pipe([prior.prompt] * len(numbers), num_inference_steps=prior.sample_steps,
@@ -269,6 +277,7 @@ def with_prior(pipe: LatentDiffusion, prior: PriorConfig, dataset: Dataset, data
                               generator=[torch.Generator().manual_seed(n) for n in numbers], output_type="pt")
                 for n, image in zip(numbers, images):
                     save_class_image(image, folder, n)
+                bar.update(len(numbers))
     distributed.barrier(runtime)
     transform = ImageTransform(data.resolution, data.center_crop, data.random_flip)
     classes = ClassImages(folder, prior.prompt, prior.num_images, transform, data.seed)
@@ -331,10 +340,11 @@ def load_ema(ema: list[EMA], folder: Path, say) -> None:
         ema[1].model.model.load_state_dict(saved["text_encoder"])
 
 
-def save_samples(pipe: LatentDiffusion, cfg: Any, path: Path) -> None:
-    """A grid of one image per validation prompt, from a fixed seed, so grids of successive steps compare."""
+def save_samples(pipe: LatentDiffusion, cfg: Any, path: Path, progress: bool = False) -> None:
+    """A grid of one image per validation prompt, from a fixed seed, so grids of successive steps compare; with
+    `progress`, a bar over its sampling steps."""
     with evaluating(pipe.unet, pipe.text_encoder):
         images = pipe(cfg.validation_prompts, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.sample_guidance,
                       scheduler=cfg.sample_scheduler, generator=torch.Generator().manual_seed(cfg.seed),
-                      output_type="pt")
+                      output_type="pt", progress=progress)
     image_grid(images, min(len(images), 8)).save(path)

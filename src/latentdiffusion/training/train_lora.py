@@ -15,7 +15,7 @@ from .. import lora
 from ..errors import ConfigError
 from ..formats import load_pipeline
 from ..formats.lora import LORA_FILE, load_lora_weights, lora_base, write_lora_checkpoint
-from .config import LDMRunConfig
+from .config import LDMRunConfig, explicit
 from .train_ldm import LDMTask
 
 ADAPTER = "lora"  # the adapter's name inside the pipeline
@@ -69,9 +69,10 @@ class LoraTask(LDMTask):
         pipe.unet.train()
         pipe.text_encoder.model.train(self.train_text)
         pipe.unet.gradient_checkpointing = cfg.gradient_checkpointing
-        if cfg.ema_decay:
+        if cfg.ema_decay and "ema_decay" in explicit(raw, "train"):  # the default is no choice of the user's
             run.say("note: a LoRA run keeps no EMA of its adapter (train.ema_decay is not used)")
         self.ema, self.ema_pipe, self.pipe = [], pipe, pipe
+        pipe.sampling = self.sampling()
 
     def param_groups(self) -> list[tuple[list[nn.Parameter], float]]:
         """The UNet's adapter at train.learning_rate, the text encoder's at train.text_encoder_lr where set."""
@@ -88,7 +89,7 @@ class LoraTask(LDMTask):
         return f"{n_params / 1e6:.3f}M LoRA parameters (rank {self.cfg.lora.rank} on {where}; base {self.base} frozen)"
 
     def write_models(self, folder: Path) -> None:
-        write_lora_checkpoint(folder, self.pipe.lora_weights(ADAPTER), self.base)
+        write_lora_checkpoint(folder, self.pipe.lora_weights(ADAPTER), self.base, self.pipe.sampling)
 
     def finished(self) -> str:
         return (f"done: {self.run.path} (from_pretrained loads {self.base} with the newest adapter; the adapter file "

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..formats import load_components
-from ..pipeline import LatentDiffusion
+from ..pipeline import LatentDiffusion, SamplingConfig
 from ..pixels import PixelSpace
 from ..text_encoder import TextEncoder
 from ..unet import UNet
@@ -135,6 +135,10 @@ class UpscalerTask(LDMTask):
             latents = (latents - self.pipe.upsampled_latents(low)) * self.upscaler.residual_scale
         return latents, captions, gens, augment(low, levels, self.upscaler, gens), levels
 
+    def sampling(self) -> SamplingConfig:
+        """The grids' settings: unguided (the low-res image is the condition that matters)."""
+        return SamplingConfig(self.cfg.sample_scheduler, 1.0, self.cfg.sample_steps)
+
     def describe(self) -> str:
         return super().describe() + f", x{self.pipe.vae_scale_factor} upsampler ({self.cfg.downsample} low-res input)"
 
@@ -148,7 +152,8 @@ class UpscalerTask(LDMTask):
         with evaluating(self.ema_pipe.unet, self.ema_pipe.text_encoder):
             ours = self.ema_pipe(prompts, image=low, noise_level=0, num_inference_steps=self.cfg.sample_steps,
                                  guidance_scale=1.0, scheduler=self.cfg.sample_scheduler,
-                                 generator=torch.Generator().manual_seed(self.cfg.seed), output_type="pt")
+                                 generator=torch.Generator().manual_seed(self.cfg.seed), output_type="pt",
+                                 progress=self.progress)
         nearest = F.interpolate(low, scale_factor=self.pipe.vae_scale_factor, mode="nearest")
         rows = torch.stack([nearest.cpu(), ours, ((truth + 1) / 2).clamp(0, 1).cpu()], dim=1).flatten(0, 1)
         image_grid(rows, 3).save(self.run.sample_path(step))
