@@ -270,7 +270,7 @@ def load_single_file(path: str | Path, use_ema: bool | None = None, prediction_t
         ema = ema_unet_keys(file.shapes) if not any(k.startswith(UNET_PREFIX) for k in file.shapes) else {}
         if ema and use_ema is False:
             raise WeightsError(f"{ckpt.path} holds the UNet only as EMA weights ({EMA_UNET}*, no {UNET_PREFIX}*): load "
-                               "it with use_ema=True")
+                               "it with use_ema=True or the default (on the command line: without --no-ema)")
         if any(k.startswith(UNET_PREFIX) for k in file.shapes) or ema:
             unet_shapes = strip(file.shapes, UNET_PREFIX) or {k: file.shapes[flat] for k, flat in ema.items()}
             context = unet_shapes.get("middle_block.1.transformer_blocks.0.attn2.to_k.weight", (0, 0))[1]
