@@ -139,7 +139,8 @@ def test_fuse_equals_unfused_and_unload_gives_back_the_base_bit_exactly(files):
     assert not pipe.lora_scales
 
 
-def test_a_file_that_fits_nothing_names_its_first_key_and_a_partial_fit_says_how_much(files, tmp_path, caplog):
+def test_a_file_that_fits_nothing_names_its_first_key_and_a_partial_fit_is_a_warning_with_the_counts(files, tmp_path,
+                                                                                                    caplog):
     pipe = LatentDiffusion.from_pretrained(files["base"])
     state = load_file(files["first"])
     foreign = {k.replace("unet.", "unet.nowhere.").replace("text_encoder.", "text_encoder.nowhere."): v
@@ -147,9 +148,68 @@ def test_a_file_that_fits_nothing_names_its_first_key_and_a_partial_fit_says_how
     save_file(foreign, tmp_path / "foreign.safetensors")
     with pytest.raises(WeightsError, match=rf"no key fits.*the first that does not: '{re.escape(min(foreign))}'"):
         pipe.load_lora(tmp_path / "foreign.safetensors")
-    partial = {**{k: v for k, v in state.items() if k.startswith("unet.")},
-               **{k: v for k, v in foreign.items() if k.startswith("text_encoder.")}}
-    save_file(partial, tmp_path / "partial.safetensors")
-    with caplog.at_level(logging.INFO, logger="latentdiffusion"):
+    extra = {k: v.clone() for k, v in foreign.items() if k.startswith("unet.nowhere.down_blocks.")}  # not here
+    save_file({**state, **extra}, tmp_path / "partial.safetensors")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="latentdiffusion"):
         pipe.load_lora(tmp_path / "partial.safetensors")
-    assert "used 176 of 192 keys (88 modules); 16 fit no module" in caplog.text
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(extra) == 64 and len(warned) == 1, warned
+    assert "used 192 of 256 keys (96 modules); 64 fit no module" in warned[0]
+
+
+@pytest.mark.parametrize("variant", ["kohya lora_te_ without text_model_", "peft text_encoder.text_model."])
+def test_text_encoder_keys_of_either_clip_module_path_read_as_diffusers_reads_them(files, reference, tmp_path, variant):
+    """transformers 5's CLIPTextModel has no text_model: files name its modules with and without it."""
+    if variant.startswith("kohya"):
+        state = {k.replace("lora_te_text_model_", "lora_te_"): v for k, v in load_file(files["kohya"]).items()}
+    else:
+        state = {k.replace("text_encoder.", "text_encoder.text_model."): v for k, v in load_file(files["first"]).items()}
+    text_modules = sum(k.startswith("text_encoder.") for k in load_file(files["first"])) // 2
+    assert sum("text_model" in k for k in state) == (0 if variant.startswith("kohya") else 2 * text_modules)
+    path = tmp_path / "variant.safetensors"
+    save_file(state, path)
+    pipe = LatentDiffusion.from_pretrained(files["base"])
+    pipe.load_lora(path, adapter_name="a")
+    assert len([k for k in pipe.lora_weights("a") if k.startswith("text_encoder.")]) == text_modules
+    expected = theirs(reference, {"a": str(path)}, {"a": 1.0})
+    assert (ours(pipe) - expected).abs().max() < 5e-4
+
+
+def _another_family(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    """`state` (kohya layout) made as a file of `family` would be: SDXL's two text encoders (lora_te1_, lora_te2_),
+    or SD 2.x's 1024-wide text encoder and cross-attention context (a UNet's self-attention still fits)."""
+    if family == "SDXL":
+        text = {k: v for k, v in state.items() if k.startswith("lora_te_")}
+        return {**{k: v for k, v in state.items() if k not in text},
+                **{k.replace("lora_te_", f"lora_te{i}_"): v.clone() for k, v in text.items() for i in (1, 2)}}
+    out = {}
+    for key, value in state.items():
+        wide = key.startswith("lora_te_") or re.search(r"attn2_to_[kv]\.lora_down", key)
+        if wide and key.endswith("lora_down.weight"):
+            value = torch.randn(value.shape[0], 1024)
+        elif key.startswith("lora_te_") and key.endswith("lora_up.weight"):
+            value = torch.randn(1024, value.shape[1])
+        out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("family, key", [("SDXL", r"lora_te1_text_model_encoder_layers_\d+_self_attn_\w+\.\w+"),
+                                         ("SD 2.x", r"lora_te_text_model_encoder_layers_\d+_self_attn_\w+\.\w+")])
+def test_a_lora_of_another_family_is_refused_naming_the_family_in_python_and_on_the_command_line(
+        files, tmp_path, capsys, family, key):
+    kohya = load_file(files["kohya"])
+    path = tmp_path / "other.safetensors"
+    save_file(_another_family(kohya, family), path)
+    pipe = LatentDiffusion.from_pretrained(files["base"])
+    with pytest.raises(WeightsError, match=rf"a LoRA for {re.escape(family)}, not for this model .*'{key}'"):
+        pipe.load_lora(path)
+    assert not pipe.lora_scales
+    from latentdiffusion.cli import main
+
+    code = main(["sample", "--model", str(files["base"]), "--prompt", "a", "--steps", "1", "--lora", str(path),
+                 "--out", str(tmp_path / "out.png")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("ldm: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(rf"a LoRA for {re.escape(family)}, not for this model .*'{key}'", lines[0]), lines[0]

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 from latentdiffusion.errors import WeightsError
-from latentdiffusion.formats.single_file import load_single_file, save_single_file
+from latentdiffusion.formats.single_file import ema_key, ema_unet_keys, load_single_file, save_single_file
 from latentdiffusion.formats.weights import read_checkpoint
-from latentdiffusion.formats.single_file_keys import text_encoder_key_map, unet_key_map, vae_key_map
+from latentdiffusion.formats.single_file_keys import UNET_PREFIX, text_encoder_key_map, unet_key_map, vae_key_map
 from latentdiffusion.schedulers import SchedulerConfig
 from latentdiffusion.text_encoder import TOKENIZER_DIR, TextEncoder, TextEncoderConfig
 from latentdiffusion.unet import UNet, UNetConfig
@@ -239,6 +239,39 @@ def test_ema_selection(parts, sd_file, tmp_path):
     assert_same(with_ema.vae[1], parts["vae"][1])
     with pytest.raises(WeightsError, match="no EMA weights"):
         load_single_file(sd_file, use_ema=True)
+
+
+@pytest.mark.parametrize("cfg", [UNetConfig(), TINY_UNET, VARIANT_UNET,
+                                 UNetConfig(block_channels=(320, 640, 1280, 1280), linear_projection=True,
+                                            context_dim=1024, num_heads=None, head_dim=64)])
+def test_ema_keys_without_dots_name_the_unet_keys_back(cfg):
+    originals = [p.original for p in unet_key_map(cfg)]
+    flat = {ema_key(UNET_PREFIX + k): k for k in originals}
+    assert "model_ema.diffusion_modelinput_blocks00weight" in flat
+    assert ema_unet_keys([*flat, "model_ema.decay", "model_ema.num_updates"]) == {k: f for f, k in flat.items()}
+
+
+def test_a_file_with_the_unet_only_as_ema_weights_loads_with_use_ema(parts, sd_file, tmp_path):
+    """The CompVis layout's EMA copy (model_ema. + the UNet key without dots) with no model.diffusion_model.* keys."""
+    from latentdiffusion import LatentDiffusion
+
+    state = read_checkpoint(sd_file)
+    ema = {ema_key(k): v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+    rest = {k: v for k, v in state.items() if not k.startswith(UNET_PREFIX)}
+    path = _write({**rest, **ema, "model_ema.decay": torch.tensor(0.9999)}, tmp_path / "ema-only.safetensors")
+    normal = load_single_file(sd_file)
+    for use_ema in (True, None):  # the default takes the only UNet there is
+        loaded = load_single_file(path, use_ema=use_ema)
+        assert loaded.unet[0] == normal.unet[0] and loaded.scheduler == normal.scheduler
+        assert_same(loaded.unet[1], parts["unet"][1])
+        assert_same(loaded.vae[1], parts["vae"][1])
+    with pytest.raises(WeightsError, match=r"holds the UNet only as EMA weights .*use_ema=True"):
+        load_single_file(path, use_ema=False)
+    with pytest.raises(WeightsError, match=r"holds the UNet only as EMA weights .*use_ema=True"):
+        LatentDiffusion.from_pretrained(path, use_ema=False)
+    pipe = LatentDiffusion.from_pretrained(path, use_ema=True)
+    expected = LatentDiffusion.from_pretrained(sd_file).unet.state_dict()
+    assert_same(pipe.unet.state_dict(), expected)
 
 
 class _Evil:

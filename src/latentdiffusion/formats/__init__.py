@@ -28,7 +28,7 @@ def load_components(path: str | Path, use_ema: bool | None = None, prediction_ty
     if checkpoint is not None:
         return Components.of(lora.load_lora_run(checkpoint, fuse=True))
     if path.is_file():
-        components = single_file.load_components(path, use_ema=bool(use_ema), prediction_type=prediction_type)
+        components = single_file.load_components(path, use_ema=use_ema, prediction_type=prediction_type)
     elif not path.exists():
         raise WeightsError(f"model not found: {path}")
     elif controlnet.is_controlnet(path):

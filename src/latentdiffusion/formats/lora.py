@@ -4,7 +4,6 @@ its keys, translated by formats/lora_keys.py), checked against the pipeline it g
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -14,11 +13,11 @@ from safetensors.torch import save_file
 from ..config import from_dict, to_dict
 from ..errors import WeightsError
 from ..lora import AdapterWeights, adapted_modules
+from ..messages import warn
 from ..pipeline import SamplingConfig
 from . import lora_keys
 from .native import list_checkpoints
 
-log = logging.getLogger("latentdiffusion")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers gives an adapter in a folder
 
 
@@ -61,20 +60,41 @@ def module_shapes(unet: torch.nn.Module, clip: torch.nn.Module) -> dict[str, tup
 
 
 def load_lora_weights(path: str | Path, unet: torch.nn.Module, clip: torch.nn.Module) -> AdapterWeights:
-    """An adapter file's weights for our UNet and CLIP text model. WeightsError naming the first key that fits no
-    module when none does; a log message saying how many were used when only some do."""
+    """An adapter file's weights for our UNet and CLIP text model. WeightsError naming the family the file was made
+    for and its first key that does not fit when its shapes do not fit the modules it names or its text-encoder keys
+    fit no text encoder here (a file for another model), and naming the first key when no key fits; a warning with
+    the counts when only some keys name a module here."""
     source = lora_file(path)
     tensors, metadata = read_lora_file(source)
     if not tensors:
         raise WeightsError(f"{source} holds no tensors")
-    weights, unused = lora_keys.from_file(tensors, metadata, module_shapes(unet, clip))
+    weights, unused, misfit = lora_keys.from_file(tensors, metadata, module_shapes(unet, clip))
+    foreign = _foreign(tensors, weights, unused, misfit)
+    if foreign:
+        why, key = foreign
+        raise WeightsError(f"{source}: a LoRA for {lora_keys.family(tensors) or 'another model'}, not for this model "
+                           f"({why}); the first key that does not fit: {key!r}")
     if not weights:
         raise WeightsError(f"{source}: no key fits a module of this model ({lora_keys.detect_layout(list(tensors))} "
                            f"layout read); the first that does not: {unused[0]!r}")
     if unused:
-        log.info("%s: used %d of %d keys (%d modules); %d fit no module of this model, e.g. %r", source,
-                 len(tensors) - len(unused), len(tensors), len(weights), len(unused), unused[0])
+        warn(f"{source}: used {len(tensors) - len(unused)} of {len(tensors)} keys ({len(weights)} modules); "
+             f"{len(unused)} fit no module of this model, e.g. {unused[0]!r}")
     return weights
+
+
+def _foreign(tensors: dict[str, torch.Tensor], weights: AdapterWeights, unused: list[str],
+             misfit: list[str]) -> tuple[str, str] | None:
+    """Why a file is one for another model, and its first key that tells it; None for a file of this model's family."""
+    if misfit:
+        return "its shapes do not fit the modules they name", misfit[0]
+    second = [k for k in unused if k.startswith(lora_keys.SDXL_PREFIXES)]
+    if second:
+        return "it adapts a second text encoder", second[0]
+    text_keys = [k for k in tensors if k.startswith(lora_keys.TEXT_PREFIXES)]
+    if weights and text_keys and not any(m.startswith("text_encoder.") for m in weights):
+        return "its text-encoder keys fit no text encoder here", text_keys[0]
+    return None
 
 
 def save_lora_weights(weights: AdapterWeights, path: str | Path, layout: str = "diffusers") -> Path:

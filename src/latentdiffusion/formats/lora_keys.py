@@ -5,7 +5,8 @@
                       ("lora_adapter_metadata": peft's LoraConfig, unet.r / unet.lora_alpha / *_pattern), else = r.
                       Read also: the older lora.down/lora.up and lora_linear_layer.down/up suffixes, <path>.alpha.
     kohya             (sd-scripts):  lora_unet_<path with _>.lora_down.weight / .lora_up.weight / .alpha,
-                      lora_te_text_model_<path with _>... for the text encoder.
+                      lora_te_text_model_<path with _>... for the text encoder (read also without text_model_, the
+                      names transformers 5's CLIPTextModel gives).
 
 <path> is the module's path inside our UNet or CLIP text model, which are diffusers' and transformers' names.
 """
@@ -31,6 +32,9 @@ _DIFFUSERS_SUFFIXES = {  # file suffix -> (part, layout name for the message)
 _KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 _KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 _KOHYA_TEXT_ROOT = "text_model_"  # kohya names the text encoder's modules from CLIPTextModel's text_model
+TEXT_PREFIXES = ("lora_te", "text_encoder")  # a text-encoder key, of any tower (SDXL's lora_te1_/_2, text_encoder_2.)
+SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")  # SDXL's two text encoders
+_FAMILY_OF_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL", 2048: "SDXL"}  # CLIP width or cross-attention width
 
 
 def detect_layout(keys: list[str]) -> str:
@@ -73,12 +77,15 @@ def to_file(weights: AdapterWeights, layout: str) -> tuple[dict[str, torch.Tenso
 
 
 def from_file(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
-              modules: Mapping[str, tuple[int, ...]]) -> tuple[AdapterWeights, list[str]]:
+              modules: Mapping[str, tuple[int, ...]]) -> tuple[AdapterWeights, list[str], list[str]]:
     """An adapter from a file's tensors in either layout, against our `modules` ("unet.<path>" -> weight shape):
-    the modules it fits, and the file's keys that fit none (in file order)."""
+    the modules it fits, the file's keys that name none, and the keys that name one but whose shapes do not fit it
+    (each list in file order)."""
     layout = detect_layout(list(tensors))
     if layout == "kohya":
         names = {kohya_name(*key.split(".", 1)): key for key in modules}
+        names.update({_KOHYA_PREFIX["text_encoder"] + key.split(".", 1)[1].replace(".", "_"): key
+                      for key in modules if key.startswith("text_encoder.")})  # without text_model_
         parts = _split(tensors, _KOHYA_SUFFIXES, lambda name: names.get(name))
     else:
         parts = _split(tensors, _DIFFUSERS_SUFFIXES, lambda name: _diffusers_module(name, modules))
@@ -91,18 +98,31 @@ def from_file(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] |
             found.setdefault(module, {})[part] = tensors[key]
     alphas = _metadata_alphas(metadata, list(found)) if layout == "diffusers" else {}
     weights: AdapterWeights = {}
+    misfit = []
     for module, got in found.items():
         if "down" not in got or "up" not in got:
             unused += [k for k, (m, _) in parts.items() if m == module]
             continue
         down, up = got["down"].float(), got["up"].float()
         if down.shape[1] != modules[module][1] or up.shape[0] != modules[module][0] or up.shape[1] != down.shape[0]:
-            unused += [k for k, (m, _) in parts.items() if m == module]
+            misfit += [k for k, (m, _) in parts.items() if m == module]
             continue
         rank = down.shape[0]
         alpha = float(got["alpha"]) if "alpha" in got else alphas.get(module, float(rank))
         weights[module] = ModuleLora(down, up, alpha)
-    return weights, [k for k in tensors if k in unused]
+    return weights, [k for k in tensors if k in unused], [k for k in tensors if k in misfit]
+
+
+def family(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The model family a file's keys or shapes tell: SDXL from its second text encoder's keys, else from the width
+    its text-encoder or cross-attention key/value adapters read (768 SD 1.x, 1024 SD 2.x, 1280 / 2048 SDXL)."""
+    if any(k.startswith(SDXL_PREFIXES) for k in tensors):
+        return "SDXL"
+    for key, w in tensors.items():
+        down = key.endswith(("lora_A.weight", "down.weight"))
+        if down and w.ndim >= 2 and (key.startswith(TEXT_PREFIXES) or re.search(r"attn2[._]to_[kv][._]", key)):
+            return _FAMILY_OF_WIDTH.get(w.shape[1])
+    return None
 
 
 def _split(tensors: Mapping[str, torch.Tensor], suffixes: dict[str, str], module_of) -> dict[str, tuple[str | None, str]]:

@@ -5,10 +5,10 @@ pickles never run code, and the noise schedule comes from what the file says, ne
 from __future__ import annotations
 
 import dataclasses
-import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import yaml
@@ -22,8 +22,10 @@ from ..text_encoder import TextEncoderConfig
 from ..unet import UNetConfig
 from ..vae import VAEConfig
 from .components import Components
+from ..messages import warn
 from .single_file_keys import (
     EMA_PREFIX,
+    EMA_UNET,
     OPENCLIP_PREFIX,
     OPENCLIP_UNUSED,
     TEXT_POSITION_IDS,
@@ -48,7 +50,6 @@ from .single_file_keys import (
 )
 from .weights import SUFFIXES, WeightsFile, atomic_write
 
-logger = logging.getLogger(__name__)
 
 NOT_STORED = {"sample_size", "dropout", "trainable", "upcast_attention"}  # config fields a single file does not hold
 # Marker keys (empty tensors) that training tools write and read (ComfyUI, kohya): a v-prediction model, and one
@@ -75,6 +76,30 @@ class SingleFile:
 def ema_key(key: str) -> str:
     """Where the original EMA copy keeps a UNet tensor: model.diffusion_model.a.0.b -> model_ema.diffusion_modela0b."""
     return EMA_PREFIX + key.removeprefix("model.").replace(".", "")
+
+
+_UNET_NAME = re.compile("|".join(sorted({re.escape(part) for pair in unet_key_map(UNetConfig())
+                                         for part in pair.original.split(".") if not part.isdigit()},
+                                        key=len, reverse=True)) + r"|\d+")  # longest name first, then an index
+
+
+def ema_unet_keys(keys: Iterable[str]) -> dict[str, str]:
+    """The UNet keys (under model.diffusion_model.) of an EMA copy's flattened keys, to those keys:
+    input_blocks.1.0.in_layers.0.weight -> model_ema.diffusion_modelinput_blocks10in_layers0weight. The names are
+    the UNet key map's; input/output_blocks.{block}.{layer} run their two indices together, the layer one digit."""
+    out = {}
+    for flat in keys:
+        if not flat.startswith(EMA_UNET):
+            continue
+        parts, pos, rest = [], 0, flat[len(EMA_UNET):]
+        while pos < len(rest) and (found := _UNET_NAME.match(rest, pos)):
+            token, pos = found.group(), found.end()
+            joined = token.isdigit() and len(token) > 1 and parts and parts[-1] in ("input_blocks", "output_blocks")
+            parts += [token[:-1], token[-1]] if joined else [token]
+        dotted = ".".join(parts)
+        if pos == len(rest) and ema_key(UNET_PREFIX + dotted) == flat:
+            out[dotted] = flat
+    return out
 
 
 class _Canonical:
@@ -167,8 +192,7 @@ def _scheduler(file: _Canonical, params: dict[str, Any], sd2: bool, prediction_t
         if prediction_type not in PREDICTION_TYPES:
             raise ConfigError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
         if stated is not None and stated != prediction_type:
-            logger.warning("%s: prediction_type=%r as asked, although %s says %r", file.path, prediction_type,
-                           where, stated)
+            warn(f"{file.path}: prediction_type={prediction_type!r} as asked, although {where} says {stated!r}")
     elif stated is not None:
         prediction_type = stated
     elif sd2:
@@ -204,14 +228,15 @@ def _heads(params: dict[str, Any], unet: UNetConfig) -> UNetConfig:
     return unet
 
 
-def load_single_file(path: str | Path, use_ema: bool = False, prediction_type: str | None = None) -> SingleFile:
-    """Read an original-layout SD 1.x / 2.x checkpoint, or a standalone VAE file. use_ema=False takes
-    model.diffusion_model.* (already the EMA weights in released SD files); use_ema=True takes the model_ema.* copy
-    that training checkpoints also hold. `prediction_type` is needed where the file does not say it (SD 2.x)."""
+def load_single_file(path: str | Path, use_ema: bool | None = None, prediction_type: str | None = None) -> SingleFile:
+    """Read an original-layout SD 1.x / 2.x checkpoint, or a standalone VAE file. The default takes
+    model.diffusion_model.* (already the EMA weights in released SD files), or the model_ema.* copy in a file that
+    holds the UNet only so; use_ema=True takes the model_ema.* copy that training checkpoints also hold, use_ema=False
+    never. `prediction_type` is needed where the file does not say it (SD 2.x)."""
     with WeightsFile(path) as ckpt:
         file, source = _Canonical(ckpt), str(ckpt.path)
         check_supported(file.shapes, source)
-        if not any(k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, OPENCLIP_PREFIX)) for k in file.shapes):
+        if not any(k.startswith((UNET_PREFIX, EMA_UNET, VAE_PREFIX, TEXT_PREFIX, OPENCLIP_PREFIX)) for k in file.shapes):
             vae_cfg = _infer(source, infer_vae_config, file.shapes, source, "")
             vae = _read(file, vae_key_map(vae_cfg), lambda k: k, VAE_KEYS, f"VAE inferred as {vae_cfg}")
             return SingleFile(vae=(vae_cfg, vae))
@@ -242,8 +267,12 @@ def load_single_file(path: str | Path, use_ema: bool = False, prediction_type: s
                 vae_cfg = _infer(source, dataclasses.replace, vae_cfg, scaling_factor=float(params["scale_factor"]))
             single.vae = vae_cfg, _read(file, vae_key_map(vae_cfg), lambda k: VAE_PREFIX + k, VAE_PREFIX,
                                         f"VAE inferred as {vae_cfg}")
-        if any(k.startswith(UNET_PREFIX) for k in file.shapes):
-            unet_shapes = strip(file.shapes, UNET_PREFIX)
+        ema = ema_unet_keys(file.shapes) if not any(k.startswith(UNET_PREFIX) for k in file.shapes) else {}
+        if ema and use_ema is False:
+            raise WeightsError(f"{ckpt.path} holds the UNet only as EMA weights ({EMA_UNET}*, no {UNET_PREFIX}*): load "
+                               "it with use_ema=True or the default (on the command line: without --no-ema)")
+        if any(k.startswith(UNET_PREFIX) for k in file.shapes) or ema:
+            unet_shapes = strip(file.shapes, UNET_PREFIX) or {k: file.shapes[flat] for k, flat in ema.items()}
             context = unet_shapes.get("middle_block.1.transformer_blocks.0.attn2.to_k.weight", (0, 0))[1]
             sd2 = openclip or (single.text_encoder is None and context == 1024)
             unet_cfg = _heads(params, _infer(source, infer_unet_config, unet_shapes, source, sd2))
@@ -255,11 +284,10 @@ def load_single_file(path: str | Path, use_ema: bool = False, prediction_type: s
                     factor = 2 ** (len(vae_cfg.block_channels) - 1)
                     single.vae = dataclasses.replace(vae_cfg, sample_size=factor * SD2_V_SAMPLE_SIZE), vae
             unet_key, unet_prefix = (lambda k: UNET_PREFIX + k), UNET_PREFIX
-            if use_ema:
+            if use_ema or ema:
                 if ema_key(f"{UNET_PREFIX}input_blocks.0.0.weight") not in file.shapes:
-                    raise WeightsError(f"{ckpt.path} holds no EMA weights (model_ema.diffusion_model*): "
-                                       "load it with use_ema=False")
-                unet_key, unet_prefix = (lambda k: ema_key(UNET_PREFIX + k)), ema_key(UNET_PREFIX)
+                    raise WeightsError(f"{ckpt.path} holds no EMA weights ({EMA_UNET}*): load it with use_ema=False")
+                unet_key, unet_prefix = (lambda k: ema_key(UNET_PREFIX + k)), EMA_UNET
             single.unet = unet_cfg, _read(file, unet_key_map(unet_cfg), unet_key, unet_prefix,
                                           f"UNet inferred as {unet_cfg}")
         elif prediction_type is not None:
@@ -391,7 +419,7 @@ def save_single_file(
         atomic_write(path, lambda tmp: torch.save({"state_dict": state}, tmp))
 
 
-def load_components(path: str | Path, use_ema: bool = False, prediction_type: str | None = None) -> Components:
+def load_components(path: str | Path, use_ema: bool | None = None, prediction_type: str | None = None) -> Components:
     """A single file (or a standalone VAE file) as the components every format reads into."""
     single = load_single_file(path, use_ema, prediction_type)
     parts = {k: v for k, v in (("unet", single.unet), ("vae", single.vae), ("text_encoder", single.text_encoder))

@@ -24,6 +24,7 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
+EMA_UNET = EMA_PREFIX + "diffusion_model"  # the UNet's EMA copy: its keys without dots after this (a training file's)
 TEXT_POSITION_IDS = "text_model.embeddings.position_ids"  # a constant buffer: dropped on load, written on export
 VIT_H_WIDTH, VIT_H_LAYERS = 1024, 24  # SD 2.x's OpenCLIP text tower
 OPENCLIP_UNUSED = ("text_projection", "logit_scale")  # the contrastive head: no part of the text conditioning
@@ -267,7 +268,7 @@ def check_supported(keys: Shapes, source: str) -> None:
         raise WeightsError(f"{source}: a VAE in the diffusers layout (encoder.down_blocks.* keys), which a file alone "
                            "cannot describe: pass the folder that holds it with its config (a diffusers vae/ folder "
                            "with config.json, or a model folder)")
-    if not any(k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, OPENCLIP_PREFIX, *VAE_KEYS)) for k in keys):
+    if not any(k.startswith((UNET_PREFIX, EMA_UNET, VAE_PREFIX, TEXT_PREFIX, OPENCLIP_PREFIX, *VAE_KEYS)) for k in keys):
         raise WeightsError(f"{source}: not a Stable Diffusion single file nor a VAE file: no key starts with "
                            f"'{UNET_PREFIX}', '{VAE_PREFIX}', 'cond_stage_model.' or 'encoder.' / 'decoder.' "
                            "(the original layouts)")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -262,7 +263,7 @@ class UpscalerRunConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-PRESETS_DIR = Path(__file__).resolve().parents[3] / "configs"  # the repository's presets (a source checkout)
+PRESETS_DIR = Path(str(resources.files("latentdiffusion") / "configs"))  # package data: a link to the repository's configs/
 
 
 def resolve_config_path(name: str | Path) -> Path:
