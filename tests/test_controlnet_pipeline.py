@@ -10,7 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers")
 
 from conftest import perturb_  # noqa: E402
+from test_img2img_inpaint import BATCH_SHAPES, batch_call, noise_replaced, with_scheduler  # noqa: E402
 from test_pipeline import NEGATIVES, PROMPTS, start_latents, tiny_reference  # noqa: E402
+from tiny import one_thread  # noqa: E402,F401
 
 from latentdiffusion import ControlNet, LatentDiffusion  # noqa: E402
 
@@ -39,6 +41,12 @@ def pipe(folders):
 @pytest.fixture(scope="module")
 def controlnets(folders):
     return [ControlNet.from_pretrained(folders / f"cn{i}") for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def reference(folders):
+    """diffusers' pipeline with the first ControlNet, loaded once."""
+    return reference_pipeline(folders, 1)
 
 
 def reference_pipeline(folders, n: int, cls=None):
@@ -89,6 +97,29 @@ def test_controlnet_img2img_matches_diffusers(pipe, controlnets, folders):
     ours = pipe(PROMPTS, controlnet=controlnets[0], control_image=control,
                 generator=torch.Generator().manual_seed(11), **kwargs)
     theirs = reference(PROMPTS, control_image=control, generator=torch.Generator().manual_seed(11), **kwargs).images
+    assert (ours - theirs).abs().max() < TOL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape", BATCH_SHAPES.values(), ids=BATCH_SHAPES.keys())
+@pytest.mark.parametrize("img2img", [False, True], ids=["text", "img2img"])
+def test_controlnet_batch_shapes_match_diffusers(pipe, controlnets, reference, monkeypatch, img2img, shape):
+    """A control image for every prompt or one per prompt, repeated to the batch as diffusers' ControlNet pipelines
+    do; with img2img, its image (as many as the control images) drawn as diffusers' img2img does."""
+    from diffusers.pipelines.controlnet import pipeline_controlnet_img2img as module
+
+    cls = diffusers.StableDiffusionControlNetImg2ImgPipeline if img2img else diffusers.StableDiffusionControlNetPipeline
+    theirs = with_scheduler(reference, "EulerAncestralDiscreteScheduler", cls)
+    common = dict(num_inference_steps=4, guidance_scale=7.5, output_type="pt", controlnet_conditioning_scale=0.8,
+                  **(dict(strength=0.6) if img2img else {}))
+    images = dict(image=control_images(seed=5)) if img2img else {}
+    ours = pipe(**batch_call(shape, (4, 8, 8), control_image=control_images(), **images), controlnet=controlnets[0],
+                scheduler="euler_ancestral", **common)
+    call = batch_call(shape, (4, 8, 8), **{"control_image" if img2img else "image": control_images()}, **images)
+    if img2img:
+        noise_replaced(monkeypatch, module, call.pop("latents", None))
+    theirs = theirs(**call, **common).images
+    assert ours.shape == theirs.shape == (shape[0] * shape[2], 3, 16, 16)
     assert (ours - theirs).abs().max() < TOL
 
 

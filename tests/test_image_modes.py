@@ -149,4 +149,4 @@ def test_pipeline_and_control_images_take_the_same_conversion():
     grey16 = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))
     assert grey16.mode == "I;16"
     assert torch.allclose(image_tensor(grey16), torch.full((1, 3, 8, 8), 128 / 255))
-    assert torch.allclose(control_tensor(grey16, 2, (8, 8)), torch.full((2, 3, 8, 8), 128 / 255))
+    assert torch.allclose(control_tensor(grey16, 2, (8, 8)), torch.full((1, 3, 8, 8), 128 / 255))

@@ -12,6 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from conftest import perturb_  # noqa: E402
 from test_pipeline import NEGATIVES, PROMPTS, pipe, reference, reference_dir, tiny_reference  # noqa: E402,F401
+from tiny import one_thread  # noqa: E402,F401
 
 from latentdiffusion import LatentDiffusion  # noqa: E402
 from latentdiffusion.samplers import SAMPLERS  # noqa: E402
@@ -31,7 +32,10 @@ def source_mask() -> torch.Tensor:
 
 
 def with_scheduler(reference, cls_name: str, pipeline_cls):
-    scheduler = getattr(diffusers, cls_name).from_config(reference.scheduler.config)
+    """`pipeline_cls` on the reference's components with the diffusers scheduler `cls_name`, its config explicit
+    (timestep_spacing given: no scheduler default decides it)."""
+    config = reference.scheduler.config
+    scheduler = getattr(diffusers, cls_name).from_config(config, timestep_spacing=config.timestep_spacing)
     components = {k: v for k, v in reference.components.items() if k != "image_encoder"}
     return pipeline_cls(**{**components, "scheduler": scheduler})
 
@@ -50,6 +54,43 @@ def inpainting_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def inpainting_pipes(inpainting_dir):
+    """Ours and diffusers' inpainting pipeline (9-channel UNet) on the same files."""
+    return (LatentDiffusion.from_pretrained(inpainting_dir),
+            diffusers.StableDiffusionInpaintPipeline.from_pretrained(inpainting_dir, safety_checker=None))
+
+
+# The batch shapes of issue 30: (prompts, images given, num_images_per_prompt, generators, latents given)
+BATCH_SHAPES = {
+    "one image, two prompts": (2, 1, 1, 1, False),
+    "an image per prompt": (2, 2, 1, 1, False),
+    "two per prompt": (2, 1, 2, 1, False),
+    "a generator per image": (2, 1, 2, 4, False),
+    "given latents": (2, 1, 1, 1, True),
+}
+
+
+def batch_call(shape: tuple, latent: tuple[int, int, int], **images: torch.Tensor) -> dict:
+    """A call's arguments for a batch shape, with fresh generators: the prompts and their negatives, the shape's
+    count of each of `images` (tensors of two), and starting latents (batch, *latent) where it gives them."""
+    prompts, n_images, per_prompt, generators, given = shape
+    call = dict(prompt=PROMPTS[:prompts], negative_prompt=NEGATIVES[:prompts], num_images_per_prompt=per_prompt,
+                generator=torch.Generator().manual_seed(11) if generators == 1 else
+                [torch.Generator().manual_seed(11 + i) for i in range(generators)],
+                **{k: v[:n_images] for k, v in images.items()})
+    if given:
+        call["latents"] = torch.randn(prompts * per_prompt, *latent, generator=torch.Generator().manual_seed(1))
+    return call
+
+
+def noise_replaced(monkeypatch, module, latents: torch.Tensor | None) -> None:
+    """diffusers' img2img pipelines take no latents: given ones replace the noise `module`'s prepare_latents draws
+    (its only randn_tensor call; the VAE posterior and the scheduler draw through their own modules)."""
+    if latents is not None:
+        monkeypatch.setattr(module, "randn_tensor", lambda shape, **kwargs: latents.clone())
+
+
 def run_both(ours, theirs, name: str, **kwargs):
     common = dict(negative_prompt=NEGATIVES, num_inference_steps=5, guidance_scale=7.5, output_type="pt")
     a = ours(PROMPTS, generator=torch.Generator().manual_seed(11), scheduler=name, **common, **kwargs)
@@ -63,6 +104,42 @@ def run_both(ours, theirs, name: str, **kwargs):
 def test_img2img_matches_diffusers(pipe, reference, name):
     theirs = with_scheduler(reference, SAMPLERS[name].reference, diffusers.StableDiffusionImg2ImgPipeline)
     assert run_both(pipe, theirs, name, image=source_image(), strength=0.6) < TOL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape", BATCH_SHAPES.values(), ids=BATCH_SHAPES.keys())
+@pytest.mark.parametrize("name", ["ddim", "euler_ancestral", "dpmpp_2m"])
+def test_img2img_batch_shapes_match_diffusers(pipe, reference, monkeypatch, name, shape):
+    """Each image given is encoded once (its posterior drawn once) and repeated to the batch; with a list of
+    generators each image of the batch is encoded with its own, as diffusers' img2img pipeline does."""
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as module
+
+    theirs = with_scheduler(reference, SAMPLERS[name].reference, diffusers.StableDiffusionImg2ImgPipeline)
+    common = dict(num_inference_steps=5, guidance_scale=7.5, output_type="pt", strength=0.6)
+    a = pipe(**batch_call(shape, (4, 8, 8), image=source_image()), scheduler=name, **common)
+    call = batch_call(shape, (4, 8, 8), image=source_image())
+    noise_replaced(monkeypatch, module, call.pop("latents", None))
+    b = theirs(**call, **common).images
+    assert a.shape == b.shape == (shape[0] * shape[2], 3, 16, 16)
+    assert (a - b).abs().max() < TOL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape", BATCH_SHAPES.values(), ids=BATCH_SHAPES.keys())
+@pytest.mark.parametrize("channels", [9, 4])
+def test_inpainting_batch_shapes_match_diffusers(pipe, reference, inpainting_pipes, channels, shape):
+    """Image and masked image each encoded once per image given, with the first generators of a list, and repeated
+    to the batch; an ordinary UNet draws the masked image's posterior too (diffusers encodes it for every UNet), so
+    the sampler's later noise lines up. Given latents at strength 1: diffusers starts any given latents from pure
+    noise, where ours noise the image with them below strength 1."""
+    ours, base = inpainting_pipes if channels == 9 else (pipe, reference)
+    theirs = with_scheduler(base, "EulerAncestralDiscreteScheduler", diffusers.StableDiffusionInpaintPipeline)
+    common = dict(num_inference_steps=5, guidance_scale=7.5, output_type="pt", strength=1.0 if shape[4] else 0.6)
+    images = dict(image=source_image(), mask_image=source_mask())
+    a = ours(**batch_call(shape, (4, 8, 8), **images), scheduler="euler_ancestral", **common)
+    b = theirs(**batch_call(shape, (4, 8, 8), **images), **common).images
+    assert a.shape == b.shape == (shape[0] * shape[2], 3, 16, 16)
+    assert (a - b).abs().max() < TOL
 
 
 @torch.no_grad()

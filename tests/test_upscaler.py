@@ -17,6 +17,8 @@ from latentdiffusion.errors import ArgumentError, ConfigError, WeightsError  # n
 from latentdiffusion.schedulers.schedule import make_alphas_cumprod  # noqa: E402
 from latentdiffusion.text_encoder import TOKENIZER_DIR  # noqa: E402
 from latentdiffusion.upscaler import UpscalerConfig, augment  # noqa: E402
+from test_img2img_inpaint import batch_call  # noqa: E402
+from tiny import one_thread  # noqa: E402,F401
 
 PROMPT = "a small red triangle on a white background"
 
@@ -92,8 +94,8 @@ def test_augmentation_is_q_sample_of_the_low_res_schedule():
     config = UpscalerConfig()
     images = torch.rand(2, 3, 4, 4) * 2 - 1
     levels = torch.tensor([0, 350])
-    noisy = augment(images, levels, config, torch.Generator().manual_seed(0))
     noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    noisy = augment(images, levels, config, noise)
     ab = make_alphas_cumprod(config.low_res_scheduler)[levels].reshape(2, 1, 1, 1)
     assert torch.allclose(noisy, ab.sqrt() * images + (1 - ab).sqrt() * noise, atol=1e-6)
     ref = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02)
@@ -108,6 +110,27 @@ def test_guided_upscale_matches_reference(pipe, reference, noise_level):
     ours = pipe(PROMPT, image=image, generator=torch.Generator().manual_seed(0), **kwargs)
     theirs = reference(PROMPT, image=image, generator=torch.Generator().manual_seed(0), **kwargs).images
     assert ours.shape == (1, 3, 32, 32)
+    assert (ours - torch.as_tensor(theirs)).abs().max() < 5e-4
+
+
+# issue 30's batch shapes as diffusers' upscale pipeline takes them (one image per prompt): (prompts, images given,
+# num_images_per_prompt, generators, latents given)
+UPSCALE_SHAPES = {
+    "an image per prompt": (2, 2, 1, 1, False),
+    "two per prompt": (1, 1, 2, 1, False),
+    "a generator per image": (1, 1, 2, 2, False),
+    "given latents": (2, 2, 1, 1, True),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape", UPSCALE_SHAPES.values(), ids=UPSCALE_SHAPES.keys())
+def test_upscale_batch_shapes_match_diffusers(pipe, reference, shape):
+    """Each low-res image given is noised once, with the leading generators of a list, then repeated to the batch."""
+    kwargs = dict(num_inference_steps=3, guidance_scale=7.5, noise_level=50, output_type="pt")
+    ours = pipe(**batch_call(shape, (4, 8, 8), image=low_res_image(batch=2)), **kwargs)
+    theirs = reference(**batch_call(shape, (4, 8, 8), image=low_res_image(batch=2)), **kwargs).images
+    assert ours.shape == theirs.shape == (shape[0] * shape[2], 3, 32, 32)
     assert (ours - torch.as_tensor(theirs)).abs().max() < 5e-4
 
 

@@ -50,6 +50,23 @@ def mask_tensor(mask: Image.Image | list[Image.Image] | Tensor, name: str = "mas
     return (mask >= 0.5).float()
 
 
+def per_prompt(images: Tensor, prompts: int, name: str) -> Tensor:
+    """`images` (B, ...) as given, checked to be one for every prompt (B = 1) or one per prompt (B = prompts);
+    ArgumentError naming `name` otherwise."""
+    if images.shape[0] not in (1, prompts):
+        raise ArgumentError(f"{name} holds {images.shape[0]} images for {prompts} prompts: give one, or one per prompt")
+    return images
+
+
+def to_batch(images: Tensor, batch: int) -> Tensor:
+    """Images (or their latents, masks, noise) given once for every prompt (1, ...) or once per prompt (prompts, ...)
+    as the batch (batch, ...) in the order of the prompts' contexts: image i repeated batch / B times in a row, for
+    prompt i's num_images_per_prompt images. (diffusers' img2img, inpainting and upscale pipelines tile instead,
+    image b % B at place b: the same but for one image per prompt with num_images_per_prompt > 1, where they pair
+    images with other prompts; its ControlNet pipeline repeats them as here.)"""
+    return images.repeat_interleave(batch // images.shape[0], dim=0)
+
+
 def _pil_list(value: Any, name: str, kind: str, shape: str) -> Any:
     """A PIL image or a list / tuple of them as a list (checked: non-empty, PIL only, one size); anything else as
     given, for the tensor checks. ArgumentError naming `name` otherwise."""

@@ -24,6 +24,12 @@ def randn(shape: tuple[int, ...], generator: Generator = None, device: torch.dev
     return x.to(device)
 
 
+def leading(generator: Generator, n: int) -> Generator:
+    """The generators of the first n images where a list is given (a single one as it is): what diffusers draws with
+    for an image given once and repeated to several images of the batch."""
+    return list(generator[:n]) if isinstance(generator, (list, tuple)) else generator
+
+
 def randint(high: int, n: int, generator: Generator = None, device: torch.device | str | None = None) -> torch.Tensor:
     """`n` integers uniform in [0, high), (n,) int64, drawn on the generator's device, then moved. A list of
     generators draws one each."""

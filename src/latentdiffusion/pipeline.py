@@ -20,9 +20,9 @@ from .controlnet import ControlNet
 from .errors import ArgumentError, ConfigError
 from .guidance import ClassifierFreeGuidance
 from .image_modes import to_rgb
-from .images import ImageInput, image_tensor, mask_tensor, random_inpainting_masks
+from .images import ImageInput, image_tensor, mask_tensor, per_prompt, random_inpainting_masks, to_batch
 from .layers import Attention
-from .noise import Generator, randint, randn
+from .noise import Generator, leading, randint, randn
 from .offload import ModelOffload, SequentialOffload
 from .pixels import PixelSpace, PixelSpaceConfig
 from .samplers import SAMPLERS, Denoiser, NoiseLevels, SamplerEntry, add_noise, input_scale, sampler_entry
@@ -30,7 +30,7 @@ from .samplers.levels import vp_to_k_scale
 from .schedulers import NoiseSchedule, SchedulerConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .unet import UNet, UNetConfig
-from .upscaler import UpscalerConfig, augment, low_res_batch, upsample_bicubic
+from .upscaler import UpscalerConfig, augment, low_res_images, upsample_bicubic
 from .vae import AutoencoderKL, VAEConfig
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
@@ -344,64 +344,77 @@ class LatentDiffusion(nn.Module):
         levels = entry.levels(self.scheduler.config, num_inference_steps, use_karras_sigmas)
         if pixels is not None:  # img2img / inpainting run the last int(steps * strength) steps, as diffusers does
             levels = levels.tail(self._steps_run(num_inference_steps, strength))
-        controls = self._controls(controlnet, control_image, controlnet_conditioning_scale, len(prompts),
-                                  num_images_per_prompt, shape)
-        start = self._start(shape, levels, latents, pixels, mask, low_res, noise_level, strength,
-                            num_images_per_prompt, generator)
-        cond, uncond = self._conditioning(prompts, negatives, num_images_per_prompt, guidance_scale, start, controls)
+        controls = self._controls(controlnet, control_image, controlnet_conditioning_scale, len(prompts), shape)
+        start = self._start(shape, levels, latents, pixels, mask, low_res, noise_level, strength, generator)
+        cond, uncond = self._conditioning(prompts, negatives, shape[0], guidance_scale, start, controls)
         guided = ClassifierFreeGuidance(self._run_unet, cond, uncond, guidance_scale, guidance_rescale)
         latents = self._sample(entry, levels, guided, start, eta, generator, callback, progress)
         if low_res is not None and self.upscaler.residual_scale is not None:  # a residual upsampler: add the base
-            base = self.upsampled_latents(low_res).repeat_interleave(num_images_per_prompt, dim=0)
+            base = to_batch(self.upsampled_latents(low_res), len(latents))
             latents = (latents.float() / self.upscaler.residual_scale + base.float()).to(latents.dtype)
         return self._output(latents, output_type)
 
     def _images(self, image: ImageInput | None, mask_image: ImageInput | None, noise_level: int | torch.Tensor | None,
                 latents: torch.Tensor | None, n_prompts: int, n: int, height: int | None, width: int | None
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, tuple[int, int, int, int]]:
-        """The checked input images and the latents' shape (B, C, h, w): an upsampler's low-res images (n_prompts,
-        3, h, w) in [-1, 1] (which set the size), or the img2img image (B,3,H,W) in [0,1] and inpainting mask
-        (B,1,H,W), each None where not given."""
+        """The checked input images, each one for every prompt or one per prompt (see to_batch), and the latents'
+        shape (B, C, h, w): an upsampler's low-res images (1 or n_prompts, 3, h, w) in [-1, 1] (which set the size), or
+        the img2img image (1 or n_prompts, 3, H, W) in [0, 1] and inpainting mask (1 or n_prompts, 1, H, W), each None
+        where not given."""
         low_res = self._low_res(image, mask_image, noise_level, n_prompts, height, width)
         if low_res is not None:
             pixels, mask = None, None
             height, width = (side * self.vae_scale_factor for side in low_res.shape[2:])
         else:
-            pixels, mask = self._source_images(image, mask_image, n_prompts, n)
+            pixels, mask = self._source_images(image, mask_image, n_prompts)
             height, width = self._size(pixels, latents, height, width)
         return low_res, pixels, mask, self._latent_shape(n_prompts * n, height, width)
 
     def _start(self, shape: tuple[int, int, int, int], levels: NoiseLevels, latents: torch.Tensor | None,
                pixels: torch.Tensor | None, mask: torch.Tensor | None, low_res: torch.Tensor | None,
-               noise_level: int | torch.Tensor | None, strength: float, n: int, generator: Generator) -> _Start:
+               noise_level: int | torch.Tensor | None, strength: float, generator: Generator) -> _Start:
         """Where sampling starts: the noised latents, and the channels an upsampler (its noised low-res image, its
         noise level as class label) or an inpainting UNet (mask, masked image's latents) takes beside them; an
         ordinary UNet inpaints by putting the known region back after every step. The generator draws in
-        diffusers' order: low-res augmentation, image latents, noise, masked image latents."""
-        augmented = None
+        diffusers' order: low-res augmentation, image latents, noise, masked image latents. Each image given is
+        encoded or noised once, with the leading generators of a list, then repeated to the batch (to_batch), as
+        diffusers does; only img2img with a list of generators encodes every image of the batch with its own, as
+        diffusers' img2img pipeline does."""
+        batch = shape[0]
         if low_res is not None:  # conditioning augmentation, drawn before the latents' noise (as diffusers does)
             noise_level = NOISE_LEVEL if noise_level is None else noise_level
-            noise_levels = self.upscaler.check_noise_level(noise_level).to(self.device).expand(shape[0])  # (N,)
-            augmented = augment(low_res.repeat_interleave(n, dim=0).to(self.device), noise_levels, self.upscaler,
-                                generator)
+            noise_levels = self.upscaler.check_noise_level(noise_level).to(self.device).expand(batch)  # (N,)
+            low_res = low_res.to(self.device)
+            low_res_noise = randn(tuple(low_res.shape), leading(generator, len(low_res)), self.device)
+            augmented = augment(to_batch(low_res, batch), noise_levels, self.upscaler, to_batch(low_res_noise, batch))
         repaint_all = mask is not None and strength == 1.0  # inpainting at full strength starts from pure noise
         x0 = None
         if pixels is not None and not (repaint_all and self.concat_channels):
-            x0 = self.encode_images(pixels * 2 - 1, generator).float()
+            if mask is None and isinstance(generator, (list, tuple)):
+                x0 = self.encode_images(to_batch(pixels, batch) * 2 - 1, generator).float()
+            else:
+                x0 = to_batch(self.encode_images(pixels * 2 - 1, leading(generator, len(pixels))).float(), batch)
         noise = randn(shape, generator, self.device) if latents is None else latents.to(self.device, torch.float32)
         x = noise * levels.init_noise_sigma if x0 is None or repaint_all else add_noise(x0, noise, levels.sigmas[0])
-        if augmented is not None:
+        if low_res is not None:
             return _Start(x, augmented, noise_levels)
         if self.concat_channels:
             return _Start(x, self.inpainting_concat(pixels, mask, generator, shape))
-        return _Start(x, put_back=None if mask is None else self._keep_known(x0, noise, mask, levels))
+        if mask is None:
+            return _Start(x)
+        if isinstance(self.vae, AutoencoderKL):  # diffusers encodes the masked image for an ordinary UNet too, and
+            # leaves its latents unused: draw its posterior noise all the same, so that the sampler's draws line up
+            rows = max(len(pixels), len(mask))
+            randn((rows, *shape[1:]), leading(generator, rows), self.device, self.vae_dtype)
+        return _Start(x, put_back=self._keep_known(x0, noise, to_batch(mask, batch), levels))
 
-    def _conditioning(self, prompts: list[str], negatives: list[str], n: int, guidance_scale: float, start: _Start,
-                      controls: list[Control]) -> tuple[Conditioning, Conditioning | None]:
-        """The conditional and unconditional (None at guidance_scale 1) bundles: each prompt's context repeated n
-        times, with the start's concatenated channels and class labels and the ControlNets."""
-        cond = self.encode_prompt(prompts).repeat_interleave(n, dim=0)
-        uncond = None if guidance_scale == 1.0 else self.encode_prompt(negatives).repeat_interleave(n, dim=0)
+    def _conditioning(self, prompts: list[str], negatives: list[str], batch: int, guidance_scale: float,
+                      start: _Start, controls: list[Control]) -> tuple[Conditioning, Conditioning | None]:
+        """The conditional and unconditional (None at guidance_scale 1) bundles: each prompt's context repeated to
+        the batch as the images are (to_batch), with the start's concatenated channels and class labels and the
+        ControlNets."""
+        cond = to_batch(self.encode_prompt(prompts), batch)
+        uncond = None if guidance_scale == 1.0 else to_batch(self.encode_prompt(negatives), batch)
         return tuple(None if c is None else Conditioning(c, start.concat, start.class_labels, controls)
                      for c in (cond, uncond))
 
@@ -424,9 +437,9 @@ class LatentDiffusion(nn.Module):
         return images if output_type == "pt" else to_pil(images)
 
     def _controls(self, controlnet: ControlNet | list[ControlNet] | None, image: Any, scale: float | list[float],
-                  n_prompts: int, n: int, shape: tuple[int, ...]) -> list[Control]:
+                  n_prompts: int, shape: tuple[int, ...]) -> list[Control]:
         """(controlnet, control images (B, 3, H, W) in [0, 1] on the pipeline's device, scale) per ControlNet: one
-        image per prompt, repeated n times."""
+        image for every prompt or one per prompt, repeated to the batch (to_batch)."""
         if controlnet is None:
             if image is not None:
                 raise ArgumentError("control_image was given without a controlnet")
@@ -447,17 +460,17 @@ class LatentDiffusion(nn.Module):
                                     f"vae_scale_factor={self.vae_scale_factor}))")
         size = (shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor)
         scales = [real(s, "controlnet_conditioning_scale") for s in scales]
-        return [(net, control_tensor(im, n_prompts, size).repeat_interleave(n, dim=0).to(self.device, self.dtype),
-                 float(s))
+        return [(net, to_batch(control_tensor(im, n_prompts, size), shape[0]).to(self.device, self.dtype), float(s))
                 for net, im, s in zip(nets, images, scales)]
 
     def _run_unet(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet on float32 sampler latents, run in the model's dtype, its output back in float32."""
         return run_unet(self.unet, x.to(self.dtype), t, cond).float()
 
-    def _source_images(self, image: ImageInput | None, mask_image: ImageInput | None, n_prompts: int,
-                       n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The image (B,3,H,W) in [0,1] and the mask (B,1,H,W) of 0/1 on the device, one per prompt repeated n times."""
+    def _source_images(self, image: ImageInput | None, mask_image: ImageInput | None,
+                       n_prompts: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The image (B,3,H,W) in [0,1] and the mask (B,1,H,W) of 0/1 on the device, each B = 1 (for every prompt)
+        or B = n_prompts."""
         if mask_image is not None and image is None:
             raise ArgumentError("mask_image needs image: pass the image to inpaint as image=")
         if self.concat_channels and image is not None and mask_image is None:
@@ -465,8 +478,9 @@ class LatentDiffusion(nn.Module):
                              "mask_image= with image=")
         if image is None:
             return None, None
-        pixels = image_tensor(image, "image")
-        mask = None if mask_image is None else mask_tensor(mask_image, "mask_image")
+        pixels = per_prompt(image_tensor(image, "image"), n_prompts, "image")
+        mask = None if mask_image is None else per_prompt(mask_tensor(mask_image, "mask_image"), n_prompts,
+                                                            "mask_image")
         factor = self.vae_scale_factor
         if pixels.shape[2] % factor or pixels.shape[3] % factor:
             raise ArgumentError(f"image size {pixels.shape[3]}x{pixels.shape[2]} (WxH) is not divisible by the VAE "
@@ -474,13 +488,7 @@ class LatentDiffusion(nn.Module):
         if mask is not None and mask.shape[2:] != pixels.shape[2:]:
             raise ArgumentError(f"mask_image size {mask.shape[3]}x{mask.shape[2]} differs from the image's "
                              f"{pixels.shape[3]}x{pixels.shape[2]} (WxH)")
-
-        def per_image(t: torch.Tensor, name: str) -> torch.Tensor:
-            if t.shape[0] not in (1, n_prompts):
-                raise ArgumentError(f"{name} holds {t.shape[0]} images for {n_prompts} prompts: give one, or one each")
-            return t.expand(n_prompts, *t.shape[1:]).repeat_interleave(n, dim=0).to(self.device)
-
-        return per_image(pixels, "image"), None if mask is None else per_image(mask, "mask_image")
+        return pixels.to(self.device), None if mask is None else mask.to(self.device)
 
     def _size(self, pixels: torch.Tensor | None, latents: torch.Tensor | None, height: int | None,
               width: int | None) -> tuple[int | None, int | None]:
@@ -506,21 +514,24 @@ class LatentDiffusion(nn.Module):
 
     def inpainting_concat(self, pixels: torch.Tensor | None, mask: torch.Tensor | None, generator: Generator,
                           shape: tuple[int, ...]) -> torch.Tensor:
-        """What an inpainting UNet takes beside the latents (B, C, h, w) of `shape`: the mask (B,1,H,W), 1 = repaint,
-        at latent size and the latents of the image (B,3,H,W) in [0,1] with that region grey, (B, 1 + C, h, w), as
-        SD 1.5 inpainting. No image: all repainted from a grey image (text-to-image, as whole-image masks teach)."""
+        """What an inpainting UNet takes beside the latents (B, C, h, w) of `shape`: the mask, 1 = repaint, at
+        latent size and the latents of the image with that region grey, (B, 1 + C, h, w), as SD 1.5 inpainting.
+        The image (in [0, 1]) and the mask, each one for every prompt or one per prompt: each masked image is
+        encoded once, with the leading generators of a list, then repeated to the batch (to_batch), as diffusers
+        does. No image: all repainted from a grey image (text-to-image, as whole-image masks teach)."""
         if self.concat_channels != self.vae.config.latent_channels + 1:
             raise ConfigError(f"unet.in_channels {self.unet.config.in_channels}: a UNet with {self.concat_channels} "
                              "extra input channels is not an inpainting UNet (latent channels + mask + masked latents)")
+        b, _, h, w = shape
         if pixels is None:
-            b, _, h, w = shape
             factor = self.vae_scale_factor
             pixels = torch.full((b, 3, h * factor, w * factor), 0.5, device=self.device)
             mask = torch.ones(b, 1, h * factor, w * factor, device=self.device)
-        masked = (pixels * 2 - 1) * (1 - mask)
-        masked_latents = self.encode_images(masked, generator)
+        masked = (pixels * 2 - 1) * (1 - mask)  # (max of the image and mask counts, 3, H, W)
+        masked_latents = self.encode_images(masked, leading(generator, len(masked)))
         small_mask = F.interpolate(mask, size=masked_latents.shape[2:])  # nearest
-        return torch.cat([small_mask.to(masked_latents.dtype), masked_latents], dim=1)
+        small_mask = to_batch(small_mask, len(masked)).to(masked_latents.dtype)
+        return to_batch(torch.cat([small_mask, masked_latents], dim=1), b)
 
     @staticmethod
     def _keep_known(x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
@@ -554,7 +565,7 @@ class LatentDiffusion(nn.Module):
     def _low_res(self, image: ImageInput | None, mask_image: ImageInput | None,
                  noise_level: int | torch.Tensor | None, prompts: int, height: int | None,
                  width: int | None) -> torch.Tensor | None:
-        """An upsampler's low-res images (prompts, 3, h, w) in [-1, 1], checked; None for other models (which
+        """An upsampler's low-res images (1 or prompts, 3, h, w) in [-1, 1], checked; None for other models (which
         refuse a noise_level)."""
         if self.upscaler is None:
             if noise_level is not None:
@@ -564,7 +575,7 @@ class LatentDiffusion(nn.Module):
         if mask_image is not None:
             raise ArgumentError("mask_image: an upsampler model does not inpaint (its image= is the low-res image)")
         factor = 2 ** (len(self.unet.config.block_channels) - 1)
-        low_res = low_res_batch(image, prompts, factor, self.upscaler.image_channels)
+        low_res = low_res_images(image, prompts, factor, self.upscaler.image_channels)
         for name, given, side in (("height", height, low_res.shape[2]), ("width", width, low_res.shape[3])):
             if given is not None and given != side * self.vae_scale_factor:
                 raise ArgumentError(f"{name}={given}: an upsampler's output is {self.vae_scale_factor} x the image's "
@@ -712,18 +723,18 @@ class LatentDiffusion(nn.Module):
         save_components(path, Components.of(self), format)
 
 
-def control_tensor(image: ImageInput, batch: int, size: tuple[int, int]) -> torch.Tensor:
-    """A control image as (batch, 3, H, W) float in [0, 1]: PIL images are resized to `size` (H, W), as diffusers'
-    control image processor does; a tensor must have that size; one image serves every prompt."""
+def control_tensor(image: ImageInput, prompts: int, size: tuple[int, int]) -> torch.Tensor:
+    """A control image as (B, 3, H, W) float in [0, 1], B = 1 (for every prompt) or B = prompts: PIL images are
+    resized to `size` (H, W), as diffusers' control image processor does; a tensor must have that size."""
     if isinstance(image, Image.Image):
         image = [image]
     if isinstance(image, (list, tuple)) and all(isinstance(i, Image.Image) for i in image):
         image = [to_rgb(i).resize(size[::-1], Image.LANCZOS) for i in image]
     image = image_tensor(image, "control_image")
-    if tuple(image.shape[2:]) != size or image.shape[0] not in (1, batch):
-        raise ArgumentError(f"control_image must have shape (1 or {batch}, 3, {size[0]}, {size[1]}) for these prompts "
-                         f"and this image size, got {tuple(image.shape)}")
-    return image.expand(batch, -1, -1, -1)
+    if tuple(image.shape[2:]) != size or image.shape[0] not in (1, prompts):
+        raise ArgumentError(f"control_image must have shape (1 or {prompts}, 3, {size[0]}, {size[1]}) for these "
+                         f"prompts and this image size, got {tuple(image.shape)}")
+    return image
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

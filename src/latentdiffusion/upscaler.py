@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ArgumentError, ConfigError
-from .images import ImageInput, image_tensor
-from .noise import Generator, randn
+from .images import ImageInput, image_tensor, per_prompt
+from .noise import Generator
 from .schedulers.schedule import SchedulerConfig, make_alphas_cumprod, q_sample
 
 if TYPE_CHECKING:  # the pipeline imports this module; the cascade only calls pipelines it is given
@@ -75,32 +75,28 @@ def upsample_bicubic(low_res: Tensor, factor: int) -> Tensor:
     return F.interpolate(low_res, scale_factor=factor, mode="bicubic", align_corners=False)
 
 
-def low_res_batch(image: ImageInput | None, batch: int, multiple: int, channels: int) -> Tensor:
-    """The low-res image(s) as float32 (batch, C, h, w) in [-1, 1]: a PIL image, a list of them, or a tensor
-    (B, C, h, w) in [0, 1] with B = 1 (shared by every prompt) or B = batch. ValueError naming `image` when it is
-    missing, has another channel count, or a side that is not a multiple of `multiple` (the UNet's downsampling)."""
+def low_res_images(image: ImageInput | None, prompts: int, multiple: int, channels: int) -> Tensor:
+    """The low-res image(s) as float32 (B, C, h, w) in [-1, 1], B = 1 (shared by every prompt) or B = prompts: a PIL
+    image, a list of them, or a tensor in [0, 1]. ValueError naming `image` when it is missing, has another channel
+    count or image count, or a side that is not a multiple of `multiple` (the UNet's downsampling)."""
     if image is None:
         raise ArgumentError("image: an upsampler model needs the low-resolution image to upsample (image=...)")
-    image = image_tensor(image, "image")  # (B, 3, h, w) in [0, 1]
-    b, c, h, w = image.shape
+    image = per_prompt(image_tensor(image, "image"), prompts, "image")  # (B, 3, h, w) in [0, 1]
+    _, c, h, w = image.shape
     if c != channels:
         raise ArgumentError(f"image has {c} channels; this upsampler takes {channels}")
     if h < 1 or w < 1 or h % multiple or w % multiple:
         raise ArgumentError(f"image size {w}x{h} does not fit the model: each side must be a positive multiple of "
                          f"{multiple} (the UNet's downsampling factor)")
-    if b not in (1, batch):
-        raise ArgumentError(f"image holds {b} images for {batch} prompts: give one, or one per prompt")
-    return (image.float() * 2 - 1).expand(batch, -1, -1, -1)
+    return image.float() * 2 - 1
 
 
-def augment(images: Tensor, noise_level: Tensor, config: UpscalerConfig, generator: Generator = None) -> Tensor:
+def augment(images: Tensor, noise_level: Tensor, config: UpscalerConfig, noise: Tensor) -> Tensor:
     """Conditioning augmentation: q(x_t | x_0) of the low-res schedule at t = noise_level.
 
-    images: (B, C, h, w) in [-1, 1]; noise_level: 0-dim or (B,) long. The noise is drawn in one call of
-    `noise.randn` over the whole batch (the order diffusers' upscale pipeline draws it in)."""
+    images, noise: (B, C, h, w), the images in [-1, 1]; noise_level: 0-dim or (B,) long."""
     alpha_bar = make_alphas_cumprod(config.low_res_scheduler).to(images.device)[noise_level.to(images.device)]
     alpha_bar = alpha_bar.reshape(-1, 1, 1, 1).to(images.dtype)  # (B or 1, 1, 1, 1)
-    noise = randn(tuple(images.shape), generator, images.device, images.dtype)
     return q_sample(images, noise, alpha_bar)
 
 

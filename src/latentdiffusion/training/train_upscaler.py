@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..formats import load_components
+from ..noise import randn
 from ..pipeline import LatentDiffusion, SamplingConfig
 from ..pixels import PixelSpace
 from ..text_encoder import TextEncoder
@@ -133,7 +134,8 @@ class UpscalerTask(LDMTask):
         levels = augmentation_levels(mb, len(captions), self.upscaler.max_noise_level).to(self.runtime.device)
         if self.upscaler.residual_scale is not None:  # the target: what bicubic upscaling of the clean input misses
             latents = (latents - self.pipe.upsampled_latents(low)) * self.upscaler.residual_scale
-        return latents, captions, gens, augment(low, levels, self.upscaler, gens), levels
+        noise = randn(tuple(low.shape), gens, low.device, low.dtype)
+        return latents, captions, gens, augment(low, levels, self.upscaler, noise), levels
 
     def sampling(self) -> SamplingConfig:
         """The grids' settings: unguided (the low-res image is the condition that matters)."""
