@@ -15,6 +15,7 @@ from ..errors import WeightsError
 from ..lora import AdapterWeights, adapted_modules
 from . import lora_keys
 from .native import list_checkpoints
+from .weights import atomic_write
 
 log = logging.getLogger("latentdiffusion")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers gives an adapter in a folder
@@ -82,9 +83,7 @@ def save_lora_weights(weights: AdapterWeights, path: str | Path, layout: str = "
         path.mkdir(parents=True, exist_ok=True)
         path = path / LORA_FILE
     tensors, metadata = lora_keys.to_file(weights, layout)
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file(tensors, str(tmp), metadata=metadata or None)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or None))
     return path
 
 
