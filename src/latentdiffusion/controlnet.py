@@ -101,6 +101,7 @@ class ControlNet(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
+        self.memory_format = torch.contiguous_format  # torch.channels_last: NHWC activations (set_memory_format)
         u = config.unet
         ch = u.block_channels
         self.conv_in = nn.Conv2d(u.in_channels, ch[0], 3, padding=1)
@@ -151,6 +152,11 @@ class ControlNet(nn.Module):
 
         save_controlnet(self, path, format)
 
+    def set_memory_format(self, memory_format: torch.memory_format) -> ControlNet:
+        """Run on activations in this layout (torch.channels_last or torch.contiguous_format); the weights follow."""
+        self.memory_format = memory_format
+        return self.to(memory_format=memory_format)
+
     def _run(self, module: nn.Module, *args: Tensor) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(module, *args, use_reentrant=False)
@@ -179,6 +185,7 @@ class ControlNet(nn.Module):
             temb = temb + self.class_embedding(context.mean(dim=1))
         elif class_labels is not None:
             temb = temb + self.class_embedding(class_labels.to(sample.device).long()).to(temb.dtype)
+        sample, control_image = (t.contiguous(memory_format=self.memory_format) for t in (sample, control_image))
         x = self.conv_in(sample) + self.controlnet_cond_embedding(control_image.to(sample.dtype))  # (B, C0, h, w)
         skips = [x]
         for block in self.down_blocks:
