@@ -88,13 +88,18 @@ def save_lora_weights(weights: AdapterWeights, path: str | Path, layout: str = "
 
 
 # ------------------------------------------------------------------------------------------------- LoRA runs
-RUN_FILE = "lora_run.json"  # in a LoRA run's checkpoint: {"base": the base model's path, "adapter": file name}
+RUN_FILE = "lora_run.json"  # in a LoRA run's checkpoint: {"base": the base model's path, "adapter": file name,
+# and where the run replaced the base's VAE or text encoder (--vae, --text-encoder): "vae" / "text_encoder": path}
+REPLACEABLE = ("vae", "text_encoder")
 
 
-def write_lora_checkpoint(folder: Path, weights: AdapterWeights, base: Path) -> None:
-    """A LoRA run's checkpoint models: the adapter file (diffusers layout) and where its base model is."""
+def write_lora_checkpoint(folder: Path, weights: AdapterWeights, base: Path,
+                          replaced: dict[str, Path] | None = None) -> None:
+    """A LoRA run's checkpoint models: the adapter file (diffusers layout), where its base model is, and the
+    components it trained with in place of the base's (`replaced`: {"vae": path})."""
     save_lora_weights(weights, folder / LORA_FILE)
-    (folder / RUN_FILE).write_text(json.dumps({"base": str(base), "adapter": LORA_FILE}, indent=2) + "\n")
+    record = {"base": str(base), "adapter": LORA_FILE, **{k: str(v) for k, v in (replaced or {}).items()}}
+    atomic_write(folder / RUN_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
 
 
 def lora_checkpoint(path: Path) -> Path | None:
@@ -107,17 +112,21 @@ def lora_checkpoint(path: Path) -> Path | None:
     return None
 
 
-def lora_base(checkpoint: Path) -> Path:
-    """The base model a LoRA checkpoint was trained on; WeightsError naming the path if it is not there."""
+def lora_base(checkpoint: Path) -> tuple[Path, dict[str, Path]]:
+    """The base model a LoRA checkpoint was trained on, and the components that replaced the base's ({"vae": path});
+    WeightsError naming the path of one that is not there."""
     try:
-        base = Path(json.loads((checkpoint / RUN_FILE).read_text())["base"])
+        record = json.loads((checkpoint / RUN_FILE).read_text())
+        base = Path(record["base"])
+        replaced = {k: Path(record[k]) for k in REPLACEABLE if record.get(k)}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise WeightsError(f"cannot read {checkpoint / RUN_FILE}: {e}") from None
-    if not base.exists():
-        raise WeightsError(f"{checkpoint} is a LoRA adapter on the base model {base}, which is not there any more: "
-                           "put the base back at that path, or load it yourself and call pipe.load_lora("
-                           f"'{checkpoint / LORA_FILE}')")
-    return base
+    for what, path in (("base model", base), *replaced.items()):
+        if not path.exists():
+            raise WeightsError(f"{checkpoint} is a LoRA adapter on the {what} {path}, which is not there any more: "
+                               "put it back at that path, or load the model yourself and call pipe.load_lora("
+                               f"'{checkpoint / LORA_FILE}')")
+    return base, replaced
 
 
 def load_lora_run(checkpoint: Path, fuse: bool = False):
@@ -125,7 +134,8 @@ def load_lora_run(checkpoint: Path, fuse: bool = False):
     the weights (a merged model, adapter gone) with fuse=True."""
     from . import load_pipeline  # the base may be any format
 
-    pipe = load_pipeline(lora_base(checkpoint))
+    base, replaced = lora_base(checkpoint)
+    pipe = load_pipeline(base, **replaced)
     pipe.load_lora(checkpoint / LORA_FILE, adapter_name="lora")
     if fuse:
         pipe.fuse_lora()
