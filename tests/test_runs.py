@@ -305,3 +305,16 @@ def test_convert_a_vae_run_to_diffusers_writes_its_vae_folder(capsys, tmp_path):
         assert (ours.encode(x).mean - reference.encode(x).latent_dist.mean).abs().max() < 1e-5
         z = torch.randn(2, config.latent_channels, 8, 8)
         assert (ours.decode(z) - reference.decode(z).sample).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------- left: from_unet
+def test_controlnet_from_unet_takes_the_vae_factor_of_the_pipeline_it_belongs_to():
+    from latentdiffusion import ControlNet
+
+    torch.manual_seed(0)
+    pipe = LatentDiffusion.from_config(smallest_model())  # VAE factor 2
+    controlnet = ControlNet.from_unet(pipe.unet)
+    assert controlnet.config.downsampling_factor == pipe.vae_scale_factor == 2
+    images = pipe("x", num_inference_steps=1, controlnet=controlnet, control_image=torch.rand(1, 3, 16, 16),
+                  output_type="pt")
+    assert images.shape == (1, 3, 16, 16)

@@ -119,8 +119,11 @@ class ControlNet(nn.Module):
                   conditioning_channels: int = 3, *, vae_scale_factor: int | None = None) -> ControlNet:
         """The trainable copy: the UNet's conv_in, embeddings, down path and middle block weights, zero convolutions
         zero (so the UNet's output is unchanged until training moves them). The hint network takes control images
-        `vae_scale_factor` times the latents' size (the pipeline's `vae_scale_factor`; default 8, SD's VAE) with
-        widths `hint_channels(vae_scale_factor)`, or the widths given (ConfigError if they do not fit the factor)."""
+        `vae_scale_factor` times the latents' size (default: the factor of the pipeline the UNet belongs to, else 8,
+        SD's VAE) with widths `hint_channels(vae_scale_factor)`, or the widths given (ConfigError if they do not fit
+        the factor)."""
+        if vae_scale_factor is None and conditioning_embedding_channels is None:
+            vae_scale_factor = getattr(unet, "vae_scale_factor", None)  # set by the LatentDiffusion holding it
         if vae_scale_factor is not None:
             vae_scale_factor = integer(vae_scale_factor, "vae_scale_factor", 1)
         if conditioning_embedding_channels is None:
