@@ -268,6 +268,7 @@ def resume_after_sigkill(tmp_path: Path, command: str, common: list[str], files:
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and ".tmp-step-00000006-99999" in resumed.stderr
+    assert "taking over the lock of a run that is no longer running" in resumed.stderr  # the killed run's run.lock
     assert reference.wait() == 0
     done_ref, done_resumed = (tmp_path / "reference/checkpoints/step-00000006", killed / "checkpoints/step-00000006")
     for name in files:

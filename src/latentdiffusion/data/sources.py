@@ -215,7 +215,7 @@ def _open_folder(
         return ArrowSource(_read_jsonl(jsonl), image_column, caption_column, None, where,
                            conditioning_column), {}
     images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not has_metadata and caption_column is None and conditioning_column is None:  # images alone: every one
+    if images and not has_metadata and caption_column is None and conditioning_column is None:  # images alone
         return FileSource(images, [""] * len(images)), {}
     if not has_metadata and any(p.with_suffix(".txt").is_file() for p in images):
         if conditioning_column is not None:
