@@ -99,7 +99,7 @@ def test_output_that_is_a_file_is_named(capsys, files):
     assert f"--output {files / 'img.png'} is a file" in line
 
 
-def test_lora_training_without_init_says_so_before_refusing_vae(tmp_path, files):
+def test_lora_training_without_init_says_so(tmp_path, files):
     import yaml
 
     from latentdiffusion.errors import ConfigError

@@ -130,3 +130,21 @@ def test_tiny_controlnet_learns_to_use_its_control(tmp_path, base_dir):
 
         base, right, wrong = loss([]), loss([(controlnet, control, 1.0)]), loss([(controlnet, control.roll(1, 0), 1.0)])
     assert right < 0.9 * base and right < wrong, (base, right, wrong)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_train_channels_last_applies_to_the_controlnet(tmp_path, base_dir, monkeypatch, channels_last):
+    from latentdiffusion.training.train_controlnet import ControlNetLoss
+
+    seen, original = [], ControlNetLoss.forward
+
+    def recording(self, *inputs):
+        seen.append(getattr(self.controlnet, "memory_format", None) == torch.channels_last)
+        return original(self, *inputs)
+
+    monkeypatch.setattr(ControlNetLoss, "forward", recording)
+    config, _ = load_run_config(ControlNetRunConfig, write_run_config(tmp_path / "cn.yaml", max_steps=1,
+                                                                      channels_last=channels_last))
+    run = train_controlnet(config, tmp_path / "run", model=base_dir, progress=False)
+    assert seen == [channels_last]
+    ControlNet.from_pretrained(run)  # its files load as any other

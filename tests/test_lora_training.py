@@ -73,7 +73,7 @@ def test_lora_needs_a_base_and_takes_no_architecture(tmp_path, base):
         train_ldm(config, tmp_path / "a", raw=raw, progress=False)
     config, raw = load_run_config(LDMRunConfig, lora_config(tmp_path), values={"train.lora.rank": 4,
                                                                                "model.unet.dropout": 0.1})
-    with pytest.raises(ConfigError, match="'model.unet' conflicts with LoRA training"):
+    with pytest.raises(ConfigError, match=r"'model.unet.dropout' \(0.1\) differs from the --init base's \(0.0\)"):
         train_ldm(config, tmp_path / "b", init=base, raw=raw, progress=False)
     with pytest.raises(ConfigError, match="train.lora.rank must be an integer >= 0"):
         load_run_config(LDMRunConfig, lora_config(tmp_path), values={"train.lora.rank": -1})
@@ -81,6 +81,34 @@ def test_lora_needs_a_base_and_takes_no_architecture(tmp_path, base):
                                                                                "train.lora.targets": ["nothing"]})
     with pytest.raises(ConfigError, match="LoRA target 'nothing' names no Linear or Conv2d module"):
         train_ldm(config, tmp_path / "c", init=base, raw=raw, progress=False)
+
+
+def test_lora_accepts_model_keys_that_say_what_the_base_is(tmp_path, base):
+    """The config the base was trained with (its model section) works for a LoRA on it (a key that differs does not:
+    test_lora_needs_a_base_and_takes_no_architecture)."""
+    same = {"train.lora.rank": 2, "model.unet": {**TINY_LDM["model"]["unet"], "dropout": 0.0}}
+    config, raw = load_run_config(LDMRunConfig, lora_config(tmp_path, max_steps=1, checkpoint_every=1), values=same)
+    run = train_ldm(config, tmp_path / "run", init=base, raw=raw, progress=False)
+    assert (list_checkpoints(run)[-1][1] / LORA_FILE).is_file()
+
+
+def test_lora_trains_with_the_vae_given_and_its_run_keeps_it(tmp_path, base):
+    """--vae (vae=) replaces the base's VAE for the run; the run's checkpoints name it, so the run loads with it."""
+    from conftest import perturb_
+
+    from latentdiffusion.formats import Components, save_components
+
+    vae = LatentDiffusion.from_pretrained(base).vae
+    perturb_(vae, seed=3)
+    save_components(tmp_path / "vae", Components(configs={"vae": vae.config}, weights={"vae": vae.state_dict()}))
+    config, raw = load_run_config(LDMRunConfig, lora_config(tmp_path, max_steps=1, checkpoint_every=1),
+                                  values={"train.lora.rank": 2})
+    run = train_ldm(config, tmp_path / "run", init=base, vae=tmp_path / "vae", raw=raw, progress=False)
+    assert_identical(LatentDiffusion.from_pretrained(run).vae.state_dict(), vae.state_dict())
+    config, raw = load_run_config(LDMRunConfig, lora_config(tmp_path, max_steps=2, checkpoint_every=1),
+                                  values={"train.lora.rank": 2})
+    train_ldm(config, run, init=base, raw=raw, resume=True, progress=False)  # resumed without --vae: still its VAE
+    assert_identical(LatentDiffusion.from_pretrained(run).vae.state_dict(), vae.state_dict())
 
 
 @pytest.mark.slow

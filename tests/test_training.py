@@ -208,7 +208,8 @@ def test_resume_in_another_layout_says_it_is_no_longer_bit_exact(tmp_path, capsy
     capsys.readouterr()
     for layout, noted in ((False, False), (True, True)):
         more, raw = load_run_config(VAERunConfig, write_config(
-            tmp_path / "b.yaml", TINY_VAE_RUN, max_steps=1, checkpoint_every=1, sample_every=0, channels_last=layout))
+            tmp_path / "b.yaml", TINY_VAE_RUN, max_steps=2 + noted, checkpoint_every=1, sample_every=0,
+            channels_last=layout))  # a step more each time: a resume with nothing left to train stops at once
         train_vae(more, tmp_path / "run", raw=raw, resume=True, progress=False)
         said = capsys.readouterr().err
         assert ("trained with train.channels_last false, this config says true" in said) is noted, said
@@ -267,6 +268,7 @@ def resume_after_sigkill(tmp_path: Path, command: str, common: list[str], files:
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and ".tmp-step-00000006-99999" in resumed.stderr
+    assert "taking over the lock of a run that is no longer running" in resumed.stderr  # the killed run's run.lock
     assert reference.wait() == 0
     done_ref, done_resumed = (tmp_path / "reference/checkpoints/step-00000006", killed / "checkpoints/step-00000006")
     for name in files:

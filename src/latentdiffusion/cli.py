@@ -274,11 +274,9 @@ def _device(name: str) -> str:
 
 
 def _check_out(out: str) -> None:
-    """--out must name an image file of a format PIL writes; checked before any model loads."""
+    """--out must name an image file of a format PIL writes (where it can be written: main checks that first)."""
     from PIL import Image
 
-    if Path(out).is_dir():
-        raise ArgumentError(f"--out {out} is a directory: give an image file name (e.g. {Path(out) / 'sample.png'})")
     Image.init()
     if Path(out).suffix.lower() not in Image.registered_extensions():
         raise ArgumentError(f"--out {out}: unknown image file extension {Path(out).suffix!r} (use .png, .jpg, ...)")
@@ -603,9 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # other libraries' warnings, in the same form
             warnings.showwarning = lambda message, *rest, **kw: print(f"{prefix}: warning: {message}", file=sys.stderr)
-            output = getattr(args, "output", None)
-            if isinstance(output, str) and Path(output).exists() and not Path(output).is_dir():
-                raise ArgumentError(f"--output {output} is a file: give a folder (new or existing)")
+            _check_common(args)
             return args.run(args)
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
@@ -621,6 +617,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         logger.removeHandler(handler)
         logger.propagate = propagate
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """What every command checks before any work, one rule each: a seed, and the paths it will write to."""
+    from .arguments import seed, writable_path
+
+    if getattr(args, "seed", None) is not None:
+        seed(args.seed, "--seed")
+    if getattr(args, "output", None) is not None:
+        writable_path(args.output, "--output", folder=True)
+    if getattr(args, "out", None) is not None:
+        writable_path(args.out, "--out")
+    if getattr(args, "dst", None) is not None:  # ldm convert: a folder, or a single file / adapter file
+        dst = Path(args.dst)
+        writable_path(dst, "DST", folder=dst.is_dir() or not dst.suffix)
 
 
 class _MessageHandler(logging.Handler):

@@ -15,6 +15,14 @@ from .errors import ConfigError
 T = TypeVar("T")
 
 
+class UnknownKeyError(ConfigError):
+    """A config key that the dataclass being filled does not have."""
+
+    def __init__(self, key: str, known: list[str]):
+        super().__init__(f"unknown config key '{key}' (known keys: {', '.join(known)})")
+        self.key, self.known = key, known
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
     """Build dataclass `cls` from a mapping; unknown keys and ill-typed values raise ConfigError naming the key."""
     data = dict(data or {})
@@ -25,7 +33,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"unknown config key '{key}' (known keys: {', '.join(fields)})")
+        raise UnknownKeyError(key, list(fields))
     missing = [n for n, f in fields.items() if n not in data and f.init and
                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:

@@ -101,6 +101,7 @@ class ControlNet(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
+        self.memory_format = torch.contiguous_format  # torch.channels_last: NHWC activations (set_memory_format)
         u = config.unet
         ch = u.block_channels
         self.conv_in = nn.Conv2d(u.in_channels, ch[0], 3, padding=1)
@@ -118,8 +119,11 @@ class ControlNet(nn.Module):
                   conditioning_channels: int = 3, *, vae_scale_factor: int | None = None) -> ControlNet:
         """The trainable copy: the UNet's conv_in, embeddings, down path and middle block weights, zero convolutions
         zero (so the UNet's output is unchanged until training moves them). The hint network takes control images
-        `vae_scale_factor` times the latents' size (the pipeline's `vae_scale_factor`; default 8, SD's VAE) with
-        widths `hint_channels(vae_scale_factor)`, or the widths given (ConfigError if they do not fit the factor)."""
+        `vae_scale_factor` times the latents' size (default: the factor of the pipeline the UNet belongs to, else 8,
+        SD's VAE) with widths `hint_channels(vae_scale_factor)`, or the widths given (ConfigError if they do not fit
+        the factor)."""
+        if vae_scale_factor is None and conditioning_embedding_channels is None:
+            vae_scale_factor = getattr(unet, "vae_scale_factor", None)  # set by the LatentDiffusion holding it
         if vae_scale_factor is not None:
             vae_scale_factor = integer(vae_scale_factor, "vae_scale_factor", 1)
         if conditioning_embedding_channels is None:
@@ -154,6 +158,11 @@ class ControlNet(nn.Module):
 
         save_controlnet(self, path, format)
 
+    def set_memory_format(self, memory_format: torch.memory_format) -> ControlNet:
+        """Run on activations in this layout (torch.channels_last or torch.contiguous_format); the weights follow."""
+        self.memory_format = memory_format
+        return self.to(memory_format=memory_format)
+
     def _run(self, module: nn.Module, *args: Tensor) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(module, *args, use_reentrant=False)
@@ -182,6 +191,7 @@ class ControlNet(nn.Module):
             temb = temb + self.class_embedding(context.mean(dim=1))
         elif class_labels is not None:
             temb = temb + self.class_embedding(class_labels.to(sample.device).long()).to(temb.dtype)
+        sample, control_image = (t.contiguous(memory_format=self.memory_format) for t in (sample, control_image))
         x = self.conv_in(sample) + self.controlnet_cond_embedding(control_image.to(sample.dtype))  # (B, C0, h, w)
         skips = [x]
         for block in self.down_blocks:

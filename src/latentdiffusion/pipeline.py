@@ -103,6 +103,7 @@ class LatentDiffusion(nn.Module):
                                  f"{upscaler.max_noise_level}, got {unet.config.num_class_embeds}")
         self.vae, self.unet, self.text_encoder, self.upscaler = vae, unet, text_encoder, upscaler
         self.sampling = sampling  # the preferred sampler, guidance and steps (None: SamplingConfig's defaults)
+        unet.vae_scale_factor = vae.downsample_factor  # the latents' scale: ControlNet.from_unet(pipe.unet) reads it
         self.vae.requires_grad_(False)
         self.scheduler = NoiseSchedule(scheduler)  # the training noise schedule; samplers take their levels from it
         self.lora_scales: dict[str, float] = {}  # the LoRA adapters loaded, each with its scale

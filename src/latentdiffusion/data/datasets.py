@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..arguments import seed
 from ..errors import ConfigError, DataError
 from ..messages import warn
 from .buckets import nearest_bucket
@@ -48,6 +49,7 @@ class DataConfig:
             raise ConfigError(f"data config key 'resolution' must be a positive multiple of 8, got {self.resolution}")
         if self.num_workers < 0:
             raise ConfigError(f"data config key 'num_workers' must be >= 0, got {self.num_workers}")
+        self.seed = seed(self.seed, "data config key 'seed'", ConfigError)
         for key in ("image_column", "caption_column", "split", *(("conditioning_column",) if self.conditioning_column
                                                                  is not None else ())):
             if not getattr(self, key):
@@ -146,7 +148,7 @@ def load_image_captions(
     data: str,
     resolution: int,
     image_column: str = "image",
-    caption_column: str = "text",
+    caption_column: str | None = "text",
     center_crop: bool = True,
     random_flip: bool = False,
     seed: int = 0,
@@ -155,8 +157,9 @@ def load_image_captions(
     cache_dir: str | None = None,
     conditioning_column: str | None = None,
 ) -> ImageCaptionDataset:
-    """Open DATA (see `latentdiffusion.data.sources`) as a training data set of tensors and captions, and of
-    conditioning images from `conditioning_column` where given."""
+    """Open DATA (see `latentdiffusion.data.sources`) as a training data set of tensors and captions (caption_column
+    None: images alone, each captioned "", as a VAE trains), and of conditioning images from `conditioning_column`
+    where given."""
     if resolution < 8:
         raise DataError(f"resolution must be >= 8 pixels, got {resolution}")
     source, skipped = open_source(data, resolution, image_column, caption_column, split, seed, cache_dir,
@@ -168,10 +171,12 @@ def load_image_captions(
                                conditioning=conditioning_column is not None)
 
 
-def dataset_from_config(config: DataConfig) -> ImageCaptionDataset:
-    """`load_image_captions` with a DataConfig's fields."""
+def dataset_from_config(config: DataConfig, captions: bool = True) -> ImageCaptionDataset:
+    """`load_image_captions` with a DataConfig's fields; captions=False: the images alone (data.caption_column is
+    not read)."""
     return load_image_captions(
-        config.source, config.resolution, config.image_column, config.caption_column, config.center_crop,
+        config.source, config.resolution, config.image_column, config.caption_column if captions else None,
+        config.center_crop,
         config.random_flip, config.seed, config.split, config.verify_images, config.cache_dir,
         config.conditioning_column,
     )

@@ -12,8 +12,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from ..messages import warn
 from .sources import IMAGE_EXTENSIONS
 from .transforms import IMAGE_ERRORS, ImageTransform, load_rgb
+
+_MAX_NAMED = 10  # skipped files named in one message
 
 
 def class_image_files(folder: str | Path) -> list[Path]:
@@ -24,13 +27,32 @@ def class_image_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+def readable_class_images(folder: str | Path, resolution: int) -> tuple[list[Path], dict[str, str]]:
+    """The class folder's images that decode, and {path: why} for those that do not."""
+    readable, skipped = [], {}
+    for path in class_image_files(folder):
+        try:
+            with Image.open(path) as image:
+                load_rgb(image, resolution)
+            readable.append(path)
+        except IMAGE_ERRORS as e:
+            skipped[str(path)] = f"{type(e).__name__}: {e}"
+    return readable, skipped
+
+
 class ClassImages(Dataset):
-    """A class folder's first `count` images as {"pixel_values": (3, res, res) in [-1, 1], "text": prompt}."""
+    """A class folder's first `count` readable images as {"pixel_values": (3, res, res) in [-1, 1], "text": prompt};
+    unreadable ones are checked up front and skipped with a warning naming them, as the instance images are."""
 
     def __init__(self, folder: str | Path, prompt: str, count: int, transform: ImageTransform, seed: int = 0):
-        self.files = class_image_files(folder)[:count]
+        readable, skipped = readable_class_images(folder, transform.resolution)
+        if skipped:
+            named = "; ".join(f"{path}: {why}" for path, why in list(skipped.items())[:_MAX_NAMED])
+            more = f"; and {len(skipped) - _MAX_NAMED} more" if len(skipped) > _MAX_NAMED else ""
+            warn(f"train.prior.data {folder}: skipped {len(skipped)} unreadable class image(s): {named}{more}")
+        self.files = readable[:count]
         if len(self.files) < count:
-            raise DataError(f"train.prior.data {folder} holds {len(self.files)} images, {count} are needed")
+            raise DataError(f"train.prior.data {folder} holds {len(self.files)} readable images, {count} are needed")
         self.prompt, self.transform, self.seed, self.epoch = prompt, transform, seed, 0
 
     def set_epoch(self, epoch: int) -> None:

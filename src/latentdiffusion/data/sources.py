@@ -85,7 +85,7 @@ class ArrowSource:
     """A `datasets.Dataset` with an image column (Image feature or file names) and a caption column, and where
     asked a conditioning image column (the same kinds)."""
 
-    def __init__(self, ds: Any, image_column: str, caption_column: str, root: Path | None, where: str,
+    def __init__(self, ds: Any, image_column: str, caption_column: str | None, root: Path | None, where: str,
                  conditioning_column: str | None = None) -> None:
         import datasets
 
@@ -102,7 +102,7 @@ class ArrowSource:
                 raise DataError(f"image column '{column}' in {where} holds {feature}, not images or file names")
         self.ds, self.image_column, self.root = ds, image_column, root
         self.conditioning_column = conditioning_column
-        self.captions = ds[caption_column]
+        self.captions = ds[caption_column] if caption_column is not None else [""] * len(ds)
         uncaptioned = [self.name(i) for i, text in enumerate(self.captions) if text is None]
         if uncaptioned:
             warn(f"{where}: {len(uncaptioned)} row(s) without a '{caption_column}' caption train with an empty "
@@ -177,14 +177,14 @@ def open_source(
     data: str,
     resolution: int,
     image_column: str = "image",
-    caption_column: str = "text",
+    caption_column: str | None = "text",
     split: str = "train",
     seed: int = 0,
     cache_dir: str | None = None,
     conditioning_column: str | None = None,
 ) -> tuple[Source, dict[str, str]]:
-    """Resolve DATA to a source (with conditioning images from `conditioning_column` where given); also returns the
-    items skipped while listing it (name -> reason)."""
+    """Resolve DATA to a source (with conditioning images from `conditioning_column` where given; caption_column
+    None: every image, captioned ""); also returns the items skipped while listing it (name -> reason)."""
     if data.startswith("builtin:"):
         if data not in BUILTINS:
             raise DataError(f"unknown built-in data set '{data}' (built-ins: {', '.join(BUILTINS)})")
@@ -202,7 +202,7 @@ def open_source(
 
 
 def _open_folder(
-    path: Path, image_column: str, caption_column: str, split: str, cache_dir: str | None,
+    path: Path, image_column: str, caption_column: str | None, split: str, cache_dir: str | None,
     conditioning_column: str | None = None,
 ) -> tuple[Source, dict[str, str]]:
     import datasets
@@ -222,6 +222,8 @@ def _open_folder(
         return ArrowSource(_read_jsonl(jsonl), image_column, caption_column, None, where,
                            conditioning_column), {}
     images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if images and not has_metadata and caption_column is None and conditioning_column is None:  # images alone
+        return FileSource(images, [""] * len(images)), {}
     if not has_metadata and any(p.with_suffix(".txt").is_file() for p in images):
         if conditioning_column is not None:
             raise DataError(f"conditioning column '{conditioning_column}' not found in {where}: images with .txt "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..arguments import writable_path
 from ..errors import ArgumentError, ConfigError, WeightsError
 from ..pipeline import LatentDiffusion
 from ..schedulers import SchedulerConfig
@@ -66,6 +67,7 @@ def save_components(path: str | Path, components: Components, format: str = "lat
     if upscaler is not None and upscaler.residual_scale is not None and format != "latentdiffusion":
         raise ArgumentError(f"format={format!r}: a residual upsampler (upscaler.residual_scale) has no place in that "
                             "layout; save it as format='latentdiffusion'")
+    writable_path(path, "save path", folder=format != "single-file")
     SAVE_FORMATS[format](path, components)
 
 

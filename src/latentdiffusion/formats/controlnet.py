@@ -16,6 +16,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from ..arguments import writable_path
 from ..config import from_dict, to_dict
 from ..controlnet import ControlNet, ControlNetConfig
 from ..errors import ConfigError, WeightsError
@@ -207,7 +208,7 @@ def load_controlnet(path: str | Path, use_ema: bool | None = None) -> ControlNet
 def save_controlnet(controlnet: ControlNet, path: str | Path, format: str = "latentdiffusion") -> None:
     """A folder in our layout ("latentdiffusion") or diffusers' ("diffusers"), or one original-layout file
     ("single-file", `path` ending in .safetensors or .pth). Files land atomically, the config last."""
-    path = Path(path)
+    path = writable_path(path, "save path", folder=format != "single-file")
     if format == "single-file":
         save_single_file(controlnet, path)
     elif format == "diffusers":

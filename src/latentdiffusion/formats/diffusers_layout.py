@@ -241,10 +241,15 @@ def _idle(key: str, value: Any, config: dict[str, Any]) -> bool:
 
 # ----------------------------------------------------------------------------------------------------- writing
 def save_components(path: str | Path, components: Components) -> None:
-    """Write a whole SD folder in the diffusers layout that diffusers' StableDiffusionPipeline loads."""
+    """Write a whole SD folder in the diffusers layout that diffusers' StableDiffusionPipeline loads; a VAE alone (a
+    train-vae run) as its `vae/` folder, which diffusers' AutoencoderKL.from_pretrained loads."""
     path = Path(path)
-    components.require("vae", "unet", "text_encoder")
     configs = components.configs
+    if components.has("vae") and not any(components.has(n) for n in ("unet", "text_encoder")):
+        _write_json(path / "vae" / "config.json", vae_config_to_diffusers(configs["vae"]))
+        write_safetensors(components.weights["vae"], path / "vae" / "diffusion_pytorch_model.safetensors")
+        return
+    components.require("vae", "unet", "text_encoder")
     if configs["unet"].pooled_context:  # diffusers would need class_labels, which StableDiffusionPipeline never passes
         raise WeightsError(f"cannot save {path} in the diffusers layout: the UNet's pooled_context has no place in a "
                            "StableDiffusionPipeline; save it in the native format instead")
@@ -282,7 +287,7 @@ def save_components(path: str | Path, components: Components) -> None:
 
 def _write_tokenizer(source: Path, folder: Path, pad_token: str) -> None:
     """A copy of the tokenizer folder that names the pad token the model was used with (SD 2.x: "!")."""
-    shutil.copytree(source, folder, dirs_exist_ok=True)
+    shutil.copytree(source, folder, dirs_exist_ok=True, copy_function=shutil.copyfile)  # modes: the umask
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         data = _read_json(folder / name) if (folder / name).is_file() else {}
         if data.get("pad_token") != pad_token:

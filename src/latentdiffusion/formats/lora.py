@@ -17,6 +17,7 @@ from ..messages import warn
 from ..pipeline import SamplingConfig
 from . import lora_keys
 from .native import list_checkpoints
+from .weights import atomic_write
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers gives an adapter in a folder
 
@@ -107,24 +108,25 @@ def save_lora_weights(weights: AdapterWeights, path: str | Path, layout: str = "
         path.mkdir(parents=True, exist_ok=True)
         path = path / LORA_FILE
     tensors, metadata = lora_keys.to_file(weights, layout)
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file(tensors, str(tmp), metadata=metadata or None)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or None))
     return path
 
 
 # ------------------------------------------------------------------------------------------------- LoRA runs
 RUN_FILE = "lora_run.json"  # in a LoRA run's checkpoint: {"base": the base model's path, "adapter": file name,
+# where the run replaced the base's VAE or text encoder (--vae, --text-encoder): "vae" / "text_encoder": path, and
 # "sampling": the run's preferred sampling settings (SamplingConfig's fields; older runs have none)}
+REPLACEABLE = ("vae", "text_encoder")
 
 
-def write_lora_checkpoint(folder: Path, weights: AdapterWeights, base: Path,
+def write_lora_checkpoint(folder: Path, weights: AdapterWeights, base: Path, replaced: dict[str, Path] | None = None,
                           sampling: SamplingConfig | None = None) -> None:
-    """A LoRA run's checkpoint models: the adapter file (diffusers layout), where its base model is, and the
-    run's sampling settings (a SamplingConfig) where given."""
+    """A LoRA run's checkpoint models: the adapter file (diffusers layout), where its base model is, the components
+    it trained with in place of the base's (`replaced`: {"vae": path}) and the run's sampling settings where given."""
     save_lora_weights(weights, folder / LORA_FILE)
-    record = {"base": str(base), "adapter": LORA_FILE, **({"sampling": to_dict(sampling)} if sampling else {})}
-    (folder / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    record = {"base": str(base), "adapter": LORA_FILE, **{k: str(v) for k, v in (replaced or {}).items()},
+              **({"sampling": to_dict(sampling)} if sampling else {})}
+    atomic_write(folder / RUN_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
 
 
 def lora_checkpoint(path: Path) -> Path | None:
@@ -137,17 +139,21 @@ def lora_checkpoint(path: Path) -> Path | None:
     return None
 
 
-def lora_base(checkpoint: Path) -> Path:
-    """The base model a LoRA checkpoint was trained on; WeightsError naming the path if it is not there."""
+def lora_base(checkpoint: Path) -> tuple[Path, dict[str, Path]]:
+    """The base model a LoRA checkpoint was trained on, and the components that replaced the base's ({"vae": path});
+    WeightsError naming the path of one that is not there."""
     try:
-        base = Path(json.loads((checkpoint / RUN_FILE).read_text())["base"])
+        record = json.loads((checkpoint / RUN_FILE).read_text())
+        base = Path(record["base"])
+        replaced = {k: Path(record[k]) for k in REPLACEABLE if record.get(k)}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise WeightsError(f"cannot read {checkpoint / RUN_FILE}: {e}") from None
-    if not base.exists():
-        raise WeightsError(f"{checkpoint} is a LoRA adapter on the base model {base}, which is not there any more: "
-                           "put the base back at that path, or load it yourself and call pipe.load_lora("
-                           f"'{checkpoint / LORA_FILE}')")
-    return base
+    for what, path in (("base model", base), *replaced.items()):
+        if not path.exists():
+            raise WeightsError(f"{checkpoint} is a LoRA adapter on the {what} {path}, which is not there any more: "
+                               "put it back at that path, or load the model yourself and call pipe.load_lora("
+                               f"'{checkpoint / LORA_FILE}')")
+    return base, replaced
 
 
 def load_lora_run(checkpoint: Path, fuse: bool = False):
@@ -155,7 +161,8 @@ def load_lora_run(checkpoint: Path, fuse: bool = False):
     the weights (a merged model, adapter gone) with fuse=True."""
     from . import load_pipeline  # the base may be any format
 
-    pipe = load_pipeline(lora_base(checkpoint))
+    base, replaced = lora_base(checkpoint)
+    pipe = load_pipeline(base, **replaced)
     sampling = json.loads((checkpoint / RUN_FILE).read_text()).get("sampling")
     if sampling is not None:
         pipe.sampling = from_dict(SamplingConfig, sampling, "sampling")

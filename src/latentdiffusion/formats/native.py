@@ -66,7 +66,8 @@ def save_components(path: str | Path, components: Components) -> None:
     for name, state_dict in components.weights.items():
         write_safetensors(state_dict, path / f"{name}.safetensors")
     if components.tokenizer_dir is not None and Path(components.tokenizer_dir).resolve() != (path / "tokenizer").resolve():
-        shutil.copytree(components.tokenizer_dir, path / "tokenizer", dirs_exist_ok=True)
+        shutil.copytree(components.tokenizer_dir, path / "tokenizer", dirs_exist_ok=True,
+                        copy_function=shutil.copyfile)  # not copy2: the files' modes follow the umask
     atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(yaml.safe_dump(meta, sort_keys=False)))
 
 

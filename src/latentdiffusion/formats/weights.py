@@ -130,14 +130,24 @@ def write_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path, met
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`. The file gets
+    the mode any new file gets (0666 less the umask), not mkstemp's private 0600: others must be able to load a
+    model that a shared umask lets them read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # after the writer, which may have made the file anew
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

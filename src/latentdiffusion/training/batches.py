@@ -115,9 +115,9 @@ def bernoulli(generators: list[torch.Generator], p: float) -> torch.Tensor:
     return torch.cat([torch.rand(1, generator=g) for g in generators]) < p
 
 
-def open_dataset(data: DataConfig, say: Callable[[str], None]) -> ImageCaptionDataset:
-    """The run's data set, reported through `say`."""
-    dataset = dataset_from_config(data)
+def open_dataset(data: DataConfig, say: Callable[[str], None], captions: bool = True) -> ImageCaptionDataset:
+    """The run's data set (captions=False: its images alone), reported through `say`."""
+    dataset = dataset_from_config(data, captions)
     say(f"data: {len(dataset)} images from {data.source}" +
         (f" ({dataset.num_skipped} skipped)" if dataset.num_skipped else ""))
     return dataset

@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from ..config import apply_overrides, from_dict, load_yaml, save_yaml, set_key, to_dict
+from ..config import UnknownKeyError, apply_overrides, from_dict, load_yaml, save_yaml, set_key, to_dict
 from ..data import DataConfig
+from ..arguments import seed
 from ..errors import ConfigError
 from ..lora import TEXT_ATTENTION, UNET_ATTENTION
 from ..pipeline import LatentDiffusionConfig
@@ -73,6 +74,7 @@ class TrainConfig:
                 raise ConfigError(f"train.{key} must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
         if not isinstance(self.channels_last, bool):
             raise ConfigError(f"train.channels_last must be true or false, got {self.channels_last!r}")
+        self.seed = seed(self.seed, "train.seed", ConfigError)
 
 
 @dataclass
@@ -169,21 +171,17 @@ class LoraTrainConfig:
 
 
 @dataclass
-class LDMTrainConfig(TrainConfig):
-    """Latent diffusion: the denoising loss with caption dropout, min-SNR weighting, offset noise, EMA."""
+class DiffusionTrainConfig(TrainConfig):
+    """What every diffusion trainer (LDM, LoRA, ControlNet, upsampler) reads: the denoising loss with caption dropout,
+    min-SNR weighting, offset noise, EMA, and its sample grids."""
 
     ema_decay: float = 0.9999
-    text_encoder_lr: float | None = None  # a trained text encoder's learning rate; None: train.learning_rate
-    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
-    prior: PriorConfig = field(default_factory=PriorConfig)
     caption_dropout: float = 0.1  # share of captions replaced by "" (learns the unconditional model for CFG)
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5.0 is the paper's choice); None: off
     timestep_logit_normal: list[float] | None = None  # [mean, std]: t/T = sigmoid(mean + std * N(0,1)); None: uniform
     noise_offset: float = 0.0
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the UNet's forward in place (file keys unchanged; the EMA copy stays eager)
     cache_latents: bool = False  # encode every image once before training (needs deterministic preprocessing)
-    validation_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 25
     sample_guidance: float = 5.0
     sample_scheduler: str = "ddim"  # the sampler of the validation samples (and of the demo): a samplers.SAMPLERS name
@@ -203,25 +201,50 @@ class LDMTrainConfig(TrainConfig):
             self.timestep_logit_normal = [float(v) for v in value]
         if self.noise_offset < 0:
             raise ConfigError(f"train.noise_offset must be >= 0, got {self.noise_offset}")
-        if self.text_encoder_lr is not None and not self.text_encoder_lr > 0:
-            raise ConfigError(f"train.text_encoder_lr must be > 0 (or null), got {self.text_encoder_lr}")
         if self.sample_steps < 1:
             raise ConfigError(f"train.sample_steps must be >= 1, got {self.sample_steps}")
         if self.sample_scheduler not in SAMPLERS:
             raise ConfigError(f"train.sample_scheduler must be one of {', '.join(SAMPLERS)}, got "
                               f"{self.sample_scheduler!r}")
-        if self.lora.base_dtype != "float32" and self.mixed_precision == "no":
-            raise ConfigError(f"train.lora.base_dtype {self.lora.base_dtype} needs train.mixed_precision bf16 or fp16 "
-                              "(autocast runs the half-precision base beside the float32 adapters)")
-        if self.prior.data is not None and self.cache_latents:
-            raise ConfigError("train.prior does not combine with train.cache_latents (the class images are not cached)")
+
+
+@dataclass
+class UNetTrainConfig(DiffusionTrainConfig):
+    """A trained UNet's (and text encoder's) options, what `ldm train` and `ldm train-upscaler` share."""
+
+    text_encoder_lr: float | None = None  # a trained text encoder's learning rate; None: train.learning_rate
+    compile: bool = False  # torch.compile the UNet's forward in place (file keys unchanged; the EMA copy stays eager)
+    validation_prompts: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.text_encoder_lr is not None and not self.text_encoder_lr > 0:
+            raise ConfigError(f"train.text_encoder_lr must be > 0 (or null), got {self.text_encoder_lr}")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"train.compile must be true or false, got {self.compile!r}")
 
 
 @dataclass
+class LDMTrainConfig(UNetTrainConfig):
+    """Latent diffusion (`ldm train`): the UNet's options, LoRA fine-tuning and DreamBooth's prior preservation."""
+
+    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lora.base_dtype != "float32" and self.mixed_precision == "no":
+            raise ConfigError(f"train.lora.base_dtype {self.lora.base_dtype} needs train.mixed_precision bf16 or fp16 "
+                              "(autocast runs the half-precision base beside the float32 adapters)")
+        if self.prior.data is not None and self.cache_latents:
+            raise ConfigError("train.prior does not combine with train.cache_latents (the class images are not cached)")
+
+
+@dataclass
 class VAERunConfig:
     """`ldm train-vae`: model.vae is the architecture."""
+
+    command: ClassVar[str] = "train-vae"
 
     model: LatentDiffusionConfig = field(default_factory=LatentDiffusionConfig)
     train: VAETrainConfig = field(default_factory=VAETrainConfig)
@@ -232,6 +255,8 @@ class VAERunConfig:
 class LDMRunConfig:
     """`ldm train`: model.unet / text_encoder / scheduler; the VAE comes from --vae (or --init)."""
 
+    command: ClassVar[str] = "train"
+
     model: LatentDiffusionConfig = field(default_factory=LatentDiffusionConfig)
     train: LDMTrainConfig = field(default_factory=LDMTrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -241,8 +266,8 @@ DOWNSAMPLE_FILTERS = ("bicubic", "area")
 
 
 @dataclass
-class UpscalerTrainConfig(LDMTrainConfig):
-    """An upsampler's training: the LDM's options plus how the low-res input is made."""
+class UpscalerTrainConfig(UNetTrainConfig):
+    """An upsampler's training (`ldm train-upscaler`): the UNet's options plus how the low-res input is made."""
 
     downsample: str = "bicubic"  # bicubic (antialiased, as PIL's) | area (box average)
     validation_images: int = 4  # the sample grid: low-res | ours | truth for the first N training images
@@ -257,6 +282,8 @@ class UpscalerTrainConfig(LDMTrainConfig):
 class UpscalerRunConfig:
     """`ldm train-upscaler`: model.unet / text_encoder / scheduler / upscaler, and model.pixels (diffusion in pixel
     space) or a VAE from --vae."""
+
+    command: ClassVar[str] = "train-upscaler"
 
     model: LatentDiffusionConfig = field(default_factory=lambda: LatentDiffusionConfig(upscaler=UpscalerConfig()))
     train: UpscalerTrainConfig = field(default_factory=UpscalerTrainConfig)
@@ -292,7 +319,7 @@ def load_run_config(cls: type[T], path: str | Path | None, overrides: list[str] 
     for key, value in (values or {}).items():
         set_key(raw, key, value)
     if cls not in _MODEL_SECTIONS:  # a run without a model section (train-controlnet): from_dict names the key
-        return from_dict(cls, raw, ""), raw
+        return _build(cls, raw), raw
     used = _MODEL_SECTIONS[cls]
     model = raw.get("model") or {}
     if not isinstance(model, dict):
@@ -302,7 +329,20 @@ def load_run_config(cls: type[T], path: str | Path | None, overrides: list[str] 
         why = "only the VAE is trained here" if cls is VAERunConfig else "it comes from --vae or --init"
         raise ConfigError(f"config section 'model.{unused[0]}' is not used by this command ({why}); "
                           f"this command reads model.{', model.'.join(used)}")
-    return from_dict(cls, raw, ""), raw
+    return _build(cls, raw), raw
+
+
+def _build(cls: type[T], raw: dict[str, Any]) -> T:
+    """The run config from its mapping; a key this kind of run does not read is named with the command."""
+    try:
+        return from_dict(cls, raw, "")
+    except UnknownKeyError as e:
+        command = getattr(cls, "command", None)
+        if command is None:
+            raise
+        section = e.key.rpartition(".")[0]
+        raise ConfigError(f"unknown config key '{e.key}': `ldm {command}` does not use it (its "
+                          f"{section + ' keys' if section else 'sections'}: {', '.join(e.known)})") from None
 
 
 def explicit(raw: dict[str, Any], section: str) -> dict[str, Any]:

@@ -233,16 +233,25 @@ class Setup:
 
 
 def fit(make_task: Callable[[Setup], Task], config: Any, output: str | Path, resume: bool, kind: str,
-        progress: bool = True) -> Path:
+        progress: bool = True, captions: bool = True) -> Path:
     """Run the task `make_task` builds into run folder `output` and return it (`kind`, e.g. "ldm", is written into
     its checkpoints; --resume refuses a run of another kind): set-up, then for every step each active stage's
     forward over the accumulation micro-batches, backward, clip, then one host sync, the non-finite guard,
-    optimizer steps, EMA, log, samples and an atomic checkpoint. `config` has `.train` (TrainConfig) and `.data`."""
+    optimizer steps, EMA, log, samples and an atomic checkpoint. `config` has `.train` (TrainConfig) and `.data`;
+    captions=False: the task trains on the images alone (a VAE), which then need no captions."""
     cfg = config.train
     runtime = distributed.setup(cfg.device)
+    run = None
     try:
         run = RunFolder(output, runtime, resume, kind)
-        dataset = open_dataset(config.data, run.say)
+        if run.checkpoint is not None and run.start_step >= cfg.max_steps:
+            if run.start_step > cfg.max_steps:
+                raise ConfigError(f"--resume: {run.checkpoint} is at step {run.start_step}, past train.max_steps "
+                                  f"{cfg.max_steps}: give --max-steps above {run.start_step} to train on")
+            warn(f"--resume: {run.path} is already at train.max_steps {cfg.max_steps}: nothing to train (give "
+                 "--max-steps above it to train on)")
+            return run.path
+        dataset = open_dataset(config.data, run.say, captions)
         torch.manual_seed(cfg.seed)
         task = make_task(Setup(run, runtime, dataset, progress and runtime.is_main))
         if config.data.buckets and task.items is not dataset:
@@ -254,6 +263,8 @@ def fit(make_task: Callable[[Setup], Task], config: Any, output: str | Path, res
         run.save_config(config)
         return _loop(task, kind, cfg, config.data.num_workers, run, runtime, order, progress)
     finally:
+        if run is not None:
+            run.release()
         distributed.teardown(runtime)
 
 
@@ -273,6 +284,33 @@ def _check_same_parameters(optimizer: torch.optim.Optimizer, saved: dict[str, An
                           "resume with the run's own config, or start a new run")
 
 
+SETTING_KEYS = {"weight_decay": "train.weight_decay", "betas": "train.adam_betas"}  # the config's optimizer settings
+_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")  # how it runs, not what it computes
+
+
+def restore_settings(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's optimizer state with this run's settings (weight decay, betas, Muon's momentum, ...) in place
+    of the saved ones, as diffusers' and kohya's scripts resume: a changed setting applies from the resumed step on,
+    with a warning naming it. The learning rate is set every step from the schedule anyway."""
+    groups = []
+    changed: dict[str, tuple[Any, Any]] = {}
+    for now, then in zip(optimizer.param_groups, saved["param_groups"]):
+        group = dict(then)
+        for key, value in now.items():
+            if key in ("params", "lr", "initial_lr") or key not in then:
+                continue
+            same = list(value) == list(then[key]) if isinstance(value, (list, tuple)) else value == then[key]
+            if not same and key not in _IMPLEMENTATION:
+                changed.setdefault(key, (then[key], value))
+            group[key] = value
+        groups.append(group)
+    for key, (then, now) in changed.items():
+        then, now = (list(v) if isinstance(v, tuple) else v for v in (then, now))
+        warn(f"--resume: {SETTING_KEYS.get(key, f'optimizer setting {key!r}')} changed since the checkpoint "
+             f"({then} -> {now}): the new value applies from the resumed step on")
+    return {**saved, "param_groups": groups}
+
+
 def _loop(task: Task, kind: str, cfg: Any, num_workers: int, run: RunFolder, runtime: Runtime, order: BatchOrder,
           progress: bool) -> Path:
     say, stages = run.say, task.stages
@@ -281,7 +319,7 @@ def _loop(task: Task, kind: str, cfg: Any, num_workers: int, run: RunFolder, run
     if run.checkpoint:
         for stage, optimizer, precision in zip(stages, optimizers, precisions):
             _check_same_parameters(optimizer, run.state[stage.key("optimizer")], run.checkpoint, cfg.optimizer)
-            optimizer.load_state_dict(run.state[stage.key("optimizer")])
+            optimizer.load_state_dict(restore_settings(optimizer, run.state[stage.key("optimizer")]))
             precision.scaler.load_state_dict(run.state[stage.key("scaler")])
         task.resume(run.state, run.checkpoint)
         run.restore_rng()
@@ -291,7 +329,7 @@ def _loop(task: Task, kind: str, cfg: Any, num_workers: int, run: RunFolder, run
     data = batches(task.items, order, num_workers)
     bar = tqdm(total=cfg.max_steps, initial=run.start_step, disable=not (progress and runtime.is_main),
                desc=task.label, dynamic_ncols=True)
-    window: dict[str, list[float]] = defaultdict(list)
+    window: dict[str, list[float]] = defaultdict(list, run.state.get("window", {}))  # the steps since the last log
     started, skipped = time.perf_counter(), run.state.get("skipped", 0)
     accumulation = cfg.gradient_accumulation
     for step in range(run.start_step, cfg.max_steps):
@@ -345,7 +383,8 @@ def _loop(task: Task, kind: str, cfg: Any, num_workers: int, run: RunFolder, run
             task.save_samples(done)
         if due(done, cfg.checkpoint_every, cfg.max_steps):
             state = {"kind": kind, "skipped": skipped, "epoch": step // order.steps_per_epoch,
-                     "position": done % order.steps_per_epoch, **task.state()}
+                     "position": done % order.steps_per_epoch,
+                     "window": {k: list(v) for k, v in window.items()}, **task.state()}
             for stage, optimizer, precision in zip(stages, optimizers, precisions):
                 state[stage.key("optimizer")] = optimizer.state_dict()
                 state[stage.key("scaler")] = precision.scaler.state_dict()

@@ -1,5 +1,6 @@
 """A training run's output folder: what is in it, whether to resume, and where each artefact goes.
 
+    RUN/run.lock                         while a run writes here: its pid, host, start and command (lock.py)
     RUN/config.yaml                      the resolved config (every default spelled out)
     RUN/metrics.jsonl, RUN/loss.png      logged metrics and the loss curve
     RUN/samples/step-XXXXXXXX.png        sample grids (LDM) or reconstruction grids (VAE)
@@ -15,11 +16,13 @@ from typing import Any, Callable
 import yaml
 from tqdm.auto import tqdm
 
+from ..arguments import writable_path
 from ..errors import ConfigError
 from ..formats.native import CHECKPOINTS_DIR, checkpoint_dir_name, list_checkpoints
 from . import checkpoint
 from .config import save_run_config
 from .distributed import Runtime, barrier, gather_objects
+from .lock import RunLock
 from .metrics import MetricsLog
 
 CONFIG_FILE = "config.yaml"
@@ -27,12 +30,25 @@ SAMPLES_DIR = "samples"
 
 
 class RunFolder:
-    """Prepares RUN for this process: rank 0 removes a killed run's leftovers; every rank finds the checkpoint to
-    resume from. A fresh run refuses a folder that already holds checkpoints (they would be mixed up). Nothing is
-    created before `save_config`, so a run that fails while setting up leaves no empty folder behind."""
+    """Prepares RUN for this process: rank 0 checks it can write there, takes the folder's lock (one run at a time,
+    until `release`) and removes a killed run's leftovers; every rank finds the checkpoint to resume from. A fresh
+    run refuses a folder that already holds checkpoints (they would be mixed up). A run that fails while setting up
+    leaves no empty folder behind."""
 
     def __init__(self, output: str | Path, runtime: Runtime, resume: bool, kind: str):
         self.path, self.runtime = Path(output), runtime
+        self.lock = RunLock(self.path)
+        if runtime.is_main:
+            writable_path(self.path, "--output", folder=True)
+            self.lock.acquire()
+        try:
+            self._open(resume, kind)
+        except BaseException:
+            self.release()
+            raise
+
+    def _open(self, resume: bool, kind: str) -> None:
+        runtime = self.runtime
         if runtime.is_main:
             removed = checkpoint.clean_leftovers(self.path)
             if removed:
@@ -57,6 +73,10 @@ class RunFolder:
             self.say(f"resuming from {self.checkpoint}")
         self.start_step: int = self.state.get("step", 0)
         self.metrics = MetricsLog(self.path, self.start_step if self.checkpoint else None, runtime.is_main)
+
+    def release(self) -> None:
+        """The run is over (finished or failed): let the next one into the folder."""
+        self.lock.release()
 
     def say(self, message: str) -> None:
         """One line for the user, on stderr above the progress bar, from the main process only."""

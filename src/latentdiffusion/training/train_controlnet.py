@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from ..formats.native import EMA_DIR
 from ..pipeline import LatentDiffusion
 from . import distributed
 from .batches import bernoulli
-from .config import LDMTrainConfig
+from .config import DiffusionTrainConfig
 from .ema import EMA
 from .loop import MicroBatch, Setup, Stage, Task, evaluating, fit
 from .plots import image_grid
@@ -31,8 +31,8 @@ DEFAULT_COLUMN = "conditioning_image"
 
 
 @dataclass
-class ControlNetTrainConfig(LDMTrainConfig):
-    """LDM training's options with ControlNet defaults: the paper's 50% caption dropout, no EMA, lr 1e-5."""
+class ControlNetTrainConfig(DiffusionTrainConfig):
+    """The diffusion trainers' options with ControlNet defaults: the paper's 50% caption dropout, no EMA, lr 1e-5."""
 
     learning_rate: float = 1e-5
     ema_decay: float = 0.0
@@ -44,6 +44,8 @@ class ControlNetTrainConfig(LDMTrainConfig):
 @dataclass
 class ControlNetRunConfig:
     """`ldm train-controlnet`: the architecture comes from the base model (--model) or --init."""
+
+    command: ClassVar[str] = "train-controlnet"
 
     train: ControlNetTrainConfig = field(default_factory=ControlNetTrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -97,6 +99,9 @@ class ControlNetTask(Task):
                               f"{pipe.unet.config.block_channels}")
         controlnet.to(runtime.device).train()
         controlnet.gradient_checkpointing = cfg.gradient_checkpointing
+        if cfg.channels_last:  # before the EMA's copy, so that its weights share the layout; the frozen UNet runs alike
+            controlnet.set_memory_format(torch.channels_last)
+            pipe.unet.set_memory_format(torch.channels_last)
         self.ema = [(EMA(controlnet, cfg.ema_decay), controlnet)] if cfg.ema_decay else []
         self.cfg, self.run, self.runtime, self.pipe, self.controlnet = cfg, run, runtime, pipe, controlnet
         self.progress = setup.progress

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..config import from_dict, to_dict
 from ..data import DataConfig
-from ..data.prior import ClassImages, WithPrior, class_image_files, save_class_image
+from ..data.prior import ClassImages, WithPrior, class_image_files, readable_class_images, save_class_image
 from ..data.transforms import ImageTransform
 from ..errors import ConfigError
 from ..formats import load_components
@@ -28,7 +28,7 @@ from ..unet import UNet
 from ..vae import DiagonalGaussian
 from . import distributed
 from .batches import bernoulli
-from .config import LDMRunConfig, LDMTrainConfig, PriorConfig, explicit
+from .config import DiffusionTrainConfig, LDMRunConfig, PriorConfig, explicit
 from .ema import EMA
 from .loop import MicroBatch, Setup, Stage, Task, evaluating, fit
 from .plots import image_grid
@@ -37,7 +37,7 @@ from .precision import PARAMETER_DTYPE
 _TEXT_ENCODER_FLAGS = ("trainable", "layer")  # what a config may change on a pretrained text encoder
 
 
-def loss_options(cfg: LDMTrainConfig) -> dict[str, Any]:
+def loss_options(cfg: DiffusionTrainConfig) -> dict[str, Any]:
     """The keyword arguments of LatentDiffusion.diffusion_loss that a training config sets: min-SNR weighting,
     offset noise, the timestep density. Every diffusion trainer (LDM, LoRA, ControlNet, upsampler) passes these."""
     density = cfg.timestep_logit_normal
@@ -102,15 +102,22 @@ class LDMTask(Task):
         self.setup_models(config, raw, vae_source, init, text_encoder_source)
         pipe = self.pipe
         self.pixel_multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_channels) - 1)
-        cached = cfg.cache_latents and not config.data.buckets  # buckets: each image encoded at its bucket's shape
-        if cfg.cache_latents and not cached:
-            run.say("note: data.buckets: the latents are encoded as the images train (train.cache_latents is left off)")
-        self.items = cache_latents(pipe.vae, setup.dataset, cfg.batch_size, runtime) if cached else setup.dataset
-        if cfg.prior.data is not None:
-            self.items = with_prior(pipe, cfg.prior, setup.dataset, config.data, runtime, run.say, self.progress)
+        self.items = self.training_items(config, setup)
         module = distributed.wrap(self.loss_module(), runtime)
         self.stages = [Stage(self.param_groups(), self.loss, module, prepare=self.inputs)]
         self.curve = ("loss", f"{run.path.name}: diffusion loss")
+
+    def training_items(self, config: LDMRunConfig, setup: Setup) -> Any:
+        """What the batches are drawn from: the data set, its cached latents, or instance + class image pairs."""
+        cfg = self.cfg
+        if cfg.prior.data is not None:
+            return with_prior(self.pipe, cfg.prior, setup.dataset, config.data, self.runtime, self.run.say,
+                              self.progress)
+        cached = cfg.cache_latents and not config.data.buckets  # buckets: each image encoded at its bucket's shape
+        if cfg.cache_latents and not cached:
+            self.run.say("note: data.buckets: the latents are encoded as the images train (train.cache_latents is "
+                         "left off)")
+        return cache_latents(self.pipe.vae, setup.dataset, cfg.batch_size, self.runtime) if cached else setup.dataset
 
     def setup_models(self, config: LDMRunConfig, raw: dict[str, Any], vae_source: Any, init: Any,
                      text_encoder_source: Any) -> None:
@@ -265,13 +272,14 @@ def with_prior(pipe: LatentDiffusion, prior: PriorConfig, dataset: Dataset, data
     if data.buckets:
         raise ConfigError("train.prior does not combine with data.buckets: class and instance images share a batch")
     folder = Path(prior.data)
-    have = len(class_image_files(folder))
-    if have < prior.num_images and runtime.is_main:
-        say(f"prior: generating {prior.num_images - have} class images of {prior.prompt!r} into {folder}")
-        with evaluating(pipe.unet, pipe.text_encoder), tqdm(total=prior.num_images - have, disable=not progress,
+    missing = prior.num_images - len(readable_class_images(folder, data.resolution)[0]) if runtime.is_main else 0
+    if missing > 0:
+        say(f"prior: generating {missing} class images of {prior.prompt!r} into {folder}")
+        first = len(class_image_files(folder))  # numbered after every file there, readable or not
+        with evaluating(pipe.unet, pipe.text_encoder), tqdm(total=missing, disable=not progress,
                                                            desc="class images") as bar:
-            for start in range(have, prior.num_images, _CLASS_BATCH):
-                numbers = range(start, min(start + _CLASS_BATCH, prior.num_images))
+            for start in range(first, first + missing, _CLASS_BATCH):
+                numbers = range(start, min(start + _CLASS_BATCH, first + missing))
                 images = pipe([prior.prompt] * len(numbers), num_inference_steps=prior.sample_steps,
                               guidance_scale=prior.guidance, height=data.resolution, width=data.resolution,
                               generator=[torch.Generator().manual_seed(n) for n in numbers], output_type="pt")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import lora
+from ..config import from_dict, to_dict
 from ..errors import ConfigError
 from ..formats import load_pipeline
 from ..formats.lora import LORA_FILE, load_lora_weights, lora_base, write_lora_checkpoint
@@ -19,6 +20,24 @@ from .config import LDMRunConfig, explicit
 from .train_ldm import LDMTask
 
 ADAPTER = "lora"  # the adapter's name inside the pipeline
+
+
+def check_model_sections(raw: dict[str, Any], pipe: Any) -> None:
+    """A LoRA trains on its base as it is: a config's model.* keys are accepted where they say what the base is (the
+    config the base was trained with), and any that would change it is a ConfigError naming the key."""
+    bases = {"unet": pipe.unet.config, "text_encoder": pipe.text_encoder.config, "vae": pipe.vae.config,
+             "scheduler": pipe.scheduler.config}
+    for name, section in (raw.get("model") or {}).items():
+        if name not in bases:
+            raise ConfigError(f"config section 'model.{name}' does not apply to LoRA training: the --init base fixes "
+                              "the model")
+        base = bases[name]
+        given = from_dict(type(base), {**to_dict(base), **(section or {})}, f"model.{name}")
+        for key in section or {}:
+            if getattr(given, key) != getattr(base, key):
+                raise ConfigError(f"config key 'model.{name}.{key}' ({getattr(given, key)!r}) differs from the --init "
+                                  f"base's ({getattr(base, key)!r}): LoRA trains on the base as it is; leave the key "
+                                  "out, or use a config without a model section, such as configs/lora-star.yaml")
 
 
 class LoraTask(LDMTask):
@@ -31,20 +50,16 @@ class LoraTask(LDMTask):
         cfg, spec, run, device = self.cfg, self.cfg.lora, self.run, self.runtime.device
         if init is None and not run.checkpoint:
             raise ConfigError("LoRA training (train.lora.rank > 0) needs --init BASE: the model the adapters train on")
-        if vae_source is not None or text_encoder_source is not None:
-            raise ConfigError("--vae and --text-encoder do not apply to LoRA training: every component of the base "
-                              "comes from --init (leave them out)")
-        fixed = [f"model.{k}" for k in ("unet", "text_encoder", "vae", "scheduler") if (raw.get("model") or {}).get(k)]
-        if fixed:
-            raise ConfigError(f"config section '{fixed[0]}' conflicts with LoRA training: the --init base fixes it "
-                              "(use a config without a model section, such as configs/lora-star.yaml)")
+        given = {k: Path(v).resolve() for k, v in (("vae", vae_source), ("text_encoder", text_encoder_source)) if v}
         if run.checkpoint:
-            self.base = lora_base(run.checkpoint)
+            self.base, self.replaced = lora_base(run.checkpoint)
+            self.replaced.update(given)
         elif init is None:
             raise ConfigError("LoRA training (train.lora.rank > 0) needs --init BASE: the model the adapters train on")
         else:
-            self.base = Path(init).resolve()
-        pipe = load_pipeline(self.base)
+            self.base, self.replaced = Path(init).resolve(), given
+        pipe = load_pipeline(self.base, **self.replaced)  # --vae / --text-encoder in place of the base's
+        check_model_sections(raw, pipe)
         dtype = getattr(torch, spec.base_dtype) if device.type == "cuda" else torch.float32
         pipe.unet.requires_grad_(False).to(device, dtype)
         pipe.text_encoder.requires_grad_(False).to(device, dtype)
@@ -89,7 +104,7 @@ class LoraTask(LDMTask):
         return f"{n_params / 1e6:.3f}M LoRA parameters (rank {self.cfg.lora.rank} on {where}; base {self.base} frozen)"
 
     def write_models(self, folder: Path) -> None:
-        write_lora_checkpoint(folder, self.pipe.lora_weights(ADAPTER), self.base, self.pipe.sampling)
+        write_lora_checkpoint(folder, self.pipe.lora_weights(ADAPTER), self.base, self.replaced, self.pipe.sampling)
 
     def finished(self) -> str:
         return (f"done: {self.run.path} (from_pretrained loads {self.base} with the newest adapter; the adapter file "

@@ -75,8 +75,6 @@ def train_upscaler(config: UpscalerRunConfig, output: str | Path, vae: str | Pat
                           "and max_noise_level")
     if config.train.cache_latents:
         raise ConfigError("train.cache_latents does not apply to train-upscaler (the low-res input is made on the fly)")
-    if config.train.prior.data is not None:
-        raise ConfigError("train.prior (DreamBooth prior preservation) does not apply to train-upscaler")
     return fit(lambda setup: UpscalerTask(config, setup, vae, text_encoder), config, output, resume, "upscaler",
                progress)
 
@@ -90,6 +88,9 @@ class UpscalerTask(LDMTask):
         super().__init__(config, setup, vae_source, None, text_encoder_source, {})
         self.upscaler = self.pipe.upscaler
         self.curve = ("loss", f"{self.run.path.name}: upsampler diffusion loss")
+
+    def training_items(self, config: UpscalerRunConfig, setup: Setup) -> Any:
+        return setup.dataset  # the low-res input is made from the pixels each step: no cached latents, no prior
 
     def new_pipeline(self, config: UpscalerRunConfig, raw: dict[str, Any], vae_source: Any, init: Any,
                      text_encoder_source: Any) -> LatentDiffusion:
@@ -129,7 +130,7 @@ class UpscalerTask(LDMTask):
 
     def inputs(self, mb: MicroBatch):
         """The LDM's inputs, then the low-res image (B, 3, H/F, W/F) noised at each image's level, and the levels."""
-        latents, captions, gens, pixels = super().inputs(mb)  # no DreamBooth prior here (refused at the start)
+        latents, captions, gens, pixels = super().inputs(mb)  # no DreamBooth prior here (no train.prior key)
         low = downsample(pixels.to(self.runtime.device), self.pipe.vae_scale_factor, self.cfg.downsample)
         levels = augmentation_levels(mb, len(captions), self.upscaler.max_noise_level).to(self.runtime.device)
         if self.upscaler.residual_scale is not None:  # the target: what bicubic upscaling of the clean input misses

@@ -43,7 +43,8 @@ def train_vae(config: VAERunConfig, output: str | Path, init: str | Path | None 
               raw: dict[str, Any] | None = None, progress: bool = True) -> Path:
     """Train an autoencoder into run folder `output` (from scratch, or fine-tuning the VAE of `init`); returns it.
     `load_vae(output)` and `ldm train --vae output` use its newest checkpoint."""
-    return fit(lambda setup: VAETask(config, setup, init, raw or {}), config, output, resume, "vae", progress)
+    return fit(lambda setup: VAETask(config, setup, init, raw or {}), config, output, resume, "vae", progress,
+               captions=False)
 
 
 class VAETask(Task):
