@@ -138,3 +138,19 @@ def test_old_folders_that_wrote_every_key_still_bind_it(ours, theirs, tmp_path):
     assert old.scheduler.config.timestep_spacing == "leading"
     _, reference = with_config(ours, theirs, {**SD15_SCHEDULER, "timestep_spacing": "leading"})
     assert difference(old, swapped(reference, "euler", False), "euler", False) < TOL
+
+
+def test_a_single_file_refuses_a_given_key_it_would_lose(tmp_path):
+    """A single file keeps no timestep_spacing: a model whose config gives one is refused, naming it."""
+    from latentdiffusion import LatentDiffusionConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, VAEConfig
+    from latentdiffusion.errors import WeightsError
+
+    config = LatentDiffusionConfig(
+        vae=VAEConfig(block_channels=(32, 64), layers_per_block=1, sample_size=16),
+        unet=UNetConfig(block_channels=(32, 64), cross_attention=(True, False), context_dim=64, sample_size=8,
+                        layers_per_block=1),
+        text_encoder=TextEncoderConfig(hidden_size=64, num_layers=1, num_heads=1, intermediate_size=96),
+        scheduler=SchedulerConfig(timestep_spacing="leading"))
+    with pytest.raises(WeightsError, match="timestep_spacing='leading'.*timestep_spacing not given"):
+        LatentDiffusion.from_config(config).save_pretrained(tmp_path / "m.safetensors", format="single-file")
+    assert not (tmp_path / "m.safetensors").exists()

@@ -346,7 +346,8 @@ def _markers(scheduler: SchedulerConfig, path: Path) -> dict[str, Tensor]:
     if lost or scheduler.prediction_type not in ("epsilon", "v_prediction"):
         lost = lost or ["prediction_type"]
         said = ", ".join(f"{name}={getattr(scheduler, name)!r}" for name in lost)
-        would = ", ".join(f"{name}={getattr(back, name)!r}" for name in lost)
+        would = ", ".join(f"{name}={getattr(back, name)!r}" if getattr(back, name) is not None else
+                          f"{name} not given (each sampler's own default)" for name in lost)
         raise WeightsError(f"cannot save {path}: the noise schedule's {said} has no place in a single file (it keeps "
                            f"the prediction type and the '{ZTSNR}' marker of zero terminal SNR with trailing "
                            f"timesteps) and would load back as {would}; save it in our folder format or the "
