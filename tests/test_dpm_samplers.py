@@ -41,7 +41,7 @@ class ToyModel:
 def reference(name: str, cfg: SchedulerConfig, karras: bool):
     cls, extra = getattr(diffusers, SAMPLERS[name].reference), REFERENCE_SETTINGS[name]
     accepted = inspect.signature(cls.__init__).parameters
-    kwargs = {k: v for k, v in vars(cfg).items() if k in accepted}
+    kwargs = {k: v for k, v in cfg.given().items() if k in accepted}  # left out: the class default
     if karras:
         kwargs["use_karras_sigmas"] = True
     return cls(**kwargs, **extra)

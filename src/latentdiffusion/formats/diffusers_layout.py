@@ -19,7 +19,7 @@ from transformers import CLIPTextConfig
 
 from ..errors import WeightsError
 from ..schedulers import SchedulerConfig
-from ..schedulers.schedule import VARIANCE_TYPES
+from ..schedulers.schedule import SAMPLER_KEYS, VARIANCE_TYPES
 from ..text_encoder import OPENAI_PAD, TOKENIZER_DIR, TextEncoderConfig
 from ..unet import UNetConfig
 from ..upscaler import UpscalerConfig
@@ -127,7 +127,7 @@ def _load_upscaler(components: Components, path: Path) -> None:
 
 def _save_upscaler(path: Path, upscaler: UpscalerConfig) -> dict[str, Any]:
     """Write the `low_res_scheduler` folder; the model_index.json entries of an upscale pipeline."""
-    low_res = dataclasses.asdict(upscaler.low_res_scheduler)
+    low_res = upscaler.low_res_scheduler.given()
     _write_json(path / "low_res_scheduler" / "scheduler_config.json", {"_class_name": "DDPMScheduler", **low_res})
     return {"_class_name": UPSCALE_PIPELINE, "low_res_scheduler": ["diffusers", "DDPMScheduler"],
             "max_noise_level": upscaler.max_noise_level, "watermarker": [None, None]}
@@ -205,16 +205,18 @@ def text_config_from_transformers(c: dict[str, Any]) -> TextEncoderConfig:
 
 def scheduler_config_from_diffusers(c: dict[str, Any], source: Path | str = "scheduler_config.json",
                                     correct: bool = True) -> SchedulerConfig:
-    """The schedule a diffusers scheduler config describes (its class only picks a default sampler there). With
-    `correct`, outdated values that diffusers' StableDiffusionPipeline corrects are corrected alike, with one message
-    per key; keys that change nothing here pass, and any other key is named in a message rather than dropped
-    silently."""
+    """The schedule a diffusers scheduler config describes (its class only picks a default sampler there). A
+    SAMPLER_KEYS key it leaves out stays None: each sampler takes its own diffusers class's default, as
+    `XScheduler.from_config(config)` does. With `correct`, outdated values that diffusers' StableDiffusionPipeline
+    corrects are corrected alike, with one message per key; keys that change nothing here pass, and any other key is
+    named in a message rather than dropped silently."""
     if c.get("trained_betas") is not None:
         raise WeightsError(f"{source}: trained_betas is not supported")
     known = {f.name for f in dataclasses.fields(SchedulerConfig)}
     values = {k: v for k, v in c.items() if k in known}
+    values.update({k: c.get(k) for k in SAMPLER_KEYS})  # absent (or null): not given
     for key, right in (("steps_offset", 1), ("clip_sample", False)):  # early SD uploads: 0 and true
-        if correct and key in values and values[key] != right:
+        if correct and values[key] is not None and values[key] != right:
             logger.warning("%s: %s=%r is outdated; using %s=%r, as diffusers' StableDiffusionPipeline does", source,
                            key, values[key], key, right)
             values[key] = right
@@ -266,7 +268,7 @@ def save_components(path: str | Path, components: Components) -> None:
     _write_json(path / "text_encoder" / "config.json", {**clip, "architectures": ["CLIPTextModel"]})
     text_weights = {f"text_model.{k.removeprefix('text_model.')}": v for k, v in text_weights.items()}
     write_safetensors(text_weights, path / "text_encoder" / "model.safetensors")  # the canonical transformers keys
-    scheduler = dataclasses.asdict(configs.get("scheduler", SchedulerConfig()))
+    scheduler = configs.get("scheduler", SchedulerConfig()).given()  # what it was given: left-out keys stay out
     scheduler.pop("variance_type")
     _write_json(path / "scheduler" / "scheduler_config.json", {"_class_name": "DDIMScheduler", **scheduler})
     _write_tokenizer(Path(components.tokenizer_dir or TOKENIZER_DIR), path / "tokenizer", text_cfg.pad_token)

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..errors import ConfigError, WeightsError
+from ..messages import warn
 from ..schedulers import SchedulerConfig
 from ..schedulers.schedule import PREDICTION_TYPES
 from ..text_encoder import TextEncoderConfig
@@ -360,8 +361,9 @@ def _to_penultimate(cfg: TextEncoderConfig, state: Mapping[str, Tensor]) -> tupl
     return dataclasses.replace(cfg, num_layers=cfg.num_layers + 1, layer="penultimate"), {**state, **added}
 
 
-def _markers(scheduler: SchedulerConfig, path: Path) -> dict[str, Tensor]:
-    """The marker keys that keep the schedule in the file; WeightsError naming what a single file would lose."""
+def _markers(scheduler: SchedulerConfig, path: Path) -> tuple[dict[str, Tensor], str | None]:
+    """The marker keys that keep the schedule in the file, and the sampler keys it gives that the file reads back as
+    not given (a message, or None); WeightsError naming what else a single file would lose."""
     markers: dict[str, Tensor] = {}
     kept = {"prediction_type": scheduler.prediction_type}
     if scheduler.prediction_type == "v_prediction":
@@ -371,6 +373,8 @@ def _markers(scheduler: SchedulerConfig, path: Path) -> dict[str, Tensor]:
         kept.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     back = dataclasses.replace(SchedulerConfig(), **kept)
     lost = [f.name for f in dataclasses.fields(SchedulerConfig) if getattr(scheduler, f.name) != getattr(back, f.name)]
+    left = [name for name in lost if getattr(back, name) is None]  # read back as not given, as SD's config has it
+    lost = [name for name in lost if name not in left]
     if lost or scheduler.prediction_type not in ("epsilon", "v_prediction"):
         lost = lost or ["prediction_type"]
         said = ", ".join(f"{name}={getattr(scheduler, name)!r}" for name in lost)
@@ -379,7 +383,9 @@ def _markers(scheduler: SchedulerConfig, path: Path) -> dict[str, Tensor]:
                            f"the prediction type and the '{ZTSNR}' marker of zero terminal SNR with trailing "
                            f"timesteps) and would load back as {would}; save it in our folder format or the "
                            "diffusers layout instead")
-    return markers
+    said = ", ".join(f"{name}={getattr(scheduler, name)!r}" for name in left)
+    return markers, (f"{path}: a single file does not keep {said}: loaded back, each sampler takes its own "
+                     "diffusers default for it, as SD's scheduler config leaves it out") if left else None
 
 
 def save_single_file(
@@ -398,7 +404,7 @@ def save_single_file(
         raise WeightsError(f"cannot save {path}: single files end in .safetensors, .ckpt, .pt or .pth")
     (unet_cfg, unet_sd), (vae_cfg, vae_sd), (text_cfg, text_sd) = unet, vae, text_encoder
     scheduler = scheduler or SchedulerConfig()
-    markers = _markers(scheduler, path)
+    markers, unkept = _markers(scheduler, path)
     openclip = is_openclip(text_cfg)
     if openclip:
         text_cfg, text_sd = _to_penultimate(text_cfg, text_sd)
@@ -411,6 +417,8 @@ def save_single_file(
     if not openclip:
         state[TEXT_PREFIX + TEXT_POSITION_IDS] = torch.arange(text_cfg.max_length).unsqueeze(0)  # (1, T), as SD has
     state.update(markers)
+    if unkept:
+        warn(unkept)
     if suffix == ".safetensors":
         state = {k: v.contiguous() for k, v in state.items()}
         metadata = {"format": "pt", MODELSPEC_PREDICTION: "v" if V_PRED in markers else "epsilon"}

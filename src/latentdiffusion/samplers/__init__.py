@@ -33,19 +33,37 @@ def _clip(config: SchedulerConfig) -> float | None:
     return config.clip_sample_range if config.clip_sample else None
 
 
+# The defaults of each reference class for the keys a scheduler config may leave out (schedule.SAMPLER_KEYS), as
+# diffusers' `XScheduler.from_config(config)` gives them; a class without a key has no sampler here that reads it.
+CHAIN_DEFAULTS = {"timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": True, "clip_sample": True}
+SIGMA_DEFAULTS = {"timestep_spacing": "linspace", "steps_offset": 0, "set_alpha_to_one": False, "clip_sample": False}
+
+
 @dataclass(frozen=True)
 class SamplerEntry:
-    """A sampler by name: its function; `levels(config, steps, karras)` picks its noise levels and model timesteps
-    as the diffusers scheduler `reference` does (the initial noise scale among them); `karras` says whether
-    use_karras_sigmas applies; `options(config, levels)` are its settings from the schedule config; `user_options`
-    the keyword options a caller may pass (e.g. DDIM's eta)."""
+    """A sampler by name: its function; `levels_of(config, steps, karras)` picks its noise levels and model
+    timesteps as the diffusers scheduler `reference` does (the initial noise scale among them); `karras` says whether
+    use_karras_sigmas applies; `options_of(config, levels)` are its settings from the schedule config; `defaults`
+    the reference's values for the keys a config leaves out; `user_options` the keyword options a caller may pass
+    (e.g. DDIM's eta). `levels` and `options` take the model's config and resolve it first."""
 
     function: Sampler
-    levels: Callable[[SchedulerConfig, int, bool], NoiseLevels]
+    levels_of: Callable[[SchedulerConfig, int, bool], NoiseLevels]
     reference: str
+    defaults: dict[str, Any]
     karras: bool = False
-    options: Callable[[SchedulerConfig, NoiseLevels], dict[str, Any]] = _no_options
+    options_of: Callable[[SchedulerConfig, NoiseLevels], dict[str, Any]] = _no_options
     user_options: tuple[str, ...] = field(default=())
+
+    def config(self, config: SchedulerConfig) -> SchedulerConfig:
+        """The model's scheduler config as this sampler reads it: keys it left out take the reference's defaults."""
+        return config.resolved(self.defaults)
+
+    def levels(self, config: SchedulerConfig, steps: int, karras: bool) -> NoiseLevels:
+        return self.levels_of(self.config(config), steps, karras)
+
+    def options(self, config: SchedulerConfig, levels: NoiseLevels) -> dict[str, Any]:
+        return self.options_of(self.config(config), levels)
 
 
 def _ddim_levels(config: SchedulerConfig, steps: int, karras: bool) -> NoiseLevels:
@@ -65,16 +83,19 @@ def _ddpm_options(config: SchedulerConfig, levels: NoiseLevels) -> dict[str, Any
 
 SAMPLERS: dict[str, SamplerEntry] = {
     "ddim": SamplerEntry(
-        sample_ddim, _ddim_levels, "DDIMScheduler", options=lambda c, lv: {"clip_sample_range": _clip(c)},
-        user_options=("eta",)),
-    "ddpm": SamplerEntry(sample_ddpm, _ddpm_levels, "DDPMScheduler", options=_ddpm_options),
-    "euler": SamplerEntry(sample_euler, sigma_levels, "EulerDiscreteScheduler", karras=True),
-    "euler_ancestral": SamplerEntry(sample_euler_ancestral, sigma_levels, "EulerAncestralDiscreteScheduler"),
-    "heun": SamplerEntry(sample_heun, sigma_levels, "HeunDiscreteScheduler", karras=True),
-    "lms": SamplerEntry(sample_lms, lms_levels, "LMSDiscreteScheduler", karras=True),
-    "dpmpp_2m": SamplerEntry(sample_dpmpp_2m, dpm_solver_levels, "DPMSolverMultistepScheduler", karras=True),
-    "dpmpp_2m_sde": SamplerEntry(sample_dpmpp_2m_sde, dpm_solver_levels, "DPMSolverMultistepScheduler", karras=True),
-    "unipc": SamplerEntry(sample_unipc, unipc_levels, "UniPCMultistepScheduler", karras=True),
+        sample_ddim, _ddim_levels, "DDIMScheduler", CHAIN_DEFAULTS,
+        options_of=lambda c, lv: {"clip_sample_range": _clip(c)}, user_options=("eta",)),
+    "ddpm": SamplerEntry(sample_ddpm, _ddpm_levels, "DDPMScheduler", CHAIN_DEFAULTS, options_of=_ddpm_options),
+    "euler": SamplerEntry(sample_euler, sigma_levels, "EulerDiscreteScheduler", SIGMA_DEFAULTS, karras=True),
+    "euler_ancestral": SamplerEntry(sample_euler_ancestral, sigma_levels, "EulerAncestralDiscreteScheduler",
+                                    SIGMA_DEFAULTS),
+    "heun": SamplerEntry(sample_heun, sigma_levels, "HeunDiscreteScheduler", SIGMA_DEFAULTS, karras=True),
+    "lms": SamplerEntry(sample_lms, lms_levels, "LMSDiscreteScheduler", SIGMA_DEFAULTS, karras=True),
+    "dpmpp_2m": SamplerEntry(sample_dpmpp_2m, dpm_solver_levels, "DPMSolverMultistepScheduler", SIGMA_DEFAULTS,
+                             karras=True),
+    "dpmpp_2m_sde": SamplerEntry(sample_dpmpp_2m_sde, dpm_solver_levels, "DPMSolverMultistepScheduler",
+                                 SIGMA_DEFAULTS, karras=True),
+    "unipc": SamplerEntry(sample_unipc, unipc_levels, "UniPCMultistepScheduler", SIGMA_DEFAULTS, karras=True),
 }
 
 

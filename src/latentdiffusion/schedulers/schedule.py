@@ -3,8 +3,10 @@ timesteps, and `NoiseSchedule`, the training schedule a pipeline holds."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -16,21 +18,26 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 COSINE_MAX_BETA = 0.999
+# Sampler keys whose default differs between diffusers' scheduler classes (or from SD's files): None in a
+# SchedulerConfig means "not given", and each sampler takes its reference class's default (SamplerEntry.defaults).
+SAMPLER_KEYS = ("timestep_spacing", "steps_offset", "set_alpha_to_one", "clip_sample")
 
 
 @dataclass
 class SchedulerConfig:
-    """Noise schedule and sampler settings; field names are diffusers' scheduler_config.json keys."""
+    """Noise schedule and sampler settings; field names are diffusers' scheduler_config.json keys. The defaults are
+    SD 1.x's scheduler config, which leaves timestep_spacing out; a SAMPLER_KEYS key that is None was not given and
+    takes the default of the sampler in use (`resolved`), a given one binds every sampler."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"  # linear | scaled_linear | squaredcos_cap_v2
     prediction_type: str = "epsilon"  # epsilon | v_prediction | sample
-    timestep_spacing: str = "leading"  # leading | trailing | linspace
-    steps_offset: int = 1
-    set_alpha_to_one: bool = False  # DDIM: alpha_bar after the last step is 1 (else alpha_bar[0])
-    clip_sample: bool = False
+    timestep_spacing: str | None = None  # leading | trailing | linspace
+    steps_offset: int | None = 1
+    set_alpha_to_one: bool | None = False  # DDIM: alpha_bar after the last step is 1 (else alpha_bar[0])
+    clip_sample: bool | None = False
     clip_sample_range: float = 1.0
     rescale_betas_zero_snr: bool = False
     variance_type: str = "fixed_small"  # DDPM: fixed_small | fixed_small_log | fixed_large | fixed_large_log
@@ -43,7 +50,7 @@ class SchedulerConfig:
             ("variance_type", VARIANCE_TYPES),
         ):
             value = getattr(self, key)
-            if value not in choices:
+            if value not in choices and not (value is None and key in SAMPLER_KEYS):
                 raise ConfigError(f"scheduler config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
         if isinstance(self.num_train_timesteps, bool) or not isinstance(self.num_train_timesteps, int):
             raise ConfigError(
@@ -58,10 +65,21 @@ class SchedulerConfig:
                 f"scheduler config keys 'beta_start', 'beta_end' must satisfy 0 < beta_start <= beta_end < 1, "
                 f"got {self.beta_start}, {self.beta_end}"
             )
-        if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int) or self.steps_offset < 0:
-            raise ConfigError(f"scheduler config key 'steps_offset' must be an int >= 0, got {self.steps_offset!r}")
+        offset = self.steps_offset
+        if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int) or offset < 0):
+            raise ConfigError(f"scheduler config key 'steps_offset' must be an int >= 0, got {offset!r}")
         if not self.clip_sample_range > 0:
             raise ConfigError(f"scheduler config key 'clip_sample_range' must be > 0, got {self.clip_sample_range}")
+
+    def given(self) -> dict[str, Any]:
+        """The keys this config gives, as a diffusers scheduler_config.json writes them (those left out omitted)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if not (v is None and k in SAMPLER_KEYS)}
+
+    def resolved(self, defaults: Mapping[str, Any]) -> SchedulerConfig:
+        """This config as a sampler reads it: each SAMPLER_KEYS key not given takes `defaults`' value (the
+        sampler's reference class's default, as diffusers' `from_config` gives it), a given key is kept."""
+        left_out = {k: defaults[k] for k in SAMPLER_KEYS if getattr(self, k) is None}
+        return dataclasses.replace(self, **left_out) if left_out else self
 
 
 def cosine_alpha_bar(s: Tensor) -> Tensor:
@@ -141,6 +159,7 @@ def inference_timesteps(config: SchedulerConfig, num_inference_steps: int, *, ex
     points from timestep 0 and drop the 0. Raises ConfigError for a step count out of range or a leading step past
     the schedule."""
     n_train, n = config.num_train_timesteps, num_inference_steps
+    assert config.timestep_spacing is not None and config.steps_offset is not None, "config.resolved(...) first"
     top = n_train - int(exclude_zero)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= top:
         limit = "num_train_timesteps - 1" if exclude_zero else "num_train_timesteps"
