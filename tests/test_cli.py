@@ -205,7 +205,7 @@ def test_convert_round_trips_through_every_format(capsys, run_dir, tmp_path):
     code, _, err = run_cli(capsys, "convert", str(run_dir), str(raw))
     assert code == 2 and "already exists" in one_line_error(err)
     code, _, err = run_cli(capsys, "convert", str(run_dir), str(tmp_path / "x"), "--to", "onnx")
-    assert code == 2 and "unknown format 'onnx'" in one_line_error(err)
+    assert code == 2 and "--to onnx: choose from" in one_line_error(err)
     # An SD 1.x single file stores only what SD's layout can (GroupNorm of 32, 64-wide CLIP heads) ...
     code, _, err = run_cli(capsys, "convert", str(run_dir), str(tmp_path / "tiny.safetensors"), "--to", "single-file")
     assert code == 2 and "has no place in an SD 1.x file" in one_line_error(err)
