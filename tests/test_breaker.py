@@ -64,7 +64,7 @@ def test_upscale_refuses_a_model_that_is_not_an_upsampler(capsys, files):
 
 
 def test_controlnet_of_another_vae_factor_is_named(pipe):
-    cn = ControlNet.from_unet(pipe.unet)  # SD's hint block: pixels / 8, but this VAE's factor is 2
+    cn = ControlNet.from_unet(pipe.unet, vae_scale_factor=8)  # SD's hint block: pixels / 8, but this VAE's is 2
     with pytest.raises(ArgumentError, match="VAE factor is 2"):
         pipe("x", num_inference_steps=1, output_type="latent", controlnet=cn, control_image=torch.rand(1, 3, 16, 16),
              progress=False)
