@@ -24,6 +24,8 @@ from .schedulers.schedule import SchedulerConfig, make_alphas_cumprod, q_sample
 if TYPE_CHECKING:  # the pipeline imports this module; the cascade only calls pipelines it is given
     from .pipeline import LatentDiffusion
 
+NOISE_LEVEL = 20  # an upsampler's noise_level when none is given (diffusers' x4 upscale pipeline's default)
+
 
 def x4_low_res_schedule() -> SchedulerConfig:
     """The x4 upscaler's augmentation schedule (`low_res_scheduler`: LDM's linear_start/end 1e-4 / 0.02)."""
@@ -58,7 +60,7 @@ class UpscalerConfig:
                               f"got {self.residual_scale!r}")
 
     def check_noise_level(self, noise_level: int | Tensor) -> Tensor:
-        """noise_level (int or (B,) ints) as a long tensor; ValueError naming `noise_level` when out of range."""
+        """noise_level (int or (B,) ints) as a long tensor; ArgumentError naming `noise_level` when out of range."""
         levels = torch.as_tensor(noise_level)
         if levels.is_floating_point() or levels.dtype == torch.bool or levels.dim() > 1:
             raise ArgumentError(f"noise_level must be an int or a (B,) integer tensor, got {noise_level!r}")
@@ -77,7 +79,7 @@ def upsample_bicubic(low_res: Tensor, factor: int) -> Tensor:
 
 def low_res_images(image: ImageInput | None, prompts: int, multiple: int, channels: int) -> Tensor:
     """The low-res image(s) as float32 (B, C, h, w) in [-1, 1], B = 1 (shared by every prompt) or B = prompts: a PIL
-    image, a list of them, or a tensor in [0, 1]. ValueError naming `image` when it is missing, has another channel
+    image, a list of them, or a tensor in [0, 1]. ArgumentError naming `image` when it is missing, has another channel
     count or image count, or a side that is not a multiple of `multiple` (the UNet's downsampling)."""
     if image is None:
         raise ArgumentError("image: an upsampler model needs the low-resolution image to upsample (image=...)")
@@ -102,7 +104,7 @@ def augment(images: Tensor, noise_level: Tensor, config: UpscalerConfig, noise: 
 
 def cascade(base: LatentDiffusion, upscaler: LatentDiffusion, prompt: str | list[str], *,
             negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
-            generator: Generator = None, noise_level: int = 20, upscale_steps: int | None = None,
+            generator: Generator = None, noise_level: int = NOISE_LEVEL, upscale_steps: int | None = None,
             upscale_guidance: float | None = None, output_type: str = "pil", **base_kwargs: Any) -> Any:
     """Base model, then upsampler, in one call (Ho et al., 2021): `base(prompt, ...)` at its resolution, its images
     (N, 3, H, W) in [0, 1] upsampled by `upscaler` with the same prompts and `noise_level`.
