@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -162,9 +161,10 @@ def unload(component: nn.Module, originals: dict[str, torch.Tensor]) -> None:
 @dataclass
 class Adapters:
     """The named adapters on a pipeline's components, each with its scale, and the base weights of fused layers
-    (kept so that `unload` gives them back bit-exactly). `components()` lists ("unet" | "text_encoder", module)."""
+    (kept so that `unload` gives them back bit-exactly). `components`: "unet" / "text_encoder" -> the module (the UNet,
+    the CLIP text model)."""
 
-    components: Callable[[], list[tuple[str, nn.Module]]]
+    components: dict[str, nn.Module]
     scales: dict[str, float] = field(default_factory=dict)
     base: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # component -> path -> base weight
 
@@ -175,7 +175,7 @@ class Adapters:
             raise ArgumentError(f"a LoRA adapter named {name!r} is already loaded: pass another adapter_name")
         if self.base:
             raise ArgumentError("the loaded LoRA adapters are fused: unload_lora() before adding another")
-        for component, module in self.components():
+        for component, module in self.components.items():
             own = {k.split(".", 1)[1]: w for k, w in weights.items() if k.split(".", 1)[0] == component}
             if own:
                 add_adapter(module, name, {p: w.rank for p, w in own.items()}, {p: w.alpha for p, w in own.items()},
@@ -188,24 +188,24 @@ class Adapters:
         if self.base:
             raise ArgumentError("the LoRA adapters are fused: unload_lora() and load them again to change a scale")
         self.scales[name] = real(scale, "LoRA scale")
-        for _, module in self.components():
+        for _, module in self.components.items():
             set_scales(module, self.scales)
 
     def weights(self, name: str) -> AdapterWeights:
         """Adapter `name`'s weights, keyed "unet.<path>" / "text_encoder.<path>" (what formats.lora saves)."""
         if name not in self.scales:
             raise ArgumentError(f"no LoRA adapter named {name!r}; loaded: {', '.join(self.scales) or 'none'}")
-        return {f"{component}.{path}": w for component, module in self.components()
+        return {f"{component}.{path}": w for component, module in self.components.items()
                 for path, w in adapter_weights(module, name).items()}
 
     def fuse(self) -> None:
         """Merge the adapters, each at its scale, into the base weights, keeping the base weights."""
-        for component, module in self.components():
+        for component, module in self.components.items():
             self.base.setdefault(component, {}).update(fuse(module))
 
     def unload(self, keep_fused: bool = False) -> None:
         """Remove every adapter, the base weights back bit-exactly (keep_fused=True: the fused weights stay)."""
-        for component, module in self.components():
+        for component, module in self.components.items():
             unload(module, {} if keep_fused else self.base.get(component, {}))
         self.scales.clear()
         self.base.clear()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
@@ -60,18 +59,13 @@ class LatentDiffusion(nn.Module):
                              f"do not fit vae.latent_channels {latent}: in_channels must be the latent channels "
                              "plus any concatenated ones (inpainting: 2 * latent + 1), out_channels the latent ones")
         if upscaler is not None:
-            if unet.config.in_channels != latent + upscaler.image_channels:
-                raise ConfigError(f"unet.in_channels {unet.config.in_channels} != vae.latent_channels {latent} + "
-                                 f"{upscaler.image_channels} low-res image channels (upscaler.image_channels)")
-            if (unet.config.num_class_embeds or 0) <= upscaler.max_noise_level:
-                raise ConfigError(f"upscaler.max_noise_level {upscaler.max_noise_level} needs unet.num_class_embeds > "
-                                 f"{upscaler.max_noise_level}, got {unet.config.num_class_embeds}")
+            upscaler.check_unet(unet.config, latent)
         self.vae, self.unet, self.text_encoder, self.upscaler = vae, unet, text_encoder, upscaler
         self.sampling = sampling  # the preferred sampler, guidance and steps (None: SamplingConfig's defaults)
         unet.vae_scale_factor = vae.downsample_factor  # the latents' scale: ControlNet.from_unet(pipe.unet) reads it
         self.vae.requires_grad_(False)
         self.scheduler = NoiseSchedule(scheduler)  # the training noise schedule; samplers take their levels from it
-        self.adapters = lora.Adapters(lambda: [("unet", self.unet), ("text_encoder", self.text_encoder.model)])
+        self.adapters = lora.Adapters({"unet": unet, "text_encoder": text_encoder.model})  # LoRA state
         self._offload: ModelOffload | SequentialOffload | None = None  # enable_model_cpu_offload / sequential
         self.eval()
 
@@ -128,8 +122,7 @@ class LatentDiffusion(nn.Module):
         return self
 
     def set_memory_format(self, memory_format: torch.memory_format) -> LatentDiffusion:
-        """Run the UNet and the VAE on activations in this layout: torch.channels_last pays on CUDA (cuDNN's NHWC
-        kernels); on CPU it measured even with NCHW (README, Speed against diffusers)."""
+        """Run the UNet and the VAE on activations in this layout (torch.channels_last pays on CUDA, not on CPU)."""
         self.unet.set_memory_format(memory_format)
         self.vae.set_memory_format(memory_format)
         return self
@@ -180,9 +173,8 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def upsampled_latents(self, low_res: torch.Tensor) -> torch.Tensor:
-        """An upsampler's low-res images (B, 3, h, w) in [-1, 1] upsampled bicubically by the VAE factor and encoded
-        (posterior mode, scaled): (B, C, h, w), what a residual upsampler (upscaler.residual_scale) adds its
-        sampled residual to."""
+        """Low-res images (B, 3, h, w) in [-1, 1] upsampled bicubically and encoded (posterior mode, scaled): the
+        latents (B, C, h, w) a residual upsampler (upscaler.residual_scale) adds its sampled residual to."""
         pixels = upsample_bicubic(low_res.to(self.device, torch.float32), self.vae_scale_factor)
         return (self.vae.encode(pixels.to(self.vae_dtype)).mode() * self.vae.config.scaling_factor).to(self.dtype)
 
@@ -194,39 +186,26 @@ class LatentDiffusion(nn.Module):
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
-        height: int | None = None,
-        width: int | None = None,
+        height: int | None = None, width: int | None = None,
         num_images_per_prompt: int = 1,
-        generator: Generator = None,
-        latents: torch.Tensor | None = None,
-        scheduler: str | None = None,
-        use_karras_sigmas: bool = False,
-        eta: float = 0.0,
+        generator: Generator = None, latents: torch.Tensor | None = None,
+        scheduler: str | None = None, use_karras_sigmas: bool = False, eta: float = 0.0,
         output_type: str = "pil",
-        image: ImageInput | None = None,
-        strength: float = STRENGTH,
-        mask_image: ImageInput | None = None,
+        image: ImageInput | None = None, strength: float = STRENGTH, mask_image: ImageInput | None = None,
         guidance_rescale: float = 0.0,
         controlnet: ControlNet | list[ControlNet] | None = None,
         control_image: ImageInput | list[ImageInput] | None = None,  # one per ControlNet
         controlnet_conditioning_scale: float | list[float] = 1.0,
-        callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-        progress: bool = False,
+        callback: sampling.Callback | None = None, progress: bool = False,
         noise_level: int | torch.Tensor | None = None,
     ) -> list[Image.Image] | torch.Tensor:
-        """Generate images for `prompt` (sampling.py: check the request -> start for its mode -> encode the prompts ->
-        sampler -> decode). `latents`: unit-variance noise (B, C, h, w), scaled to the sampler's first noise level.
-        img2img: `image` noised to the level `strength` of the way up the schedule; inpainting: `mask_image` too
-        (white = repaint). Upsampler models: `image` is the low-res image (its size the latents' size), noised at
-        `noise_level` (default NOISE_LEVEL; other models refuse it) and concatenated to the latents; the output is
-        vae_scale_factor times larger; a residual upsampler (upscaler.residual_scale) samples the scaled residual
-        and adds it to the latents of the low-res image's bicubic upsampling before decoding.
-        `callback(step, timestep, latents)` runs after every step (latents: x0 + sigma * eps).
-        `controlnet` (one or a list) with one `control_image` each (PIL, list of PIL, or (B, 3, H, W) in [0, 1]; one
-        image for all prompts or one per prompt) adds its residuals times `controlnet_conditioning_scale` (one, or
-        one per ControlNet) to the UNet's, in both halves of guidance (Zhang et al. 2023).
-        `num_inference_steps`, `guidance_scale` and `scheduler` left None: the model's recorded preference
-        (`self.sampling`, written by its training run), else SamplingConfig's 50, 7.5 and "ddim"."""
+        """Generate images for `prompt` (sampling.generate: check the request, start for its mode, encode the prompts,
+        sample, decode). `latents`: unit-variance noise (B, C, h, w). img2img: `image` noised `strength` of the way up
+        the schedule; inpainting: `mask_image` too (white = repaint). Upsampler models: `image` is the low-res image,
+        noised at `noise_level` (default NOISE_LEVEL; other models refuse it). `controlnet` (one or a list) with one
+        `control_image` each, its residuals times `controlnet_conditioning_scale` (Zhang et al. 2023).
+        `callback(step, timestep, latents)` runs after every step. `num_inference_steps`, `guidance_scale` and
+        `scheduler` left None: the model's recorded preference (`self.sampling`), else SamplingConfig's."""
         arguments = {name: value for name, value in locals().items() if name != "self"}  # every argument, by name
         return sampling.generate(self, **arguments)
 
@@ -258,9 +237,8 @@ class LatentDiffusion(nn.Module):
                        snr_gamma: float | None = None, noise_offset: float = 0.0,
                        concat: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
                        logit_normal: tuple[float, float] | None = None) -> torch.Tensor:
-        """loss.diffusion_loss of the UNet on scaled latents given a context (B, T, D) or a whole conditioning
-        bundle (ControlNet training); `concat` (B,Cc,h,w): channels the UNet takes beside the latents (inpainting;
-        an upsampler's noised low-res image), `class_labels` (B,): an upsampler's noise levels."""
+        """loss.diffusion_loss given a context (B, T, D) with `concat` (B, Cc, h, w) and `class_labels` (B,), or a
+        whole conditioning bundle (ControlNet training)."""
         cond = context if isinstance(context, Conditioning) else Conditioning(context, concat, class_labels)
         return loss.diffusion_loss(self.unet, self.scheduler, latents, cond, generator, snr_gamma, noise_offset,
                                    logit_normal)
@@ -303,13 +281,11 @@ class LatentDiffusion(nn.Module):
         return self.adapters.weights(name)
 
     def fuse_lora(self) -> None:
-        """Merge the loaded adapters, each at its scale, into the base weights (no adapter cost per step);
-        unload_lora() still gives the base weights back bit-exactly."""
+        """Merge the adapters into the base weights (no cost per step); unload_lora() still restores them exactly."""
         self.adapters.fuse()
 
     def unload_lora(self, keep_fused: bool = False) -> None:
-        """Remove every adapter: the base weights come back bit-exactly (keep_fused=True keeps fused weights
-        instead: a merged model)."""
+        """Remove every adapter, the base weights back bit-exactly (keep_fused=True: a merged model)."""
         self.adapters.unload(keep_fused)
 
     # ----------------------------------------------------------------------------------------------- files

@@ -20,6 +20,7 @@ from .errors import ArgumentError, ConfigError
 from .images import ImageInput, image_tensor, per_prompt
 from .noise import Generator
 from .schedulers.schedule import SchedulerConfig, make_alphas_cumprod, q_sample
+from .unet import UNetConfig
 
 if TYPE_CHECKING:  # the pipeline imports this module; the cascade only calls pipelines it is given
     from .pipeline import LatentDiffusion
@@ -58,6 +59,15 @@ class UpscalerConfig:
                                                     and 0 < self.residual_scale < float("inf")):
             raise ConfigError(f"upscaler config key 'residual_scale' must be a positive number or null, "
                               f"got {self.residual_scale!r}")
+
+    def check_unet(self, unet: UNetConfig, latent_channels: int) -> None:
+        """ConfigError unless the UNet takes the latents plus the low-res image and has a class per noise level."""
+        if unet.in_channels != latent_channels + self.image_channels:
+            raise ConfigError(f"unet.in_channels {unet.in_channels} != vae.latent_channels {latent_channels} + "
+                              f"{self.image_channels} low-res image channels (upscaler.image_channels)")
+        if (unet.num_class_embeds or 0) <= self.max_noise_level:
+            raise ConfigError(f"upscaler.max_noise_level {self.max_noise_level} needs unet.num_class_embeds > "
+                              f"{self.max_noise_level}, got {unet.num_class_embeds}")
 
     def check_noise_level(self, noise_level: int | Tensor) -> Tensor:
         """noise_level (int or (B,) ints) as a long tensor; ArgumentError naming `noise_level` when out of range."""
