@@ -22,7 +22,7 @@ from .layers import Attention
 from .noise import Generator
 from .offload import ModelOffload, SequentialOffload
 from .pixels import PixelSpace, PixelSpaceConfig
-from .sampling import STRENGTH, SamplingConfig
+from .request import STRENGTH, Callback, SamplingConfig
 from .schedulers import NoiseSchedule, SchedulerConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .unet import UNet, UNetConfig
@@ -196,7 +196,7 @@ class LatentDiffusion(nn.Module):
         controlnet: ControlNet | list[ControlNet] | None = None,
         control_image: ImageInput | list[ImageInput] | None = None,  # one per ControlNet
         controlnet_conditioning_scale: float | list[float] = 1.0,
-        callback: sampling.Callback | None = None, progress: bool = False,
+        callback: Callback | None = None, progress: bool = False,
         noise_level: int | torch.Tensor | None = None,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate images for `prompt` (sampling.generate: check the request, start for its mode, encode the prompts,
