@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageCms
 
 from latentdiffusion.data import load_image_captions
-from latentdiffusion.data.images import BACKGROUND, to_rgb
+from latentdiffusion.images import BACKGROUND, to_rgb
 from latentdiffusion.data.transforms import load_rgb, to_tensor
 from latentdiffusion.errors import DataError
 

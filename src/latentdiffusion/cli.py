@@ -23,6 +23,7 @@ from typing import Any, Callable
 from .errors import ArgumentError, LatentDiffusionError, UserInputError
 from .messages import logger
 from .samplers import SAMPLERS
+from .upscaler import NOISE_LEVEL
 
 SubParsers = argparse._SubParsersAction  # what add_subparsers returns
 
@@ -251,7 +252,7 @@ def _controls(args: argparse.Namespace, device: str, dtype: object) -> dict[str,
 
 def _upscale_options(p: argparse.ArgumentParser, first: bool = False) -> None:
     p.add_argument("--noise-level", type=int, metavar="N", help="noise added to the low-res image "
-                   "(conditioning augmentation), 0 .. the model's max_noise_level (default 20)")
+                   f"(conditioning augmentation), 0 .. the model's max_noise_level (default {NOISE_LEVEL})")
     if not first:
         p.add_argument("--upscale-steps", type=int, metavar="N", help="upsampler's denoising steps (default: --steps "
                        "where given, else the upsampler's own)")
@@ -327,7 +328,7 @@ def run_sample(args: argparse.Namespace) -> int:
     kwargs = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   height=args.height, width=args.width, num_images_per_prompt=args.num_images, generator=generators,
                   scheduler=args.scheduler, use_karras_sigmas=args.karras, eta=args.eta, image=image,
-                  strength=0.8 if args.strength is None else args.strength, mask_image=mask, output_type="pt",
+                  **({} if args.strength is None else {"strength": args.strength}), mask_image=mask, output_type="pt",
                   progress=not args.no_progress,
                   **controls)
     if args.upscaler:

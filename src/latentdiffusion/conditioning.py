@@ -8,15 +8,23 @@ conditioning is a field here, not an edit to guidance, the samplers or the pipel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-# A ControlNet input: (controlnet, control image (B,3,H,W) in [0,1], conditioning scale). The controlnet is called
-# as controlnet(latents, timesteps, context, image, scale, class_labels=...) -> (down residuals, one per UNet skip,
-# mid residual), already scaled.
-Control = tuple[Any, Tensor, float]
+from .controlnet import ControlNet
+
+
+class Control(NamedTuple):
+    """One ControlNet's input: the ControlNet, called as controlnet(latents, timesteps, context, image, scale,
+    class_labels=...) -> (down residuals, one per UNet skip, mid residual), already scaled; its control image
+    (B, 3, H, W) in [0, 1]; its conditioning scale. A named tuple, so a (controlnet, image, scale) triple given to
+    `Conditioning` reads the same."""
+
+    controlnet: ControlNet
+    image: Tensor
+    scale: float
 
 
 @dataclass
@@ -27,7 +35,7 @@ class Conditioning:
     concat:       (B, Cc, h, w) channels concatenated to the latents (inpainting: mask + masked-image latents;
                   upsampler: the low-resolution image), or None.
     class_labels: (B,) integer labels for the UNet's class embedding (upsampler: noise level), or None.
-    controls:     ControlNet inputs, each (controlnet, image (B,3,H,W) in [0,1], scale).
+    controls:     ControlNet inputs (Control: controlnet, image (B,3,H,W) in [0,1], scale).
     """
 
     context: Tensor
@@ -35,9 +43,8 @@ class Conditioning:
     class_labels: Tensor | None = None
     controls: list[Control] = field(default_factory=list)
 
-    @property
-    def batch_size(self) -> int:
-        return self.context.shape[0]
+    def __post_init__(self) -> None:
+        self.controls = [Control(*c) for c in self.controls]
 
     @staticmethod
     def cat(bundles: list[Conditioning]) -> Conditioning:
@@ -47,27 +54,16 @@ class Conditioning:
         for b in bundles[1:]:
             if (b.concat is None) != (first.concat is None) or (b.class_labels is None) != (first.class_labels is None):
                 raise ValueError("Conditioning.cat: bundles differ in which of concat / class_labels they carry")
-            if [(c[0], c[2]) for c in b.controls] != [(c[0], c[2]) for c in first.controls]:
+            if [(c.controlnet, c.scale) for c in b.controls] != [(c.controlnet, c.scale) for c in first.controls]:
                 raise ValueError("Conditioning.cat: bundles differ in their ControlNets or conditioning scales")
 
         def stack(name: str) -> Tensor | None:
             tensors = [getattr(b, name) for b in bundles]
             return None if tensors[0] is None else torch.cat(tensors)
 
-        controls = [(net, torch.cat([b.controls[i][1] for b in bundles]), scale)
-                    for i, (net, _, scale) in enumerate(first.controls)]
+        controls = [Control(c.controlnet, torch.cat([b.controls[i].image for b in bundles]), c.scale)
+                    for i, c in enumerate(first.controls)]
         return Conditioning(stack("context"), stack("concat"), stack("class_labels"), controls)
-
-    def repeat_interleave(self, n: int) -> Conditioning:
-        """Each sample repeated n times in place (num_images_per_prompt)."""
-        if n == 1:
-            return self
-
-        def rep(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.repeat_interleave(n, dim=0)
-
-        return Conditioning(rep(self.context), rep(self.concat), rep(self.class_labels),
-                            [(net, rep(image), scale) for net, image, scale in self.controls])
 
 
 def run_unet(unet: nn.Module, x: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
@@ -76,7 +72,7 @@ def run_unet(unet: nn.Module, x: Tensor, timesteps: Tensor, cond: Conditioning) 
     of this UNet's encoder, else on x alone, as diffusers' inpainting ControlNet pipeline does) scaled and summed."""
     x_in = x if cond.concat is None else torch.cat([x, cond.concat.to(x.dtype)], dim=1)
     down, mid = None, None
-    for controlnet, image, scale in cond.controls:
+    for controlnet, image, scale in cond.controls:  # each a Control
         x_control = x_in if controlnet.config.unet.in_channels == x_in.shape[1] else x  # a copy of this UNet, or not
         weight = next(controlnet.parameters())  # a ControlNet in another dtype or device runs in its own
         x_c, context, image = (t.to(weight.device, weight.dtype) for t in (x_control, cond.context, image))

@@ -1,4 +1,20 @@
-"""Images and masks given to the pipeline (PIL, lists of PIL, tensors) as tensors; random inpainting masks."""
+"""Image conversion, all of it: PIL images of every mode to 8-bit RGB (`to_rgb`, what the data loaders and the
+pipeline both go through), images and masks given to the pipeline (PIL, lists of PIL, tensors) as tensors, tensors
+back to PIL, and random inpainting masks.
+
+`to_rgb`'s rules, per mode (values v of the source, 8-bit results c):
+- `1`, `L`, `P`, `RGB`, `CMYK`, `YCbCr`, `HSV`: PIL's own conversion (CMYK: c = (255 - C)(255 - K) / 255;
+  YCbCr: JFIF, as PIL computes it in fixed point).
+- `I;16`, `I;16B`, `I;16L` (16-bit grayscale in any byte order) and `I` (32-bit integer, which older Pillow
+  versions give for 16-bit PNGs): v in [0, 65535] -> c = round(v / 257), clipped to that range.
+- `F` (32-bit float): v in [0, 1], the convention of float images -> c = round(255 v), clipped.
+- 16 bits per channel RGB(A): Pillow decodes them to 8 bits itself (the high byte of each sample).
+- `LAB`: CIE L*a*b* (D50) to sRGB through PIL's colour management.
+- Transparency (`RGBA`, `LA`, `PA`, `RGBa`, `La`, or a `transparency` key for `P`, `L`, `RGB`, `I;16`): composited
+  on BACKGROUND, white: c = round((v a + 255 (255 - a)) / 255) with alpha a in [0, 255].
+
+Any other mode raises DataError naming it (the data set skips such a file and names it).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +23,61 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageCms
 from torch import Tensor
 
-from .errors import ArgumentError
-from .image_modes import to_rgb
+from .errors import ArgumentError, DataError
 from .noise import Generator
 
 ImageInput = Image.Image | list[Image.Image] | Tensor
 
+BACKGROUND = (255, 255, 255)  # white: what transparent pixels become
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_PIL_MODES = ("1", "L", "P", "RGB", "CMYK", "YCbCr", "HSV")  # PIL's convert("RGB") is right for these
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image of any mode as 8-bit RGB (see the module docstring for each mode); raises DataError for an
+    unsupported mode. The image must be decoded (`image.load()`) or openable; it is not modified."""
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        image = _gray8(image)
+    elif mode == "LAB":
+        srgb, lab = ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB")
+        return ImageCms.profileToProfile(image, lab, srgb, outputMode="RGB")
+    elif mode not in _PIL_MODES and mode not in _ALPHA_MODES:
+        raise DataError(f"image mode {mode!r} is not supported")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        return _composite(image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def _gray8(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float grayscale image as mode L (LA where a `transparency` value is set)."""
+    values = np.asarray(image)
+    if image.mode == "F":
+        gray = np.floor(np.clip(values, 0.0, 1.0) * 255.0 + 0.5)
+    else:  # round(v / 257) in integers: (2v + 257) // 514
+        gray = (2 * np.clip(values.astype(np.int64), 0, 65535) + 257) // 514
+    gray = Image.fromarray(gray.astype(np.uint8), "L")
+    key = image.info.get("transparency")
+    if isinstance(key, int):  # a grey value marked transparent (PNG tRNS)
+        alpha = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8), "L")
+        gray = Image.merge("LA", (gray, alpha))
+    return gray
+
+
+def _composite(rgba: Image.Image) -> Image.Image:
+    """An RGBA image over BACKGROUND: round((v a + bg (255 - a)) / 255) per channel."""
+    pixels = np.asarray(rgba, dtype=np.uint32)  # (H, W, 4)
+    alpha = pixels[..., 3:]
+    background = np.asarray(BACKGROUND, dtype=np.uint32)
+    rgb = (pixels[..., :3] * alpha + background * (255 - alpha) + 127) // 255
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
 
 def image_tensor(image: ImageInput, name: str = "image") -> Tensor:
-    """PIL image(s) of any mode (converted by image_modes.to_rgb) or a tensor (B,3,H,W) / (3,H,W) in [0,1] -> float32
+    """PIL image(s) of any mode (converted by to_rgb) or a tensor (B,3,H,W) / (3,H,W) in [0,1] -> float32
     (B,3,H,W) in [0,1]; errors name `name`."""
     image = _pil_list(image, name, "images", "(B,3,H,W)")
     if isinstance(image, list):
@@ -105,3 +164,23 @@ def random_inpainting_masks(n: int, height: int, width: int, generator: Generato
     use_stroke = (kind >= 0.5)[:, None, None]
     mask = whole | (use_rect & rect) | (use_stroke & stroke)
     return mask[:, None].float()  # (n,1,H,W)
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """Float images (B,3,H,W) in [0,1] -> PIL images."""
+    arrays = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arrays]
+
+
+def control_tensor(image: ImageInput, prompts: int, size: tuple[int, int]) -> Tensor:
+    """A control image as (B, 3, H, W) float in [0, 1], B = 1 (for every prompt) or B = prompts: PIL images are
+    resized to `size` (H, W), as diffusers' control image processor does; a tensor must have that size."""
+    if isinstance(image, Image.Image):
+        image = [image]
+    if isinstance(image, (list, tuple)) and all(isinstance(i, Image.Image) for i in image):
+        image = [to_rgb(i).resize(size[::-1], Image.LANCZOS) for i in image]
+    image = image_tensor(image, "control_image")
+    if tuple(image.shape[2:]) != size or image.shape[0] not in (1, prompts):
+        raise ArgumentError(f"control_image must have shape (1 or {prompts}, 3, {size[0]}, {size[1]}) for these "
+                            f"prompts and this image size, got {tuple(image.shape)}")
+    return image

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -23,7 +23,8 @@ from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .errors import ConfigError
+from .arguments import real
+from .errors import ArgumentError, ConfigError
 
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
@@ -155,3 +156,56 @@ def unload(component: nn.Module, originals: dict[str, torch.Tensor]) -> None:
             setattr(parent, child, base)
     if hasattr(component, "peft_config"):
         del component.peft_config
+
+
+@dataclass
+class Adapters:
+    """The named adapters on a pipeline's components, each with its scale, and the base weights of fused layers
+    (kept so that `unload` gives them back bit-exactly). `components`: "unet" / "text_encoder" -> the module (the UNet,
+    the CLIP text model)."""
+
+    components: dict[str, nn.Module]
+    scales: dict[str, float] = field(default_factory=dict)
+    base: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # component -> path -> base weight
+
+    def add(self, weights: AdapterWeights, name: str, scale: float = 1.0, dropout: float = 0.0) -> None:
+        """Add adapter `name` with `weights` ("unet.<path>" / "text_encoder.<path>" -> ModuleLora) at `scale`."""
+        real(scale, "LoRA scale")
+        if name in self.scales:
+            raise ArgumentError(f"a LoRA adapter named {name!r} is already loaded: pass another adapter_name")
+        if self.base:
+            raise ArgumentError("the loaded LoRA adapters are fused: unload_lora() before adding another")
+        for component, module in self.components.items():
+            own = {k.split(".", 1)[1]: w for k, w in weights.items() if k.split(".", 1)[0] == component}
+            if own:
+                add_adapter(module, name, {p: w.rank for p, w in own.items()}, {p: w.alpha for p, w in own.items()},
+                            dropout)
+                load_adapter_weights(module, name, own)
+        self.set_scale(name, scale)
+
+    def set_scale(self, name: str, scale: float) -> None:
+        """Set adapter `name`'s scale (0 turns it off)."""
+        if self.base:
+            raise ArgumentError("the LoRA adapters are fused: unload_lora() and load them again to change a scale")
+        self.scales[name] = real(scale, "LoRA scale")
+        for _, module in self.components.items():
+            set_scales(module, self.scales)
+
+    def weights(self, name: str) -> AdapterWeights:
+        """Adapter `name`'s weights, keyed "unet.<path>" / "text_encoder.<path>" (what formats.lora saves)."""
+        if name not in self.scales:
+            raise ArgumentError(f"no LoRA adapter named {name!r}; loaded: {', '.join(self.scales) or 'none'}")
+        return {f"{component}.{path}": w for component, module in self.components.items()
+                for path, w in adapter_weights(module, name).items()}
+
+    def fuse(self) -> None:
+        """Merge the adapters, each at its scale, into the base weights, keeping the base weights."""
+        for component, module in self.components.items():
+            self.base.setdefault(component, {}).update(fuse(module))
+
+    def unload(self, keep_fused: bool = False) -> None:
+        """Remove every adapter, the base weights back bit-exactly (keep_fused=True: the fused weights stay)."""
+        for component, module in self.components.items():
+            unload(module, {} if keep_fused else self.base.get(component, {}))
+        self.scales.clear()
+        self.base.clear()

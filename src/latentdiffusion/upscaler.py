@@ -20,9 +20,12 @@ from .errors import ArgumentError, ConfigError
 from .images import ImageInput, image_tensor, per_prompt
 from .noise import Generator
 from .schedulers.schedule import SchedulerConfig, make_alphas_cumprod, q_sample
+from .unet import UNetConfig
 
 if TYPE_CHECKING:  # the pipeline imports this module; the cascade only calls pipelines it is given
     from .pipeline import LatentDiffusion
+
+NOISE_LEVEL = 20  # an upsampler's noise_level when none is given (diffusers' x4 upscale pipeline's default)
 
 
 def x4_low_res_schedule() -> SchedulerConfig:
@@ -57,8 +60,17 @@ class UpscalerConfig:
             raise ConfigError(f"upscaler config key 'residual_scale' must be a positive number or null, "
                               f"got {self.residual_scale!r}")
 
+    def check_unet(self, unet: UNetConfig, latent_channels: int) -> None:
+        """ConfigError unless the UNet takes the latents plus the low-res image and has a class per noise level."""
+        if unet.in_channels != latent_channels + self.image_channels:
+            raise ConfigError(f"unet.in_channels {unet.in_channels} != vae.latent_channels {latent_channels} + "
+                              f"{self.image_channels} low-res image channels (upscaler.image_channels)")
+        if (unet.num_class_embeds or 0) <= self.max_noise_level:
+            raise ConfigError(f"upscaler.max_noise_level {self.max_noise_level} needs unet.num_class_embeds > "
+                              f"{self.max_noise_level}, got {unet.num_class_embeds}")
+
     def check_noise_level(self, noise_level: int | Tensor) -> Tensor:
-        """noise_level (int or (B,) ints) as a long tensor; ValueError naming `noise_level` when out of range."""
+        """noise_level (int or (B,) ints) as a long tensor; ArgumentError naming `noise_level` when out of range."""
         levels = torch.as_tensor(noise_level)
         if levels.is_floating_point() or levels.dtype == torch.bool or levels.dim() > 1:
             raise ArgumentError(f"noise_level must be an int or a (B,) integer tensor, got {noise_level!r}")
@@ -77,7 +89,7 @@ def upsample_bicubic(low_res: Tensor, factor: int) -> Tensor:
 
 def low_res_images(image: ImageInput | None, prompts: int, multiple: int, channels: int) -> Tensor:
     """The low-res image(s) as float32 (B, C, h, w) in [-1, 1], B = 1 (shared by every prompt) or B = prompts: a PIL
-    image, a list of them, or a tensor in [0, 1]. ValueError naming `image` when it is missing, has another channel
+    image, a list of them, or a tensor in [0, 1]. ArgumentError naming `image` when it is missing, has another channel
     count or image count, or a side that is not a multiple of `multiple` (the UNet's downsampling)."""
     if image is None:
         raise ArgumentError("image: an upsampler model needs the low-resolution image to upsample (image=...)")
@@ -102,7 +114,7 @@ def augment(images: Tensor, noise_level: Tensor, config: UpscalerConfig, noise: 
 
 def cascade(base: LatentDiffusion, upscaler: LatentDiffusion, prompt: str | list[str], *,
             negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
-            generator: Generator = None, noise_level: int = 20, upscale_steps: int | None = None,
+            generator: Generator = None, noise_level: int = NOISE_LEVEL, upscale_steps: int | None = None,
             upscale_guidance: float | None = None, output_type: str = "pil", **base_kwargs: Any) -> Any:
     """Base model, then upsampler, in one call (Ho et al., 2021): `base(prompt, ...)` at its resolution, its images
     (N, 3, H, W) in [0, 1] upsampled by `upscaler` with the same prompts and `noise_level`.

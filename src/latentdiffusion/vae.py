@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ArgumentError, ConfigError
 from .noise import Generator, randn
 from .layers import Downsample, ResnetBlock, SpatialSelfAttention, Upsample
 from .tiling import tiled_map
@@ -219,9 +219,9 @@ class AutoencoderKL(nn.Module):
         sharing at least `overlap` of a tile with each neighbour, blended linearly: memory bounded by the tile."""
         tile = self.config.sample_size // self.downsample_factor if tile_size is None else tile_size
         if isinstance(tile, bool) or not isinstance(tile, int) or tile < 2:
-            raise ValueError(f"tile_size must be an integer >= 2 latents, got {tile_size!r}")
+            raise ArgumentError(f"tile_size must be an integer >= 2 latents, got {tile_size!r}")
         if not 0.0 <= overlap < 1.0:
-            raise ValueError(f"overlap must be a fraction in [0, 1), got {overlap!r}")
+            raise ArgumentError(f"overlap must be a fraction in [0, 1), got {overlap!r}")
         self.tile_size, self.tile_overlap = tile, round(tile * overlap)
 
     def disable_tiling(self) -> None:

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .image_modes import to_rgb
+from .images import to_rgb
 from .data.shapes import ALL_SHAPES as SHAPES
 from .data.shapes import BACKGROUNDS, COLOURS, SIZES
 from .errors import DataError

@@ -1,4 +1,4 @@
-"""Image preprocessing for training: decode to RGB (`image_modes.to_rgb`), resize to cover the target size, crop,
+"""Image preprocessing for training: decode to RGB (`images.to_rgb`), resize to cover the target size, crop,
 flip, to a tensor in [-1, 1]."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .images import to_rgb
+from ..images import to_rgb
 
 # What PIL raises for a file that is not a readable image (truncated, garbage, unsupported, too large).
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UserInputError
 from ..schedulers.schedule import SchedulerConfig
 from .ddim import sample_ddim, sample_ddpm
 from .denoiser import Denoiser, after_step, to_eps
@@ -99,14 +99,16 @@ SAMPLERS: dict[str, SamplerEntry] = {
 }
 
 
-def sampler_entry(name: str, use_karras_sigmas: bool = False) -> SamplerEntry:
-    """The registry entry for `name`; a clear error for an unknown name or Karras sigmas it cannot take."""
+def sampler_entry(name: str, use_karras_sigmas: bool = False,
+                  error: type[UserInputError] = ConfigError) -> SamplerEntry:
+    """The registry entry for `name`; `error` (ConfigError for a config's setting, ArgumentError for a call's
+    argument) for an unknown name or Karras sigmas it cannot take: the one place a sampler name is checked."""
     if name not in SAMPLERS:
-        raise ConfigError(f"unknown scheduler {name!r}: choose from {', '.join(SAMPLERS)}")
+        raise error(f"unknown scheduler {name!r}: choose from {', '.join(SAMPLERS)}")
     entry = SAMPLERS[name]
     if use_karras_sigmas and not entry.karras:
         takers = ", ".join(n for n, e in SAMPLERS.items() if e.karras)
-        raise ConfigError(f"use_karras_sigmas does not apply to scheduler {name!r} (it does to: {takers})")
+        raise error(f"use_karras_sigmas does not apply to scheduler {name!r} (it does to: {takers})")
     return entry
 
 
