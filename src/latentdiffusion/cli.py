@@ -442,9 +442,11 @@ def run_convert(args: argparse.Namespace) -> int:
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
         raise ArgumentError(f"DST {dst} already exists: choose a new destination")
     if args.to == "kohya" or (args.to == "diffusers" and _is_lora_file(Path(args.src))):
+        from .formats import load_pipeline
         from .formats.lora import convert_lora
 
-        print(f"wrote {convert_lora(args.src, dst, args.to, args.model)} (LoRA adapter, {args.to} layout)")
+        base = load_pipeline(args.model) if args.model is not None else None
+        print(f"wrote {convert_lora(args.src, dst, args.to, base)} (LoRA adapter, {args.to} layout)")
         return 0
     if is_controlnet(Path(args.src)):
         from .controlnet import ControlNet
