@@ -73,7 +73,9 @@ class DiffusionLoss(nn.Module):
         if prior is None:
             return {"loss": loss}
         prior_loss = self._loss(prior.latents, prior.captions, prior.generators, prior.pixels)
-        return {"loss": loss + prior.weight * prior_loss, "instance_loss": loss, "prior_loss": prior_loss}
+        # one stacked tensor, as before: its backward graph, and so the order the gradients sum in, is the same
+        total, loss, prior_loss = torch.stack([loss + prior.weight * prior_loss, loss, prior_loss])
+        return {"loss": total, "instance_loss": loss, "prior_loss": prior_loss}
 
     def _loss(self, latents: torch.Tensor, captions: list[str], generators: list[torch.Generator],
               pixels: torch.Tensor | None = None) -> torch.Tensor:
