@@ -18,10 +18,12 @@ demo: $(STAMP)  # starts afresh: the previous demo's outputs/demo is replaced
 	rm -rf outputs/demo
 	$(BIN)/ldm demo --output outputs/demo
 
-test: $(STAMP)  # everything but the full-size SD models, the demo included
+test: $(STAMP)  # the import layers (pyproject.toml [tool.importlinter]), then everything but the full-size SD models
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
-test-quick: $(STAMP)  # the quick loop: without the tests marked slow
+test-quick: $(STAMP)  # the quick loop: the import layers, then the tests not marked slow
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: $(STAMP)  # the full-size SD models

@@ -7,6 +7,7 @@ from .schedulers import SchedulerConfig
 from .text_encoder import TextEncoderConfig
 from .unet import UNetConfig
 from .vae import AutoencoderKL, VAEConfig
+from . import formats  # noqa: F401  registers the formats with the file entry points (files.py)
 
 __version__ = "0.1.0"
 __all__ = ["AutoencoderKL", "ControlNet", "ControlNetConfig", "LatentDiffusion", "LatentDiffusionConfig", "SchedulerConfig",

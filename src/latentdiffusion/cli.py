@@ -443,9 +443,11 @@ def run_convert(args: argparse.Namespace) -> int:
     if dst.exists() and (dst.is_file() or any(dst.iterdir())):
         raise ArgumentError(f"DST {dst} already exists: choose a new destination")
     if args.to == "kohya" or (args.to == "diffusers" and _is_lora_file(Path(args.src))):
+        from .formats import load_pipeline
         from .formats.lora import convert_lora
 
-        print(f"wrote {convert_lora(args.src, dst, args.to, args.model)} (LoRA adapter, {args.to} layout)")
+        base = load_pipeline(args.model) if args.model is not None else None
+        print(f"wrote {convert_lora(args.src, dst, args.to, base)} (LoRA adapter, {args.to} layout)")
         return 0
     if is_controlnet(Path(args.src)):
         from .controlnet import ControlNet
@@ -519,15 +521,9 @@ def run_demo(args: argparse.Namespace) -> int:
                                 + (" (0 skips the decoder stage)" if flag == "--decoder-steps" else ""))
     result = demo(args.output, args.vae_steps, args.ldm_steps, args.guidance, seed=args.seed,
                   say=lambda line: print(f"ldm demo: {line}", flush=True), decoder_steps=args.decoder_steps)
-    times = ", ".join(f"{stage} {sec / 60:.1f} min" for stage, sec in result.seconds.items())
-    print(f"time: {sum(result.seconds.values()) / 60:.1f} min ({times})")
-    for name, path in result.files.items():
-        print(f"{name}: {path}")
     sampler = result.scheduler
-    for score, how in ((result.guided, f"guidance {result.guidance_scale}, {sampler}"),
-                       (result.unguided, f"no guidance, {sampler}")):
-        print(f"prompt adherence: {score.adherence:.0%} ({how}; colour right {score.colour:.0%}, "
-              f"shape right {score.shape:.0%})")
+    report("", result, [adherence("", result.guided, f"guidance {result.guidance_scale}, {sampler}"),
+                        adherence("", result.unguided, f"no guidance, {sampler}")])
     return _second_stages(args)
 
 
@@ -543,19 +539,30 @@ def _second_stages(args: argparse.Namespace) -> int:
     return 0
 
 
-def report_cascade(result: Any, guidance: float) -> None:
-    """What `ldm demo --cascade` prints: times, files, adherence of base and cascade, fidelity against bicubic."""
-    times = ", ".join(f"{stage} {sec / 60:.1f} min" for stage, sec in result.seconds.items())
-    print(f"cascade time: {sum(result.seconds.values()) / 60:.1f} min ({times})")
+def report(stage: str, result: Any, lines: list[str]) -> None:
+    """What `ldm demo` prints after a stage ("", "cascade ", "controlnet "): its time by step, its files, then the
+    stage's figures (`lines`)."""
+    times = ", ".join(f"{step} {sec / 60:.1f} min" for step, sec in result.seconds.items())
+    print(f"{stage}time: {sum(result.seconds.values()) / 60:.1f} min ({times})")
     for name, path in result.files.items():
         print(f"{name}: {path}")
-    for score, how in ((result.base, "base model alone, 32 px"), (result.cascade, "cascade, 64 px")):
-        print(f"prompt adherence, {how}: {score.adherence:.0%} (guidance {guidance}; colour right {score.colour:.0%}, "
-              f"shape right {score.shape:.0%})")
-    for name in ("bicubic", "ours"):
-        m = getattr(result, name)
-        print(f"held-out 32 -> 64 px, {name}: PSNR {m['psnr_db']:.2f} dB, edge sharpness {m['edge_sharpness']:.3f}, "
-              f"edge error {m['edge_error']:.4f}")
+    for line in lines:
+        print(line)
+
+
+def adherence(where: str, score: Any, settings: str) -> str:
+    """A report line: a demo.Score measured `where` ("" or ", base model alone" ...) with sampling `settings`."""
+    return (f"prompt adherence{where}: {score.adherence:.0%} ({settings}; colour right {score.colour:.0%}, "
+            f"shape right {score.shape:.0%})")
+
+
+def report_cascade(result: Any, guidance: float) -> None:
+    """What `ldm demo --cascade` prints: times, files, adherence of base and cascade, fidelity against bicubic."""
+    report("cascade ", result, [
+        *(adherence(f", {how}", score, f"guidance {guidance}")
+          for score, how in ((result.base, "base model alone, 32 px"), (result.cascade, "cascade, 64 px"))),
+        *(f"held-out 32 -> 64 px, {name}: PSNR {m['psnr_db']:.2f} dB, edge sharpness {m['edge_sharpness']:.3f}, "
+          f"edge error {m['edge_error']:.4f}" for name, m in (("bicubic", result.bicubic), ("ours", result.ours)))])
 
 
 def _controlnet_demo(args: argparse.Namespace, guidance: float) -> int:
@@ -563,15 +570,11 @@ def _controlnet_demo(args: argparse.Namespace, guidance: float) -> int:
 
     result = run_controlnet_demo(args.output, base=args.base, steps=args.controlnet_steps, guidance_scale=guidance,
                                  seed=args.seed)
-    times = ", ".join(f"{stage} {sec / 60:.1f} min" for stage, sec in result.seconds.items())
-    print(f"controlnet time: {sum(result.seconds.values()) / 60:.1f} min ({times})")
-    for name, path in result.files.items():
-        print(f"{name}: {path}")
-    print(f"mean IoU of generated objects with the control silhouette: {result.iou_with:.2f} with the ControlNet, "
-          f"{result.iou_without:.2f} without")
-    for score, how in ((result.adherence_with, "with"), (result.adherence_without, "without")):
-        print(f"prompt adherence {how} the ControlNet: {score.adherence:.0%} (guidance {guidance}; colour right "
-              f"{score.colour:.0%}, shape right {score.shape:.0%})")
+    report("controlnet ", result, [
+        f"mean IoU of generated objects with the control silhouette: {result.iou_with:.2f} with the ControlNet, "
+        f"{result.iou_without:.2f} without",
+        *(adherence(f" {how} the ControlNet", score, f"guidance {guidance}")
+          for score, how in ((result.adherence_with, "with"), (result.adherence_without, "without")))])
     return 0
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from . import files
 from .arguments import integer
 from .errors import ConfigError
 from .layers import TimestepEmbedding
@@ -147,16 +148,12 @@ class ControlNet(nn.Module):
         """A diffusers ControlNet folder, an original single file (.pth / .safetensors, `control_model.*` keys), a
         folder written by `save_pretrained`, or a train-controlnet run (its newest checkpoint, EMA weights first);
         its weights in `dtype` (None: float32). A pipeline runs a ControlNet of another dtype in its own."""
-        from .formats.controlnet import load_controlnet  # formats sit above the models
-
-        net = load_controlnet(path, use_ema)
+        net = files.formats().load_controlnet(path, use_ema)
         return net if dtype is None else net.to(dtype)
 
     def save_pretrained(self, path: str | Path, format: str = "latentdiffusion") -> None:
         """Write a folder: ours ("latentdiffusion": controlnet.yaml + safetensors) or diffusers' layout."""
-        from .formats.controlnet import save_controlnet
-
-        save_controlnet(self, path, format)
+        files.formats().save_controlnet(self, path, format)
 
     def set_memory_format(self, memory_format: torch.memory_format) -> ControlNet:
         """Run on activations in this layout (torch.channels_last or torch.contiguous_format); the weights follow."""

@@ -49,6 +49,16 @@ class ModuleLora:
 AdapterWeights = dict[str, ModuleLora]  # "unet.<path>" / "text_encoder.<path>" -> its adapter
 
 
+def by_component(weights: AdapterWeights) -> dict[str, dict[str, ModuleLora]]:
+    """An adapter's weights split by their component prefix: {"unet": {"<path>": ModuleLora}, "text_encoder": ...},
+    each in the adapter's order; a component it does not adapt is absent."""
+    split: dict[str, dict[str, ModuleLora]] = {}
+    for key, w in weights.items():
+        component, path = key.split(".", 1)
+        split.setdefault(component, {})[path] = w
+    return split
+
+
 def adapted_modules(component: nn.Module) -> dict[str, nn.Module]:
     """The Linear and Conv2d modules of a component (UNet or CLIP text model) by path: what LoRA can adapt."""
     return {name: m for name, m in component.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import lora, loss, sampling
+from . import files, lora, loss, sampling
 from .arguments import real
 from .conditioning import Conditioning
 from .controlnet import ControlNet
@@ -257,15 +257,14 @@ class LatentDiffusion(nn.Module):
         """Add the LoRA adapter in `path` (a .safetensors file in the diffusers/peft or kohya layout, detected from
         its keys, or a folder holding one) at `scale`, beside any adapters already loaded; returns its name (default:
         the file's stem, numbered if taken). WeightsError naming the first key if no key fits this model."""
-        from .formats.lora import load_lora_weights, lora_file  # formats sit above the pipeline
-
+        formats = files.formats()  # formats sit above the pipeline: files.py
         real(scale, "LoRA scale")
         name = adapter_name
         if name is None:
-            stem = lora_file(path).stem.replace(".", "_")
+            stem = formats.lora_file(path).stem.replace(".", "_")
             name = next(n for n in (stem, *(f"{stem}_{i}" for i in range(2, len(self.lora_scales) + 3)))
                         if n not in self.lora_scales)
-        self.add_lora(load_lora_weights(path, self.unet, self.text_encoder.model), name, scale)
+        self.add_lora(formats.load_lora_weights(path, self.unet, self.text_encoder.model), name, scale)
         return name
 
     def add_lora(self, weights: lora.AdapterWeights, name: str, scale: float = 1.0, dropout: float = 0.0) -> None:
@@ -298,19 +297,16 @@ class LatentDiffusion(nn.Module):
         file. `prediction_type` ("epsilon", "v_prediction") overrides the model's: an SD 2.x single file that does
         not say it needs it. `text_encoder` / `vae`: a module or any location holding one, used instead of the
         model's own (or for a file without one). `dtype`: the weights' dtype (None: as stored)."""
-        from .formats import load_pipeline  # formats sit above the pipeline
-
-        return load_pipeline(path, use_ema=use_ema, prediction_type=prediction_type, text_encoder=text_encoder,
-                             vae=vae, dtype=dtype)
+        return files.formats().load_pipeline(path, use_ema=use_ema, prediction_type=prediction_type,  # files.py
+                                             text_encoder=text_encoder, vae=vae, dtype=dtype)
 
     def save_pretrained(self, path: str | Path, format: str = "latentdiffusion") -> None:
         """Write a folder that `from_pretrained` loads back bit-exactly (a readable config, safetensors weights);
         format="diffusers" writes the diffusers layout, format="single-file" one SD 1.x / 2.x .safetensors/.ckpt
         file (refused, naming the setting, where the file could not keep one)."""
-        from .formats import Components, save_components
-
         if self.lora_scales:
             raise ArgumentError(f"LoRA adapters are loaded ({', '.join(self.lora_scales)}): save them with "
                              "formats.lora.save_lora_weights(pipe.lora_weights(name), path), or merge them first "
                              "with fuse_lora() and unload_lora(keep_fused=True)")
-        save_components(path, Components.of(self), format)
+        formats = files.formats()  # formats sit above the pipeline: files.py
+        formats.save_components(path, formats.Components.of(self), format)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import files
 from .errors import ArgumentError, ConfigError
 from .noise import Generator, randn
 from .layers import Downsample, ResnetBlock, SpatialSelfAttention, Upsample
@@ -168,9 +169,7 @@ class AutoencoderKL(nn.Module):
                         dtype: torch.dtype | None = torch.float32) -> AutoencoderKL:
         """The VAE of a standalone VAE file (encoder.* / decoder.* / quant_conv.*, .safetensors or .ckpt, as
         vae-ft-mse-840000-ema-pruned), a diffusers `vae/` folder, a VAE training run or any whole model."""
-        from .formats import load_vae  # formats sit above the models
-
-        return load_vae(path, use_ema=use_ema, dtype=dtype)
+        return files.formats().load_vae(path, use_ema=use_ema, dtype=dtype)
 
     @property
     def downsample_factor(self) -> int:

@@ -1,21 +1,29 @@
-"""Model files in and out: our own folder, training runs, the diffusers folder layout and SD single files."""
+"""Model files in and out: our own folder, training runs, the diffusers folder layout and SD single files; the
+functions the file entry points below this package call (`LatentDiffusion.from_pretrained`, `AutoencoderKL.
+from_pretrained`, `ControlNet.from_pretrained`, `pipe.load_lora` ...) through `latentdiffusion.files`, which this
+module registers itself with as it is imported (its last line)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 from pathlib import Path
 
 import torch
 
+from .. import files
 from ..arguments import writable_path
+from ..config import from_dict
 from ..errors import ArgumentError, ConfigError, WeightsError
-from ..pipeline import LatentDiffusion
-from ..schedulers import SchedulerConfig
+from ..pipeline import LatentDiffusion, SamplingConfig
 from ..schedulers.schedule import PREDICTION_TYPES
 from ..text_encoder import TextEncoder
 from ..vae import AutoencoderKL
 from . import controlnet, diffusers_layout, lora, native, single_file
 from .components import Components
+from .controlnet import load_controlnet, save_controlnet
+from .lora import load_lora_weights, lora_file
 
 
 def load_components(path: str | Path, use_ema: bool | None = None, prediction_type: str | None = None) -> Components:
@@ -27,7 +35,7 @@ def load_components(path: str | Path, use_ema: bool | None = None, prediction_ty
         raise ConfigError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
     checkpoint = lora.lora_checkpoint(path)
     if checkpoint is not None:
-        return Components.of(lora.load_lora_run(checkpoint, fuse=True))
+        return Components.of(load_lora_run(checkpoint, fuse=True))
     if path.is_file():
         components = single_file.load_components(path, use_ema=use_ema, prediction_type=prediction_type)
     elif not path.exists():
@@ -78,7 +86,7 @@ def load_pipeline(path: str | Path, use_ema: bool | None = None, prediction_type
     replace the model's own or fill in for a file that has none."""
     checkpoint = lora.lora_checkpoint(Path(path))
     if checkpoint is not None and text_encoder is None and vae is None:
-        pipe = lora.load_lora_run(checkpoint)
+        pipe = load_lora_run(checkpoint)
         return pipe if dtype is None else pipe.to(dtype)
     components = load_components(path, use_ema, prediction_type)
     given = {}
@@ -98,12 +106,7 @@ def load_pipeline(path: str | Path, use_ema: bool | None = None, prediction_type
                    "vae": "vae=VAE (--vae VAE)"}
         raise WeightsError(f"{components.source} holds no {' and no '.join(missing)}: pass "
                            f"{' and '.join(options[n] for n in missing)}")
-    text = given["text_encoder"] if "text_encoder" in given else components.text_encoder(dtype)
-    autoencoder = given["vae"] if "vae" in given else components.vae(dtype)
-    pipe = LatentDiffusion(autoencoder, components.unet(dtype), text,
-                           components.configs.get("scheduler", SchedulerConfig()), components.configs.get("upscaler"),
-                           components.configs.get("sampling"))
-    return pipe if dtype is None else pipe.to(dtype)
+    return components.pipeline(dtype, **given)
 
 
 def load_vae(path: str | Path, use_ema: bool | None = None, dtype: torch.dtype | None = torch.float32) -> AutoencoderKL:
@@ -118,5 +121,23 @@ def load_text_encoder(path: str | Path, use_ema: bool | None = None,
     return load_components(path, use_ema).text_encoder(dtype)
 
 
-__all__ = ["SAVE_FORMATS", "Components", "load_components", "load_pipeline", "load_text_encoder", "load_vae",
-           "save_components"]
+def load_lora_run(checkpoint: Path, fuse: bool = False) -> LatentDiffusion:
+    """The pipeline of a LoRA checkpoint: its base model (any format) with the adapter "lora" loaded (scale 1), or
+    fused into the weights (a merged model, adapter gone) with fuse=True."""
+    base, replaced = lora.lora_base(checkpoint)
+    pipe = load_pipeline(base, **replaced)
+    sampling = json.loads((checkpoint / lora.RUN_FILE).read_text()).get("sampling")
+    if sampling is not None:
+        pipe.sampling = from_dict(SamplingConfig, sampling, "sampling")
+    pipe.load_lora(checkpoint / lora.LORA_FILE, adapter_name="lora")
+    if fuse:
+        pipe.fuse_lora()
+        pipe.unload_lora(keep_fused=True)
+    return pipe
+
+
+__all__ = ["SAVE_FORMATS", "Components", "load_components", "load_controlnet", "load_lora_run",
+           "load_lora_weights", "load_pipeline", "load_text_encoder", "load_vae", "lora_file", "save_components",
+           "save_controlnet"]
+
+files.register(sys.modules[__name__])  # the entry points below (files.py) reach this module through it

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -82,12 +82,14 @@ class Components:
         encoder.load_clip_state_dict(self.weights["text_encoder"], f"{self.source} (text_encoder)")  # copied: float32
         return encoder if dtype is None else encoder.to(dtype)
 
-    def pipeline(self, dtype: torch.dtype | None = torch.float32) -> LatentDiffusion:
-        """The whole model in `dtype` (a float16 VAE stays float32, as `LatentDiffusion.to` keeps it)."""
-        self.require("vae", "unet", "text_encoder")
-        scheduler = self.configs.get("scheduler", SchedulerConfig())
-        pipe = LatentDiffusion(self.vae(dtype), self.unet(dtype), self.text_encoder(dtype), scheduler,
-                               self.configs.get("upscaler"), self.configs.get("sampling"))
+    def pipeline(self, dtype: torch.dtype | None = torch.float32,
+                 **given: AutoencoderKL | PixelSpace | UNet | TextEncoder) -> LatentDiffusion:
+        """The whole model in `dtype` (a float16 VAE stays float32, as `LatentDiffusion.to` keeps it): each of vae,
+        unet and text_encoder the module `given` in its place, or built from its config and weights."""
+        self.require(*(name for name in ("vae", "unet", "text_encoder") if name not in given))
+        build = {"vae": self.vae, "unet": self.unet, "text_encoder": self.text_encoder}
+        parts = {name: given[name] if name in given else make(dtype) for name, make in build.items()}
+        pipe = assemble(parts["vae"], parts["unet"], parts["text_encoder"], self.configs)
         return pipe if dtype is None else pipe.to(dtype=dtype)
 
     def _weights(self, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -95,3 +97,12 @@ class Components:
         if dtype is None:
             return self.weights[name]
         return {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.weights[name].items()}
+
+
+def assemble(vae: AutoencoderKL | PixelSpace, unet: UNet, text_encoder: TextEncoder,
+             configs: Mapping[str, Any]) -> LatentDiffusion:
+    """The one place a pipeline is put together from its modules: the parts without weights from `configs` (by
+    component name, as `Components.configs`): the noise schedule (SD's where none is given), an upsampler's
+    settings, the preferred sampling settings."""
+    return LatentDiffusion(vae, unet, text_encoder, configs.get("scheduler", SchedulerConfig()),
+                           configs.get("upscaler"), configs.get("sampling"))

@@ -22,7 +22,7 @@ from ..controlnet import ControlNet, ControlNetConfig
 from ..errors import ConfigError, WeightsError
 from ..unet import UNetConfig
 from .diffusers_layout import unet_config_from_diffusers, unet_config_to_diffusers
-from .native import CHECKPOINTS_DIR, EMA_DIR, list_checkpoints
+from .native import CHECKPOINTS_DIR, list_checkpoints, resolve_model_dir
 from .single_file import NOT_STORED, _original, _read
 from .single_file_keys import KeyPair, Shape, _indices, _need, _Pairs, infer_unet_config, unet_key_map
 from .weights import SUFFIXES, WeightsFile, atomic_write, build_with_weights, read_weights, write_safetensors
@@ -180,13 +180,8 @@ def load_controlnet(path: str | Path, use_ema: bool | None = None) -> ControlNet
     """Any ControlNet location: an original single file, a diffusers folder, a folder of ours, or a train-controlnet
     run (its newest checkpoint, EMA weights where they exist unless use_ema=False)."""
     path = Path(path)
-    if not (path / CONFIG_FILE).is_file() and (path / CHECKPOINTS_DIR).is_dir():
-        checkpoints = list_checkpoints(path)
-        if not checkpoints:
-            raise WeightsError(f"{path} is a training run without a whole checkpoint yet")
-        path = checkpoints[-1][1]
-    if use_ema is not False and (path / EMA_DIR / CONFIG_FILE).is_file():
-        path = path / EMA_DIR
+    if (path / CONFIG_FILE).is_file() or (path / CHECKPOINTS_DIR).is_dir():  # ours, or a run
+        path = resolve_model_dir(path, use_ema, CONFIG_FILE)
     if path.is_file():
         if path.suffix.lower() not in SUFFIXES:
             raise WeightsError(f"{path}: unknown ControlNet file type '{path.suffix}' (expected {', '.join(SUFFIXES)})")

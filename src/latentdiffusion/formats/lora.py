@@ -9,12 +9,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import CLIPTextModel
 
-from ..config import from_dict, to_dict
+from ..config import to_dict
 from ..errors import WeightsError
 from ..lora import AdapterWeights, adapted_modules
 from ..messages import warn
-from ..pipeline import SamplingConfig
+from ..pipeline import LatentDiffusion, SamplingConfig
+from ..text_encoder import TextEncoderConfig
+from ..unet import UNet, UNetConfig
 from . import lora_keys
 from .native import list_checkpoints
 from .weights import atomic_write
@@ -156,43 +159,19 @@ def lora_base(checkpoint: Path) -> tuple[Path, dict[str, Path]]:
     return base, replaced
 
 
-def load_lora_run(checkpoint: Path, fuse: bool = False):
-    """The pipeline of a LoRA checkpoint: its base model with the adapter "lora" loaded (scale 1), or fused into
-    the weights (a merged model, adapter gone) with fuse=True."""
-    from . import load_pipeline  # the base may be any format
-
-    base, replaced = lora_base(checkpoint)
-    pipe = load_pipeline(base, **replaced)
-    sampling = json.loads((checkpoint / RUN_FILE).read_text()).get("sampling")
-    if sampling is not None:
-        pipe.sampling = from_dict(SamplingConfig, sampling, "sampling")
-    pipe.load_lora(checkpoint / LORA_FILE, adapter_name="lora")
-    if fuse:
-        pipe.fuse_lora()
-        pipe.unload_lora(keep_fused=True)
-    return pipe
-
-
-def convert_lora(src: str | Path, dst: str | Path, layout: str, model: str | Path | None = None) -> Path:
-    """Rewrite an adapter file in `layout`, its modules named against `model`'s UNet and text encoder (any model
-    from_pretrained accepts) or, without one, against the Stable Diffusion 1.x architecture."""
-    if model is not None:
-        from . import load_pipeline
-
-        pipe = load_pipeline(model)
+def convert_lora(src: str | Path, dst: str | Path, layout: str, pipe: LatentDiffusion | None = None) -> Path:
+    """Rewrite an adapter file in `layout`, its modules named against `pipe`'s UNet and text encoder or, without
+    one, against the Stable Diffusion 1.x architecture."""
+    if pipe is not None:
         unet, clip = pipe.unet, pipe.text_encoder.model
     else:
-        from ..text_encoder import TextEncoderConfig
-        from ..unet import UNet, UNetConfig
-        from transformers import CLIPTextModel
-
         with torch.device("meta"):  # names and shapes only
             unet, clip = UNet(UNetConfig()), CLIPTextModel(TextEncoderConfig().to_clip_config())
     try:
         weights = load_lora_weights(src, unet, clip)
     except WeightsError as e:
-        if model is not None:
+        if pipe is not None:
             raise
         raise WeightsError(f"{e} (read against the SD 1.x architecture: for an adapter of another base, give "
-                           "--model BASE, in Python model=)") from None
+                           "--model BASE, in Python pipe=LatentDiffusion.from_pretrained(BASE))") from None
     return save_lora_weights(weights, dst, layout)

@@ -19,7 +19,7 @@ from typing import Mapping
 
 import torch
 
-from ..lora import AdapterWeights, ModuleLora
+from ..lora import AdapterWeights, ModuleLora, by_component
 
 LAYOUTS = ("diffusers", "kohya")
 METADATA_KEY = "lora_adapter_metadata"
@@ -63,8 +63,9 @@ def to_file(weights: AdapterWeights, layout: str) -> tuple[dict[str, torch.Tenso
     for key, w in weights.items():
         tensors[f"{key}.lora_A.weight"] = w.down.contiguous()
         tensors[f"{key}.lora_B.weight"] = w.up.contiguous()
-    for component in sorted({k.split(".", 1)[0] for k in weights}):
-        own = {k.split(".", 1)[1]: w for k, w in weights.items() if k.startswith(component + ".")}
+    split = by_component(weights)
+    for component in sorted(split):
+        own = split[component]
         first = next(iter(own.values()))
         metadata.update({
             f"{component}.r": first.rank, f"{component}.lora_alpha": first.alpha,

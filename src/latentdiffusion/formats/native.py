@@ -40,19 +40,19 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_model_dir(path: Path, use_ema: bool | None = None) -> Path:
-    """A run folder -> its newest checkpoint; a checkpoint with EMA weights -> those (unless use_ema=False)."""
-    if not is_native(path) and (path / CHECKPOINTS_DIR).is_dir():
+def resolve_model_dir(path: Path, use_ema: bool | None = None, config_file: str = CONFIG_FILE) -> Path:
+    """A run folder -> its newest checkpoint; a checkpoint with EMA weights -> those (unless use_ema=False;
+    use_ema=True where there are none: WeightsError). A folder holding `config_file` is a model (ours, or a
+    ControlNet's with its own config file), not a run."""
+    if not (path / config_file).is_file() and (path / CHECKPOINTS_DIR).is_dir():
         checkpoints = list_checkpoints(path)
         if not checkpoints:
             raise WeightsError(f"{path} is a training run without a whole checkpoint yet")
         path = checkpoints[-1][1]
-    ema = path / EMA_DIR
-    if use_ema is not False and is_native(ema):
-        return ema
-    if use_ema and not is_native(ema):
+    has_ema = (path / EMA_DIR / config_file).is_file()
+    if use_ema and not has_ema:
         raise WeightsError(f"{path} holds no EMA weights (no {EMA_DIR}/ folder)")
-    return path
+    return path / EMA_DIR if use_ema is not False and has_ema else path
 
 
 def save_components(path: str | Path, components: Components) -> None:

@@ -30,17 +30,19 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..data import DataConfig
 from ..errors import ConfigError, LatentDiffusionError
 from ..messages import warn
 from . import distributed
 from .batches import BatchOrder, batch_order, open_dataset, sample_generators
+from .config import TrainConfig
 from .distributed import Runtime, all_reduce_mean
 from .ema import EMA
 from .optim import clip_gradients, lr_at, make_optimizer, optimizer_kind
@@ -232,13 +234,23 @@ class Setup:
     progress: bool = True  # progress bars for long work (sample grids, class images): the main process's, if asked
 
 
-def fit(make_task: Callable[[Setup], Task], config: Any, output: str | Path, resume: bool, kind: str,
+class RunConfig(Protocol):
+    """What `fit` reads of a run config (VAERunConfig, LDMRunConfig, ControlNetRunConfig, UpscalerRunConfig)."""
+
+    @property
+    def train(self) -> TrainConfig: ...
+
+    @property
+    def data(self) -> DataConfig: ...
+
+
+def fit(make_task: Callable[[Setup], Task], config: RunConfig, output: str | Path, resume: bool, kind: str,
         progress: bool = True, captions: bool = True) -> Path:
     """Run the task `make_task` builds into run folder `output` and return it (`kind`, e.g. "ldm", is written into
     its checkpoints; --resume refuses a run of another kind): set-up, then for every step each active stage's
     forward over the accumulation micro-batches, backward, clip, then one host sync, the non-finite guard,
-    optimizer steps, EMA, log, samples and an atomic checkpoint. `config` has `.train` (TrainConfig) and `.data`;
-    captions=False: the task trains on the images alone (a VAE), which then need no captions."""
+    optimizer steps, EMA, log, samples and an atomic checkpoint. captions=False: the task trains on the images
+    alone (a VAE), which then need no captions."""
     cfg = config.train
     runtime = distributed.setup(cfg.device)
     run = None
@@ -311,7 +323,7 @@ def restore_settings(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) ->
     return {**saved, "param_groups": groups}
 
 
-def _loop(task: Task, kind: str, cfg: Any, num_workers: int, run: RunFolder, runtime: Runtime, order: BatchOrder,
+def _loop(task: Task, kind: str, cfg: TrainConfig, num_workers: int, run: RunFolder, runtime: Runtime, order: BatchOrder,
           progress: bool) -> Path:
     say, stages = run.say, task.stages
     optimizers = [make_optimizer(s.groups, cfg.optimizer, cfg.adam_betas, cfg.weight_decay, s.module) for s in stages]

@@ -3,7 +3,7 @@ frozen-pretrained or trained, the denoising loss with caption dropout, EMA, chec
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from ..data.prior import ClassImages, WithPrior, class_image_files, readable_cla
 from ..data.transforms import ImageTransform
 from ..errors import ConfigError
 from ..formats import load_components
-from ..formats.components import Components
+from ..formats.components import Components, assemble
 from ..formats.native import EMA_DIR, is_native, load_components as load_native
 from ..formats.native import save_pipeline
 from ..pipeline import LatentDiffusion, SamplingConfig
@@ -30,7 +30,7 @@ from . import distributed
 from .batches import bernoulli
 from .config import DiffusionTrainConfig, LDMRunConfig, PriorConfig, explicit
 from .ema import EMA
-from .loop import MicroBatch, Setup, Stage, Task, evaluating, fit
+from .loop import MicroBatch, Setup, Stage, Task, evaluating
 from .plots import image_grid
 from .precision import PARAMETER_DTYPE
 
@@ -45,6 +45,18 @@ def loss_options(cfg: DiffusionTrainConfig) -> dict[str, Any]:
             "logit_normal": tuple(density) if density else None}
 
 
+@dataclass
+class PriorBatch:
+    """DreamBooth's class images of a micro-batch, beside its instance images: their scaled latents (B, C, h, w),
+    captions, one generator per image, pixels (B,3,H,W) in [-1,1], and the prior loss's weight (train.prior.weight)."""
+
+    latents: torch.Tensor
+    captions: list[str]
+    generators: list[torch.Generator]
+    pixels: torch.Tensor
+    weight: float
+
+
 class DiffusionLoss(nn.Module):
     """The module DistributedDataParallel wraps: its forward is the training loss (LatentDiffusion's is the sampler)."""
 
@@ -53,17 +65,17 @@ class DiffusionLoss(nn.Module):
         self.pipe, self.options = pipe, options  # loss_options(train config)
 
     def forward(self, latents: torch.Tensor, captions: list[str], generators: list[torch.Generator],
-                pixels: torch.Tensor | None = None,
-                prior: tuple[Any, ...] | None = None) -> torch.Tensor:
-        """The loss; `pixels` (B,3,H,W) in [-1,1] are the images an inpainting UNet masks; with `prior` (class latents,
-        captions, generators, pixels, weight: DreamBooth) the stacked (instance loss + weight * prior loss, instance
-        loss, prior loss)."""
+                pixels: torch.Tensor | None = None, prior: PriorBatch | None = None) -> dict[str, torch.Tensor]:
+        """The loss terms: "loss"; `pixels` (B,3,H,W) in [-1,1] are the images an inpainting UNet masks. With
+        DreamBooth's `prior`: "loss" is the instance loss + weight * the prior loss, and "instance_loss" and
+        "prior_loss" the two."""
         loss = self._loss(latents, captions, generators, pixels)
         if prior is None:
-            return loss
-        *inputs, weight = prior
-        prior_loss = self._loss(*inputs)
-        return torch.stack([loss + weight * prior_loss, loss, prior_loss])
+            return {"loss": loss}
+        prior_loss = self._loss(prior.latents, prior.captions, prior.generators, prior.pixels)
+        # one stacked tensor, as before: its backward graph, and so the order the gradients sum in, is the same
+        total, loss, prior_loss = torch.stack([loss + prior.weight * prior_loss, loss, prior_loss])
+        return {"loss": total, "instance_loss": loss, "prior_loss": prior_loss}
 
     def _loss(self, latents: torch.Tensor, captions: list[str], generators: list[torch.Generator],
               pixels: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,25 +83,6 @@ class DiffusionLoss(nn.Module):
         # an inpainting UNet also takes random masks and the masked images' latents (pixels (B,3,H,W) in [-1,1])
         concat = self.pipe.random_inpainting_concat(pixels, generators) if self.pipe.concat_channels else None
         return self.pipe.diffusion_loss(latents, context, generators, concat=concat, **self.options)
-
-
-def train_ldm(config: LDMRunConfig, output: str | Path, vae: str | Path | None = None, init: str | Path | None = None,
-              text_encoder: str | Path | None = None, resume: bool = False, raw: dict[str, Any] | None = None,
-              progress: bool = True) -> Path:
-    """Train a text-to-image latent diffusion model into run folder `output`; returns it. `vae`, `init` and
-    `text_encoder` are anything from_pretrained accepts; `raw` is the mapping the config was read from (what it
-    sets explicitly is applied on top of a pretrained model's text encoder and scheduler)."""
-    cfg = config.train
-    if cfg.cache_latents and (not config.data.center_crop or config.data.random_flip):
-        raise ConfigError("train.cache_latents needs the same image every epoch: set data.center_crop: true and "
-                          "data.random_flip: false")
-    if cfg.lora.rank:
-        from .train_lora import LoraTask  # a subclass of LDMTask
-
-        return fit(lambda setup: LoraTask(config, setup, vae, init, text_encoder, raw or {}), config, output, resume,
-                   "lora", progress)
-    return fit(lambda setup: LDMTask(config, setup, vae, init, text_encoder, raw or {}), config, output, resume,
-               "ldm", progress)
 
 
 class LDMTask(Task):
@@ -142,8 +135,8 @@ class LDMTask(Task):
                     "true or pass --text-encoder MODEL")
         self.ema = [(EMA(m, cfg.ema_decay), m) for m in trained] if cfg.ema_decay else []
         averaged = [average.model for average, _ in self.ema]
-        self.ema_pipe = LatentDiffusion(vae, averaged[0], averaged[1] if self.train_text else text_encoder,
-                                        pipe.scheduler.config, pipe.upscaler) if self.ema else pipe
+        self.ema_pipe = assemble(vae, averaged[0], averaged[1] if self.train_text else text_encoder,
+                                 {"scheduler": pipe.scheduler.config, "upscaler": pipe.upscaler}) if self.ema else pipe
         pipe.sampling = self.ema_pipe.sampling = self.sampling()  # checkpoints sample as the grids do
         for module in trained:  # building ema_pipe put the shared modules in eval mode
             module.train()
@@ -182,7 +175,7 @@ class LDMTask(Task):
     def inputs(self, mb: MicroBatch) -> tuple[Any, ...]:
         """Scaled latents (B, C, h, w), captions with caption dropout applied, one generator per image, the pixels
         (B,3,H,W) in [-1,1] where the batch has them (an inpainting UNet masks them); with DreamBooth's prior also
-        (class latents, class captions, their generators, class pixels, the prior weight)."""
+        its PriorBatch."""
         batch = mb.batch
         gens = mb.generators(len(batch["text"]))
         dropped = bernoulli(gens, self.cfg.caption_dropout).tolist()
@@ -194,14 +187,13 @@ class LDMTask(Task):
             class_pixels = batch["class_pixel_values"]
             class_latents = sample_latents(self.pipe.vae, {"pixel_values": class_pixels}, class_gens,
                                            self.runtime.device)
-            inputs += ((class_latents, list(batch["class_text"]), class_gens, class_pixels, self.cfg.prior.weight),)
+            inputs += (PriorBatch(class_latents, list(batch["class_text"]), class_gens, class_pixels,
+                                  self.cfg.prior.weight),)
         return inputs
 
-    def loss(self, inputs: tuple[Any, ...]):
-        loss = self.stages[0].module(*inputs)
-        if loss.ndim:  # with the prior: (weighted sum, instance loss, prior loss)
-            return loss[0], {"loss": loss[0], "instance_loss": loss[1], "prior_loss": loss[2]}
-        return loss, {"loss": loss}
+    def loss(self, inputs: tuple[Any, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms = self.stages[0].module(*inputs)
+        return terms["loss"], terms
 
     def resume(self, state: dict[str, Any], checkpoint: Path) -> None:
         load_ema([average for average, _ in self.ema], checkpoint / EMA_DIR, self.run.say)
@@ -262,7 +254,7 @@ def build_pipeline(config: LDMRunConfig, raw: dict[str, Any], vae: Any, init: An
         unet = UNet(replace(config.model.unet, sample_size=config.data.resolution // vae_model.downsample_factor,
                             **channels))
     text = parts.text_encoder() if "text_encoder" in parts.configs else TextEncoder(config.model.text_encoder)
-    return LatentDiffusion(vae_model, unet, text, scheduler)
+    return assemble(vae_model, unet, text, {"scheduler": scheduler})
 
 
 def with_prior(pipe: LatentDiffusion, prior: PriorConfig, dataset: Dataset, data: DataConfig,

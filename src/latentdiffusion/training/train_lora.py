@@ -48,8 +48,6 @@ class LoraTask(LDMTask):
     def setup_models(self, config: LDMRunConfig, raw: dict[str, Any], vae_source: Any, init: Any,
                      text_encoder_source: Any) -> None:
         cfg, spec, run, device = self.cfg, self.cfg.lora, self.run, self.runtime.device
-        if init is None and not run.checkpoint:
-            raise ConfigError("LoRA training (train.lora.rank > 0) needs --init BASE: the model the adapters train on")
         given = {k: Path(v).resolve() for k, v in (("vae", vae_source), ("text_encoder", text_encoder_source)) if v}
         if run.checkpoint:
             self.base, self.replaced = lora_base(run.checkpoint)
@@ -76,11 +74,11 @@ class LoraTask(LDMTask):
             self.counts.append(len(paths))
         pipe.set_lora_scale(ADAPTER, 1.0)
         if run.checkpoint:
-            weights = load_lora_weights(run.checkpoint / LORA_FILE, pipe.unet, pipe.text_encoder.model)
+            weights = lora.by_component(load_lora_weights(run.checkpoint / LORA_FILE, pipe.unet,
+                                                          pipe.text_encoder.model))
             for name, component in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder.model)):
-                own = {k.split(".", 1)[1]: w for k, w in weights.items() if k.split(".", 1)[0] == name}
-                if own:
-                    lora.load_adapter_weights(component, ADAPTER, own)
+                if name in weights:
+                    lora.load_adapter_weights(component, ADAPTER, weights[name])
         pipe.unet.train()
         pipe.text_encoder.model.train(self.train_text)
         pipe.unet.gradient_checkpointing = cfg.gradient_checkpointing

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..formats import load_components
+from ..formats.components import assemble
 from ..noise import randn
 from ..pipeline import LatentDiffusion, SamplingConfig
 from ..pixels import PixelSpace
@@ -59,10 +60,11 @@ class UpscalerLoss(nn.Module):
         self.pipe, self.options = pipe, options  # train_ldm.loss_options(train config)
 
     def forward(self, latents: torch.Tensor, captions: list[str], generators: list[torch.Generator],
-                low_res: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+                low_res: torch.Tensor, levels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss terms (LDMTask.loss reads them): "loss"."""
         context = self.pipe.text_encoder(captions)  # (B, T, D)
-        return self.pipe.diffusion_loss(latents, context, generators, concat=low_res, class_labels=levels,
-                                        **self.options)
+        return {"loss": self.pipe.diffusion_loss(latents, context, generators, concat=low_res, class_labels=levels,
+                                                 **self.options)}
 
 
 def train_upscaler(config: UpscalerRunConfig, output: str | Path, vae: str | Path | None = None,
@@ -123,7 +125,7 @@ class UpscalerTask(LDMTask):
             text = given.text_encoder()
         else:
             text = TextEncoder(config.model.text_encoder)
-        return LatentDiffusion(vae, unet, text, config.model.scheduler, upscaler)
+        return assemble(vae, unet, text, {"scheduler": config.model.scheduler, "upscaler": upscaler})
 
     def loss_module(self) -> nn.Module:
         return UpscalerLoss(self.pipe, loss_options(self.cfg))
