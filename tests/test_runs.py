@@ -20,23 +20,11 @@ from latentdiffusion.cli import main
 from latentdiffusion.errors import ConfigError
 from latentdiffusion.training import VAERunConfig, load_run_config, train_vae
 from latentdiffusion.training.checkpoint import load_state
+from test_breaker import error_line
+from test_cli import TINY_VAE_SETS
 from test_training import TINY_VAE_RUN, metrics, write_config  # noqa: F401
 
 LOCK_FILE = "run.lock"  # training/lock.py
-
-TINY_VAE_SETS = ["--set", "model.vae.block_channels=[16,32]", "--set", "model.vae.layers_per_block=1",
-                 "--set", "model.vae.norm_groups=8", "--set", "train.disc_channels=8", "--set", "train.device=cpu",
-                 "--set", "train.sample_every=0", "--resolution", "16", "--batch-size", "2", "--max-steps", "1"]
-
-
-def error_line(capsys, *args: str) -> str:
-    """The one `ldm: error:` line of a command that must fail with exit code 2, without a traceback."""
-    code = main(list(args))
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("ldm: error:")]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
 
 def vae_config(tmp_path: Path, name: str = "vae.yaml", **train) -> tuple[VAERunConfig, dict]:
     base = {**TINY_VAE_RUN["train"], "max_steps": 2, "disc_start": 100, "checkpoint_every": 1, "log_every": 1,

@@ -13,20 +13,9 @@ from latentdiffusion import LatentDiffusion
 from latentdiffusion.cli import main
 from latentdiffusion.pipeline import SamplingConfig
 from latentdiffusion.training import LDMRunConfig, load_run_config, train_ldm
+from test_cli import one_line_error, run_cli
 from test_training import TINY_LDM, one_thread, vae_dir, write_config  # noqa: F401
 from tiny import smallest_model
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("ldm: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def warnings_of(caplog) -> str:

@@ -185,9 +185,9 @@ class Adapters:
             raise ArgumentError(f"a LoRA adapter named {name!r} is already loaded: pass another adapter_name")
         if self.base:
             raise ArgumentError("the loaded LoRA adapters are fused: unload_lora() before adding another")
+        split = by_component(weights)
         for component, module in self.components.items():
-            own = {k.split(".", 1)[1]: w for k, w in weights.items() if k.split(".", 1)[0] == component}
-            if own:
+            if own := split.get(component):
                 add_adapter(module, name, {p: w.rank for p, w in own.items()}, {p: w.alpha for p, w in own.items()},
                             dropout)
                 load_adapter_weights(module, name, own)
