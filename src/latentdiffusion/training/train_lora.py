@@ -22,6 +22,27 @@ from .train_ldm import LDMTask
 ADAPTER = "lora"  # the adapter's name inside the pipeline
 
 
+def check_same_adapter(checkpoint: Path, saved: dict[str, dict[str, lora.ModuleLora]],
+                       made: dict[str, dict[str, lora.ModuleLora]]) -> None:
+    """A resumed LoRA run's config must make the adapter its checkpoint holds (the same components, modules, ranks
+    and alphas): else ConfigError naming the train.lora key that changed since."""
+    def differ(key: str, then: Any, now: Any) -> ConfigError:
+        return ConfigError(f"--resume: {checkpoint} holds an adapter with {key} {then}, this config makes {now}: "
+                           f"resume with the run's own config (its config.yaml), or start a new run")
+    if set(saved) != set(made):
+        raise differ("train.lora.text_encoder", "text_encoder" in saved, "text_encoder" in made)
+    for component, then in saved.items():
+        now = made[component]
+        if set(then) != set(now):
+            key = "train.lora.targets" if component == "unet" else "train.lora.text_targets"
+            raise differ(key, f"on {len(then)} {component} modules", f"{len(now)}, or others")
+        for path, w in then.items():
+            if w.rank != now[path].rank:
+                raise differ("train.lora.rank", w.rank, now[path].rank)
+            if w.alpha != now[path].alpha:
+                raise differ("train.lora.alpha", w.alpha, now[path].alpha)
+
+
 def check_model_sections(raw: dict[str, Any], pipe: Any) -> None:
     """A LoRA trains on its base as it is: a config's model.* keys are accepted where they say what the base is (the
     config the base was trained with), and any that would change it is a ConfigError naming the key."""
@@ -76,6 +97,9 @@ class LoraTask(LDMTask):
         if run.checkpoint:
             weights = lora.by_component(load_lora_weights(run.checkpoint / LORA_FILE, pipe.unet,
                                                           pipe.text_encoder.model))
+            made = {name: lora.adapter_weights(component, ADAPTER) for name, component in
+                    (("unet", pipe.unet), ("text_encoder", pipe.text_encoder.model))}
+            check_same_adapter(run.checkpoint, weights, {k: v for k, v in made.items() if v})
             for name, component in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder.model)):
                 if name in weights:
                     lora.load_adapter_weights(component, ADAPTER, weights[name])
