@@ -254,25 +254,28 @@ def build_pipeline(config: LDMRunConfig, raw: dict[str, Any], vae: Any, init: An
 def with_prior(pipe: LatentDiffusion, prior: PriorConfig, dataset: Dataset, data: DataConfig,
                runtime: distributed.Runtime, say) -> WithPrior:
     """DreamBooth's prior preservation: the class folder filled up to prior.num_images by the model as it is before
-    training (the main process generates, the others wait), paired with the instance images."""
+    training (image n from the n-th class prompt, cycling; the main process generates, the others wait), paired with
+    the instance images."""
     if data.buckets:
         raise ConfigError("train.prior does not combine with data.buckets: class and instance images share a batch")
-    folder = Path(prior.data)
+    folder, prompts = Path(prior.data), prior.prompts
+    what = repr(prompts[0]) if len(prompts) == 1 else f"{len(prompts)} prompts"
     have = len(class_image_files(folder))
     if have < prior.num_images and runtime.is_main:
-        say(f"prior: generating {prior.num_images - have} class images of {prior.prompt!r} into {folder}")
+        say(f"prior: generating {prior.num_images - have} class images of {what} into {folder}")
         with evaluating(pipe.unet, pipe.text_encoder):
             for start in range(have, prior.num_images, _CLASS_BATCH):
                 numbers = range(start, min(start + _CLASS_BATCH, prior.num_images))
-                images = pipe([prior.prompt] * len(numbers), num_inference_steps=prior.sample_steps,
-                              guidance_scale=prior.guidance, height=data.resolution, width=data.resolution,
+                texts = [prompts[n % len(prompts)] for n in numbers]
+                images = pipe(texts, num_inference_steps=prior.sample_steps, guidance_scale=prior.guidance,
+                              height=data.resolution, width=data.resolution,
                               generator=[torch.Generator().manual_seed(n) for n in numbers], output_type="pt")
-                for n, image in zip(numbers, images):
-                    save_class_image(image, folder, n)
+                for n, text, image in zip(numbers, texts, images):
+                    save_class_image(image, text, folder, n)
     distributed.barrier(runtime)
     transform = ImageTransform(data.resolution, data.center_crop, data.random_flip)
-    classes = ClassImages(folder, prior.prompt, prior.num_images, transform, data.seed)
-    say(f"prior: {len(classes)} class images of {prior.prompt!r} from {folder}, weight {prior.weight}")
+    classes = ClassImages(folder, prompts[0], prior.num_images, transform, data.seed)
+    say(f"prior: {len(classes)} class images of {what} from {folder}, weight {prior.weight}")
     return WithPrior(dataset, classes)
 
 
