@@ -139,6 +139,14 @@ def test_shapes_star_draws_the_star_on_half_of_the_items():
     assert all(120 <= words.count(s) <= 215 for s in shapes.SHAPES)  # the rest shared by the three known shapes
 
 
+def test_shapes_star_only_draws_nothing_but_stars():
+    """A LoRA's data as users have it: the new concept alone, drawn as builtin:shapes-star draws it."""
+    source, _ = open_source("builtin:shapes-star-only", 16)
+    assert len(source) == len(open_source("builtin:shapes-star", 16)[0])
+    assert {source.caption(i).split()[3] for i in range(300)} == {"star"}
+    assert {source.caption(i).split()[2] for i in range(300)} == set(shapes.COLOURS)
+
+
 def test_noisy_shapes_change_one_caption_word_in_ten():
     n = 2000
     clean, noisy = ShapesDataset(16, n, seed=3), ShapesDataset(16, n, seed=3, caption_noise=0.1)

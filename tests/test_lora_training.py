@@ -162,7 +162,8 @@ def test_dreambooth_generates_the_missing_class_images_and_trains_on_both(tmp_pa
                                           "train.prior.prompt": "a circle", "train.prior.num_images": 3,
                                           "train.prior.weight": 0.5, "train.prior.sample_steps": 2})
     run = train_ldm(config, tmp_path / "run", init=base, raw=raw, progress=False)
-    assert sorted(p.name for p in classes.iterdir()) == ["class-00001.png", "class-00002.png", "mine.png"]
+    assert sorted(p.name for p in classes.iterdir()) == ["class-00001.png", "class-00001.txt", "class-00002.png",
+                                                         "class-00002.txt", "mine.png"]
     assert len(calls) == 4  # per step: the instance images, then the class images
     for (inst_shape, inst_captions), (class_shape, class_captions) in zip(calls[::2], calls[1::2]):
         assert inst_shape == class_shape == (2, 4, 8, 8)
@@ -172,6 +173,30 @@ def test_dreambooth_generates_the_missing_class_images_and_trains_on_both(tmp_pa
     before = {p.name: p.stat().st_mtime_ns for p in classes.iterdir()}
     train_ldm(config, tmp_path / "again", init=base, raw=raw, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in classes.iterdir()} == before  # nothing generated twice
+
+
+@pytest.mark.slow
+def test_a_prior_of_several_prompts_cycles_through_them_and_captions_each_image_with_its_own(tmp_path, base):
+    """Prior preservation for several things the base knows: class image n comes from prompt n mod len(prompts),
+    its prompt is saved beside it, and it trains under that caption (an image without a caption file: the first)."""
+    from latentdiffusion.data.prior import ClassImages
+    from latentdiffusion.data.transforms import ImageTransform
+
+    classes = tmp_path / "class"
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    config, raw = load_run_config(LDMRunConfig, lora_config(tmp_path, max_steps=1, checkpoint_every=1),
+                                  values={"train.lora.rank": 2, "train.prior.data": str(classes),
+                                          "train.prior.prompt": prompts, "train.prior.num_images": 4,
+                                          "train.prior.sample_steps": 1})
+    train_ldm(config, tmp_path / "run", init=base, raw=raw, progress=False)
+    assert sorted(p.name for p in classes.glob("*.png")) == [f"class-0000{n}.png" for n in range(4)]
+    assert [(classes / f"class-0000{n}.txt").read_text() for n in range(4)] == prompts + prompts[:1]
+    (classes / "class-00002.txt").unlink()  # a class image of the user's, without a caption file
+    items = ClassImages(classes, prompts[0], 4, ImageTransform(16, True, False))
+    assert [items[n]["text"] for n in range(4)] == [prompts[0], prompts[1], prompts[0], prompts[0]]
+    for bad in (["a circle", " "], ["a circle", 3]):
+        with pytest.raises(ConfigError, match="train.prior.prompt"):
+            load_run_config(LDMRunConfig, None, values={"train.prior.data": "x", "train.prior.prompt": bad})
 
 
 @pytest.mark.slow
@@ -193,3 +218,4 @@ def test_lora_resume_after_sigkill_is_bit_identical(tmp_path, base):
     err = resume_after_sigkill(tmp_path, "train", common, [LORA_FILE.removesuffix(".safetensors")])
     assert "LoRA parameters (rank 4" in err
     assert [r["step"] for r in metrics(tmp_path / "killed")] == list(range(1, 7))
+

@@ -1,5 +1,6 @@
 """DreamBooth's prior preservation data (Ruiz et al., 2023): the images of a class ("a dog") that each batch trains on
-beside the instance images ("a sks dog"), all captioned with the class prompt."""
+beside the instance images ("a sks dog"), each captioned with the prompt that generated it (class-NNNNN.txt beside
+it), else with the class prompt."""
 
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ def readable_class_images(folder: str | Path, resolution: int) -> tuple[list[Pat
 
 
 class ClassImages(Dataset):
-    """A class folder's first `count` readable images as {"pixel_values": (3, res, res) in [-1, 1], "text": prompt};
-    unreadable ones are checked up front and skipped with a warning naming them, as the instance images are."""
+    """A class folder's first `count` readable images as {"pixel_values": (3, res, res) in [-1, 1], "text": the
+    image's caption file (same name, .txt) where it has one, else `prompt`}; unreadable ones are checked up front and
+    skipped with a warning naming them, as the instance images are."""
 
     def __init__(self, folder: str | Path, prompt: str, count: int, transform: ImageTransform, seed: int = 0):
         readable, skipped = readable_class_images(folder, transform.resolution)
@@ -53,7 +55,9 @@ class ClassImages(Dataset):
         self.files = readable[:count]
         if len(self.files) < count:
             raise DataError(f"train.prior.data {folder} holds {len(self.files)} readable images, {count} are needed")
-        self.prompt, self.transform, self.seed, self.epoch = prompt, transform, seed, 0
+        captions = [f.with_suffix(".txt") for f in self.files]
+        self.captions = [c.read_text(encoding="utf-8").strip() if c.is_file() else prompt for c in captions]
+        self.transform, self.seed, self.epoch = transform, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -68,7 +72,7 @@ class ClassImages(Dataset):
                 pixels = self.transform(load_rgb(image, self.transform.resolution), rng)
         except IMAGE_ERRORS as e:
             raise DataError(f"cannot read class image {self.files[index]}: {e}") from None
-        return {"pixel_values": pixels, "text": self.prompt}
+        return {"pixel_values": pixels, "text": self.captions[index]}
 
 
 class WithPrior(Dataset):
@@ -91,10 +95,11 @@ class WithPrior(Dataset):
         return {**item, "class_pixel_values": other["pixel_values"], "class_text": other["text"]}
 
 
-def save_class_image(image: torch.Tensor, folder: Path, number: int) -> Path:
-    """One generated class image (3, H, W) in [0, 1] as folder/class-NNNNN.png."""
+def save_class_image(image: torch.Tensor, prompt: str, folder: Path, number: int) -> Path:
+    """One generated class image (3, H, W) in [0, 1] as folder/class-NNNNN.png, its prompt as class-NNNNN.txt."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"class-{number:05d}.png"
     array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    path.with_suffix(".txt").write_text(prompt, encoding="utf-8")
     Image.fromarray(array).save(path)
     return path

@@ -121,24 +121,35 @@ BASE_DTYPES = ("float32", "bfloat16", "float16")
 @dataclass
 class PriorConfig:
     """DreamBooth prior preservation: each batch pairs every instance image with a class image from `data` (a
-    folder; the base model first generates the missing ones up to num_images, from `prompt`), and the class images'
-    loss joins the instance loss times `weight`."""
+    folder; the base model first generates the missing ones up to num_images, from `prompt`, or in turn from each of a
+    list of prompts: several things the base knows and must keep), and the class images' loss joins the instance loss
+    times `weight`."""
 
     data: str | None = None  # the class image folder; null turns prior preservation off
-    prompt: str = ""  # the class prompt ("a photo of a dog"): the class images' caption, and what generates them
+    # The class prompt ("a photo of a dog"), or a list of them: what generates the class images and captions them
+    # (a generated image's prompt is saved beside it as class-NNNNN.txt; an image without one takes the first prompt).
+    prompt: str | list[str] = ""
     weight: float = 1.0
     num_images: int = 100
     sample_steps: int = 25  # sampling steps and guidance of the generated class images
     guidance: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.data is not None and not self.prompt.strip():
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ConfigError(f"train.prior.prompt must be a prompt or a list of prompts, got {self.prompt!r}")
+        if self.data is not None and (not prompts or not all(p.strip() for p in prompts)):
             raise ConfigError("train.prior.prompt is empty: prior preservation needs the class prompt")
         if self.weight < 0:
             raise ConfigError(f"train.prior.weight must be >= 0, got {self.weight}")
         for key in ("num_images", "sample_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.prior.{key} must be >= 1, got {getattr(self, key)}")
+
+    @property
+    def prompts(self) -> list[str]:
+        """The class prompts: `prompt` as a list."""
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
 @dataclass

@@ -260,28 +260,31 @@ def build_pipeline(config: LDMRunConfig, raw: dict[str, Any], vae: Any, init: An
 def with_prior(pipe: LatentDiffusion, prior: PriorConfig, dataset: Dataset, data: DataConfig,
                runtime: distributed.Runtime, say, progress: bool = False) -> WithPrior:
     """DreamBooth's prior preservation: the class folder filled up to prior.num_images by the model as it is before
-    training (the main process generates, the others wait), paired with the instance images."""
+    training (image n from the n-th class prompt, cycling; the main process generates, the others wait), paired with
+    the instance images."""
     if data.buckets:
         raise ConfigError("train.prior does not combine with data.buckets: class and instance images share a batch")
-    folder = Path(prior.data)
+    folder, prompts = Path(prior.data), prior.prompts
+    what = repr(prompts[0]) if len(prompts) == 1 else f"{len(prompts)} prompts"
     missing = prior.num_images - len(readable_class_images(folder, data.resolution)[0]) if runtime.is_main else 0
     if missing > 0:
-        say(f"prior: generating {missing} class images of {prior.prompt!r} into {folder}")
+        say(f"prior: generating {missing} class images of {what} into {folder}")
         first = len(class_image_files(folder))  # numbered after every file there, readable or not
         with evaluating(pipe.unet, pipe.text_encoder), tqdm(total=missing, disable=not progress,
                                                            desc="class images") as bar:
             for start in range(first, first + missing, _CLASS_BATCH):
                 numbers = range(start, min(start + _CLASS_BATCH, first + missing))
-                images = pipe([prior.prompt] * len(numbers), num_inference_steps=prior.sample_steps,
-                              guidance_scale=prior.guidance, height=data.resolution, width=data.resolution,
+                texts = [prompts[n % len(prompts)] for n in numbers]
+                images = pipe(texts, num_inference_steps=prior.sample_steps, guidance_scale=prior.guidance,
+                              height=data.resolution, width=data.resolution,
                               generator=[torch.Generator().manual_seed(n) for n in numbers], output_type="pt")
-                for n, image in zip(numbers, images):
-                    save_class_image(image, folder, n)
+                for n, text, image in zip(numbers, texts, images):
+                    save_class_image(image, text, folder, n)
                 bar.update(len(numbers))
     distributed.barrier(runtime)
     transform = ImageTransform(data.resolution, data.center_crop, data.random_flip)
-    classes = ClassImages(folder, prior.prompt, prior.num_images, transform, data.seed)
-    say(f"prior: {len(classes)} class images of {prior.prompt!r} from {folder}, weight {prior.weight}")
+    classes = ClassImages(folder, prompts[0], prior.num_images, transform, data.seed)
+    say(f"prior: {len(classes)} class images of {what} from {folder}, weight {prior.weight}")
     return WithPrior(dataset, classes)
 
 
