@@ -305,17 +305,33 @@ def _read_jsonl(files: list[Path]) -> Any:
         text = read_text(file)
         if text is None:
             raise DataError(f"{file} is neither UTF-8, UTF-16 nor {FALLBACK_ENCODING}: save it as UTF-8")
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{file} line {number} is not JSON: {e}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-                raise DataError(f"{file} line {number} has no file_name")
-            rows.append({**row, "file_name": str(file.parent / row["file_name"])})
+        rows += [{**row, "file_name": str(file.parent / row["file_name"])} for row in _jsonl_rows(file, text)]
     return datasets.Dataset.from_list(rows)
+
+
+def _jsonl_rows(file: Path, text: str) -> list[dict[str, Any]]:
+    """The rows of a metadata.jsonl's text; a DataError names the file and the first line that is not a JSON object
+    with a file_name."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{file} line {number} is not JSON: {e}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise DataError(f"{file} line {number} has no file_name")
+        rows.append(row)
+    return rows
+
+
+def _check_jsonl(folder: Path) -> None:
+    """A DataError naming the first metadata.jsonl line under `folder` that is not a row (after datasets failed)."""
+    for file in sorted(folder.rglob(METADATA_FILES[0])):
+        text = read_text(file)
+        if text is not None:
+            _jsonl_rows(file, text)
 
 
 @contextlib.contextmanager
@@ -340,9 +356,15 @@ def _load_dataset(name: str, split: str, cache_dir: str | None) -> Any:
         with _quiet(Path(name).is_dir()):
             ds = datasets.load_dataset(name, cache_dir=cache_dir)
     except Exception as e:  # load_dataset raises many unrelated types (network, format, missing files)
+        said = f"{type(e).__name__}: {e}"
+        if Path(name).is_dir():
+            try:
+                _check_jsonl(Path(name))
+            except DataError as culprit:  # datasets names a row, not the file
+                raise DataError(f"DATA '{name}': {culprit} (datasets.load_dataset: {said})") from None
         what = ("a folder that datasets.load_dataset cannot load" if Path(name).is_dir()
                 else "not a local path, and datasets.load_dataset cannot load it")
-        raise DataError(f"DATA '{name}' is {what}: {type(e).__name__}: {e}") from None
+        raise DataError(f"DATA '{name}' is {what}: {said}") from None
     return _pick_split(ds, split, f"DATA '{name}'")
 
 
