@@ -140,6 +140,37 @@ def test_a_data_path_that_does_not_exist_fails_at_once_without_the_hub(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("data", ["data/nothere", "nothere"])
+def test_a_hub_like_data_name_fails_in_seconds_with_one_line(tmp_path, monkeypatch, capfd, data):
+    """No local data/ folder: DATA data/nothere may be a Hub name; one quick look-up (no network here, or no such data
+    set), not datasets' five retries over ~30 s."""
+    import time
+
+    import datasets
+
+    def no_retries(*args, **kwargs):
+        raise AssertionError("datasets.load_dataset was asked")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_retries)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # a look-up, even in an offline suite
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    code = main(["train-vae", "--config", "vae-tiny", "--data", data, "--output", "run"])
+    seconds = time.perf_counter() - start
+    out, err = capfd.readouterr()
+    line = one_line_error(err)
+    assert code == 2 and seconds < 10 and err.strip() == line and not out, err
+    assert line.startswith(f"ldm: error: DATA '{data}': no local path {data}, and ")
+    assert "could not be reached" in line or "no data set of that name on the Hugging Face Hub" in line
+
+
+@pytest.mark.parametrize("data", ["images.jsonl", "user/x.png"])
+def test_data_that_names_a_file_is_a_path_not_a_hub_name(tmp_path, monkeypatch, capsys, data):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "train-vae", "--config", "vae-tiny", "--data", data, "--output", "run")
+    assert code == 2 and one_line_error(err) == f"ldm: error: DATA path not found: {data}"
+
+
 def test_local_data_loads_without_datasets_progress_bars(tmp_path, capfd):
     from latentdiffusion.data import load_image_captions
 
