@@ -68,3 +68,18 @@ def test_undecodable_metadata_names_the_file(tmp_path):
     (tmp_path / "metadata.jsonl").write_bytes(b'{"file_name": "x.png", "text": "\x81"}\n')
     with pytest.raises(DataError, match="metadata.jsonl is neither UTF-8"):
         load_image_captions(str(tmp_path), 8, cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_utf8_metadata_line_that_is_not_json_names_the_file_and_the_row(tmp_path):
+    (tmp_path / "sub").mkdir()
+    lines = []
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / "sub" / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": "a red circle"}))
+    lines[2] = lines[2].replace('"a red circle"', "a red circle")  # unquoted: not JSON
+    (tmp_path / "sub" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as error:
+        load_image_captions(str(tmp_path), 8, cache_dir=str(tmp_path / "cache"))
+    message = str(error.value)
+    assert f"{tmp_path / 'sub' / 'metadata.jsonl'} line 3 is not JSON" in message  # the file, and its line
+    assert "row 2" in message  # datasets' own words, kept

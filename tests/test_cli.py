@@ -73,7 +73,7 @@ def test_python_dash_m_is_the_ldm_command():
 # ------------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("args, message", [
     (["--set", "train.foo=1"], "unknown config key 'train.foo'"),
-    (["--batch-size", "0"], "train.batch_size must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size (train.batch_size) must be >= 1, got 0"),
     (["--set", "train.mixed_precision=fp8"], "train.mixed_precision must be one of no, bf16, fp16, got 'fp8'"),
     (["--set", "model.unet.cross_attention=[true]"], "cross_attention has 1 entries"),
     (["--set", "model.vae.block_channels=[8]"], "'model.vae' is not used by this command"),

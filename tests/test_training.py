@@ -168,6 +168,19 @@ def test_vae_decoder_only_keeps_the_encoder_and_its_scale_bit_exactly(tmp_path, 
         train_vae(config, tmp_path / "scratch", raw=raw, progress=False)
 
 
+def test_vae_init_takes_model_keys_that_say_what_it_is_and_names_one_that_differs(tmp_path, vae_dir):
+    """`ldm train-vae --config vae-tiny --init <a vae-tiny run> --set train.decoder_only=true`: the config's model.vae
+    keys equal the --init VAE's, so it trains; a key that would change the architecture is refused, with both values."""
+    config, raw = load_run_config(VAERunConfig, write_config(
+        tmp_path / "vae.yaml", TINY_VAE_RUN, max_steps=1, decoder_only=True, sample_every=0, disc_start=10))
+    run = train_vae(config, tmp_path / "run", init=vae_dir, raw=raw, progress=False)
+    assert load_vae(run).config == TINY_VAE
+    other = {**TINY_VAE_RUN, "model": {"vae": {**TINY_VAE_RUN["model"]["vae"], "layers_per_block": 2}}}
+    config, raw = load_run_config(VAERunConfig, write_config(tmp_path / "other.yaml", other, decoder_only=True))
+    with pytest.raises(ConfigError, match=r"'model.vae.layers_per_block' \(2\) conflicts with --init's \(1\)"):
+        train_vae(config, tmp_path / "other", init=vae_dir, raw=raw, progress=False)
+
+
 def test_channels_last_vae_training_makes_the_nchw_update_and_saves_standard_files(tmp_path):
     """train.channels_last (the default) is a layout, not a different model: over three steps (the discriminator's
     from the second) the losses are the NCHW run's to float rounding, and the files hold plain contiguous tensors
@@ -392,7 +405,7 @@ def test_fine_tuning_from_init_takes_its_weights_and_only_the_flags_the_config_s
     bad = {**tuned_yaml, "model": {"unet": {"dropout": 0.1}}}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     bad_config, bad_raw = load_run_config(LDMRunConfig, tmp_path / "bad.yaml")
-    with pytest.raises(ConfigError, match="model.unet.dropout' conflicts with --init"):
+    with pytest.raises(ConfigError, match=r"model.unet.dropout' \(0.1\) conflicts with --init's \(0.0\)"):
         train_ldm(bad_config, tmp_path / "bad", init=base, raw=bad_raw, progress=False)
 
 

@@ -140,6 +140,37 @@ def test_a_data_path_that_does_not_exist_fails_at_once_without_the_hub(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("data", ["data/nothere", "nothere"])
+def test_a_hub_like_data_name_fails_in_seconds_with_one_line(tmp_path, monkeypatch, capfd, data):
+    """No local data/ folder: DATA data/nothere may be a Hub name; one quick look-up (no network here, or no such data
+    set), not datasets' five retries over ~30 s."""
+    import time
+
+    import datasets
+
+    def no_retries(*args, **kwargs):
+        raise AssertionError("datasets.load_dataset was asked")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_retries)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # a look-up, even in an offline suite
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    code = main(["train-vae", "--config", "vae-tiny", "--data", data, "--output", "run"])
+    seconds = time.perf_counter() - start
+    out, err = capfd.readouterr()
+    line = one_line_error(err)
+    assert code == 2 and seconds < 10 and err.strip() == line and not out, err
+    assert line.startswith(f"ldm: error: DATA '{data}': no local path {data}, and ")
+    assert "could not be reached" in line or "no data set of that name on the Hugging Face Hub" in line
+
+
+@pytest.mark.parametrize("data", ["images.jsonl", "user/x.png"])
+def test_data_that_names_a_file_is_a_path_not_a_hub_name(tmp_path, monkeypatch, capsys, data):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "train-vae", "--config", "vae-tiny", "--data", data, "--output", "run")
+    assert code == 2 and one_line_error(err) == f"ldm: error: DATA path not found: {data}"
+
+
 def test_local_data_loads_without_datasets_progress_bars(tmp_path, capfd):
     from latentdiffusion.data import load_image_captions
 
@@ -175,15 +206,62 @@ def tiny_upsampler(tmp_path_factory) -> Path:
     ("sample", ["--guidance", "nan"], "--guidance must be a finite number, got nan"),
     ("upscale", ["--noise-level", "999"], "--noise-level must be in [0, max_noise_level=350]"),
     ("upscale", ["--num-images", "0"], "--num-images must be an integer >= 1, got 0"),
+    ("sample", ["--height", "31"], "--height 31 must be a positive multiple of the VAE factor 2"),
+    ("sample", ["--width", "0"], "--width must be an integer >= 1, got 0"),
+    ("sample", ["--eta", "-1"], "--eta must be >= 0.0, got -1.0"),
+    ("sample", ["--scheduler", "euler", "--eta", "1"], "--eta applies to the"),
+    ("sample", ["--image", "IMAGE", "--strength", "1.5"], "--strength must be in (0, 1], got 1.5"),
+    ("sample", ["--image", "IMAGE", "--strength", "0.3", "--steps", "3"],
+     "--strength 0.3 with --steps 3 leaves no step to run (img2img runs int(3 x 0.3) = 0 of them)"),
+    ("sample", ["--image", "IMAGE", "--height", "16"], "--height 16: not the image's size 8x8 (HxW); with an image, "
+     "leave --height and --width out"),
+    ("upscale", ["--steps", "2000"], "--steps 2000 exceeds the 1000 training timesteps"),
 ])
 def test_sampling_errors_name_the_command_line_option(capsys, tiny_model, tiny_upsampler, tmp_path, command, args,
                                                       message):
     image = tmp_path / "low.png"
     Image.new("RGB", (8, 8), (200, 30, 30)).save(image)
     model, extra = (tiny_model, []) if command == "sample" else (tiny_upsampler, ["--image", str(image)])
+    args = [str(image) if arg == "IMAGE" else arg for arg in args]
     code, _, err = run_cli(capsys, command, "--model", str(model), "--prompt", "a red circle", *extra, *args,
                            "--no-progress", "--out", str(tmp_path / "out.png"))
     assert code == 2 and message in one_line_error(err)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-steps", "0"], "ldm: error: --max-steps (train.max_steps) must be >= 1, got 0"),
+    (["--batch-size", "0"], "ldm: error: --batch-size (train.batch_size) must be >= 1, got 0"),
+    (["--resolution", "7"], "ldm: error: --resolution (data.resolution) must be a positive multiple of 8, got 7"),
+    (["--set", "train.max_steps=0"], "ldm: error: train.max_steps must be >= 1, got 0"),  # no flag: the key alone
+])
+def test_training_errors_name_the_flag_given_with_its_config_key(capsys, tmp_path, args, message):
+    code, _, err = run_cli(capsys, "train-vae", "--config", "vae-tiny", "--data", "builtin:shapes", "--output",
+                           str(tmp_path / "run"), *args)
+    assert code == 2 and one_line_error(err) == message
+
+
+def test_option_names_replace_whole_argument_names_only():
+    from latentdiffusion.cli import _OPTION_NAMES, _as_typed
+
+    assert _as_typed("--strength needs --image; sampling.num_inference_steps must be >= 1; theta",
+                     _OPTION_NAMES) == "--strength needs --image; sampling.num_inference_steps must be >= 1; theta"
+    assert (_as_typed("controlnet 0, controlnet_conditioning_scale=2", _OPTION_NAMES)
+            == "--controlnet 0, --controlnet-scale 2")
+
+
+def test_convert_names_the_to_option_and_its_values(capsys, tmp_path):
+    from dataclasses import replace
+
+    from latentdiffusion.pixels import PixelSpaceConfig
+
+    config = smallest_model()
+    config.pixels = PixelSpaceConfig(factor=2)
+    config.unet = replace(config.unet, in_channels=12, out_channels=12)
+    LatentDiffusion.from_config(config).save_pretrained(tmp_path / "pixels")
+    code, _, err = run_cli(capsys, "convert", str(tmp_path / "pixels"), str(tmp_path / "out.safetensors"), "--to",
+                           "single-file")
+    assert code == 2 and one_line_error(err) == ("ldm: error: --to single-file: a pixel-space model (no VAE) has no "
+                                                 "place in that layout; save it as --to latentdiffusion")
 
 
 def test_upscale_takes_the_sampling_options_of_sample(capsys, tiny_upsampler, tmp_path):

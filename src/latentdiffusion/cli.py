@@ -50,6 +50,7 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
                         "(bit-identical on CPU to an unbroken run); with none there yet, start from the beginning")
     parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config values, e.g. --set train.learning_rate=1e-4 train.lora.alpha=8 (repeatable)")
+    parser.set_defaults(flag_keys=_FLAG_KEYS)
 
 
 _FLAG_KEYS = {"data": "data.source", "resolution": "data.resolution", "batch_size": "train.batch_size",
@@ -60,7 +61,7 @@ _FLAG_KEYS = {"data": "data.source", "resolution": "data.resolution", "batch_siz
 
 def _flag_values(args: argparse.Namespace) -> dict[str, object]:
     """The dedicated flags that were given, as {config key: value}; they win over --set."""
-    return {key: getattr(args, name) for name, key in _FLAG_KEYS.items() if getattr(args, name, None) is not None}
+    return {key: getattr(args, name) for name, key in args.flag_keys.items() if getattr(args, name, None) is not None}
 
 
 def add_train_vae(subparsers: SubParsers) -> None:
@@ -219,9 +220,10 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
 
 # The pipeline's argument names as `sample` / `upscale` call its options, for the messages: the library checks once.
 _OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "use_karras_sigmas": "--karras",
+                 "height": "--height", "width": "--width", "eta": "--eta", "strength": "--strength",
                  "noise_level": "--noise-level", "num_images_per_prompt": "--num-images", "negative_prompt":
-                 "--negative-prompt", "mask_image": "--mask", "control_image": "--control-image",
-                 "controlnet_conditioning_scale": "--controlnet-scale"}
+                 "--negative-prompt", "mask_image": "--mask", "controlnet": "--controlnet",
+                 "control_image": "--control-image", "controlnet_conditioning_scale": "--controlnet-scale"}
 
 
 def _controls(args: argparse.Namespace, device: str, dtype: object) -> dict[str, object]:
@@ -430,7 +432,7 @@ def add_convert(subparsers: SubParsers) -> None:
                    "read against (default: the SD 1.x architecture)")
     p.add_argument("--no-ema", action="store_true", help="take a checkpoint's raw weights, not its EMA weights")
     _prediction_type_option(p)
-    p.set_defaults(run=run_convert)
+    p.set_defaults(run=run_convert, option_names={"format": "--to"})
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -613,10 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     except LatentDiffusionError as e:  # bad input (2), or the run itself failed, e.g. a loss that became NaN (1)
         if args.debug:
             traceback.print_exc()
-        message = _one_line(e)
-        for name, option in getattr(args, "option_names", {}).items():  # the Python names as the command's options
-            message = re.sub(rf"\b{name}\b", option, message)
-        print(f"{prefix}: error: {message}", file=sys.stderr)
+        print(f"{prefix}: error: {_as_typed(_one_line(e), _option_names(args))}", file=sys.stderr)
         return 2 if isinstance(e, UserInputError) else 1
     finally:
         logger.removeHandler(handler)
@@ -650,6 +649,25 @@ class _MessageHandler(logging.Handler):
 
         level = "warning" if record.levelno >= logging.WARNING else "note"
         tqdm.write(f"{self.prefix}: {level}: {record.getMessage()}", file=sys.stderr)
+
+
+def _option_names(args: argparse.Namespace) -> dict[str, str]:
+    """The names in the library's messages of what the user typed as options: the command's table of argument
+    names (`num_inference_steps` -> `--steps`), and the config keys of the training flags given
+    (`train.max_steps` -> `--max-steps (train.max_steps)`)."""
+    flags = {key: f"--{name.replace('_', '-')} ({key})" for name, key in getattr(args, "flag_keys", {}).items()
+             if getattr(args, name, None) is not None}
+    return {**getattr(args, "option_names", {}), **flags}
+
+
+def _as_typed(message: str, names: dict[str, str]) -> str:
+    """`message` with each of `names` (a whole name, not part of a longer one or of a config key) as its option, in
+    one pass; `name=value` and `name='value'` read `--option value`."""
+    if not names:
+        return message
+    alternatives = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
+    pattern = rf"(?<![\w.-])({alternatives})(?![\w-])(?:=(['\"]?)([^\s'\",;:)]+)\2)?"
+    return re.sub(pattern, lambda m: names[m[1]] if m[3] is None else f"{names[m[1]]} {m[3]}", message)
 
 
 def _one_line(error: Exception) -> str:

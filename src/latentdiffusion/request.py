@@ -156,8 +156,8 @@ def _low_res(pipe: LatentDiffusion, image: ImageInput | None, mask_image: ImageI
     low_res = low_res_images(image, prompts, factor, pipe.upscaler.image_channels)
     for name, given, side in (("height", height, low_res.shape[2]), ("width", width, low_res.shape[3])):
         if given is not None and given != side * pipe.vae_scale_factor:
-            raise ArgumentError(f"{name}={given}: an upsampler's output is {pipe.vae_scale_factor} x the image's "
-                                f"{name} ({side}); leave {name} out")
+            raise ArgumentError(f"{name}={given}: an upsampler's output is {pipe.vae_scale_factor} x the low-res "
+                                f"image, {side * pipe.vae_scale_factor} px here; leave {name} out")
     return low_res
 
 
@@ -189,7 +189,9 @@ def _size(pipe: LatentDiffusion, pixels: Tensor | None, latents: Tensor | None, 
     if pixels is not None:
         size = tuple(pixels.shape[2:])
         if (height or size[0], width or size[1]) != size:
-            raise ArgumentError(f"height/width {height}x{width} contradict the image's size {size[0]}x{size[1]}")
+            given = ", ".join(f"{name}={side}" for name, side in (("height", height), ("width", width)) if side)
+            raise ArgumentError(f"{given}: not the image's size {size[0]}x{size[1]} (HxW); with an image, leave "
+                                "height and width out")
         return size
     if latents is not None and latents.ndim == 4:
         height = latents.shape[2] * pipe.vae_scale_factor if height is None else height
@@ -237,7 +239,7 @@ def _steps_run(steps: int, strength: float) -> int:
     run = min(int(steps * strength), steps)
     if run < 1:
         raise ArgumentError(f"strength={strength} with num_inference_steps={steps} leaves no step to run "
-                            "(int(steps * strength) = 0): raise either")
+                            f"(img2img runs int({steps} x {strength}) = 0 of them): raise either")
     return run
 
 

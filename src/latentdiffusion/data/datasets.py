@@ -46,7 +46,7 @@ class DataConfig:
         if not self.source.strip():
             raise ConfigError("data config key 'source' is empty")
         if self.resolution < 8 or self.resolution % 8:
-            raise ConfigError(f"data config key 'resolution' must be a positive multiple of 8, got {self.resolution}")
+            raise ConfigError(f"data.resolution must be a positive multiple of 8, got {self.resolution}")
         if self.num_workers < 0:
             raise ConfigError(f"data config key 'num_workers' must be >= 0, got {self.num_workers}")
         self.seed = seed(self.seed, "data config key 'seed'", ConfigError)

@@ -46,6 +46,8 @@ SHAPES_LENGTH = 10000
 FALLBACK_ENCODING = "cp1252"  # Windows-1252: how a caption file that is not UTF-8 is read
 SHAPES_CONDITIONS = {"conditioning_image": "silhouette", "silhouette": "silhouette", "edges": "edges"}
 _HUB_NAME = re.compile(r"[\w-][\w.-]*(/[\w.-]+)?")
+_FILE_SUFFIXES = (*IMAGE_EXTENSIONS, ".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt", ".zip", ".tar", ".gz")
+HUB_TIMEOUT = 5.0  # seconds: one look-up of a Hub data set name before datasets' own (which retries for ~30 s)
 
 
 class Source(Protocol):
@@ -198,11 +200,34 @@ def open_source(
         return _open_folder(path, image_column, caption_column, split, cache_dir, conditioning_column)
     if path.exists():
         raise DataError(f"DATA '{data}' is a file; expected a folder, a Hugging Face dataset name or builtin:shapes")
-    if not _HUB_NAME.fullmatch(data) or data.startswith(".") or Path(path.parts[0]).exists():
+    if (not _HUB_NAME.fullmatch(data) or data.startswith(".") or path.suffix.lower() in _FILE_SUFFIXES
+            or Path(path.parts[0]).exists()):
         # a path (data/nothere: its first folder is here), never a Hugging Face Hub name: no download attempts
         raise DataError(f"DATA path not found: {data}")
+    _check_hub_name(data)
     ds = _load_dataset(data, split, cache_dir)
     return ArrowSource(ds, image_column, caption_column, None, f"dataset '{data}'", conditioning_column), {}
+
+
+def _check_hub_name(name: str) -> None:
+    """One quick look-up of DATA as a Hub data set name: a DataError at once where the Hub has none of that name or
+    cannot be reached (no retries); offline (HF_HUB_OFFLINE), datasets' cache decides."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    try:
+        HfApi().dataset_info(name, timeout=HUB_TIMEOUT)
+    except OfflineModeIsEnabled:
+        return
+    except HFValidationError:
+        raise DataError(f"DATA path not found: {name}") from None
+    except RepositoryNotFoundError:
+        raise DataError(f"DATA '{name}': no local path {name}, and no data set of that name on the Hugging Face Hub "
+                        "(or it is private: log in with `hf auth login`)") from None
+    except Exception as e:  # no network, a timeout, the Hub down: what the HTTP client raises varies
+        raise DataError(f"DATA '{name}': no local path {name}, and as a Hugging Face Hub data set name it could not "
+                        f"be reached ({type(e).__name__}: {' '.join(str(e).split())}); give an existing folder, or set "
+                        "HF_HUB_OFFLINE=1 to use a data set in the datasets cache") from None
 
 
 def _open_folder(
@@ -305,17 +330,33 @@ def _read_jsonl(files: list[Path]) -> Any:
         text = read_text(file)
         if text is None:
             raise DataError(f"{file} is neither UTF-8, UTF-16 nor {FALLBACK_ENCODING}: save it as UTF-8")
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{file} line {number} is not JSON: {e}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-                raise DataError(f"{file} line {number} has no file_name")
-            rows.append({**row, "file_name": str(file.parent / row["file_name"])})
+        rows += [{**row, "file_name": str(file.parent / row["file_name"])} for row in _jsonl_rows(file, text)]
     return datasets.Dataset.from_list(rows)
+
+
+def _jsonl_rows(file: Path, text: str) -> list[dict[str, Any]]:
+    """The rows of a metadata.jsonl's text; a DataError names the file and the first line that is not a JSON object
+    with a file_name."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{file} line {number} is not JSON: {e}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise DataError(f"{file} line {number} has no file_name")
+        rows.append(row)
+    return rows
+
+
+def _check_jsonl(folder: Path) -> None:
+    """A DataError naming the first metadata.jsonl line under `folder` that is not a row (after datasets failed)."""
+    for file in sorted(folder.rglob(METADATA_FILES[0])):
+        text = read_text(file)
+        if text is not None:
+            _jsonl_rows(file, text)
 
 
 @contextlib.contextmanager
@@ -340,9 +381,15 @@ def _load_dataset(name: str, split: str, cache_dir: str | None) -> Any:
         with _quiet(Path(name).is_dir()):
             ds = datasets.load_dataset(name, cache_dir=cache_dir)
     except Exception as e:  # load_dataset raises many unrelated types (network, format, missing files)
+        said = f"{type(e).__name__}: {e}"
+        if Path(name).is_dir():
+            try:
+                _check_jsonl(Path(name))
+            except DataError as culprit:  # datasets names a row, not the file
+                raise DataError(f"DATA '{name}': {culprit} (datasets.load_dataset: {said})") from None
         what = ("a folder that datasets.load_dataset cannot load" if Path(name).is_dir()
                 else "not a local path, and datasets.load_dataset cannot load it")
-        raise DataError(f"DATA '{name}' is {what}: {type(e).__name__}: {e}") from None
+        raise DataError(f"DATA '{name}' is {what}: {said}") from None
     return _pick_split(ds, split, f"DATA '{name}'")
 
 

@@ -364,6 +364,17 @@ def explicit(raw: dict[str, Any], section: str) -> dict[str, Any]:
     return dict(node) if isinstance(node, dict) else {}
 
 
+def differing_key(raw: dict[str, Any], section: str, base: Any) -> tuple[str, Any, Any] | None:
+    """The first key set explicitly under `section` of a raw config (e.g. "model.vae") whose value is not `base`'s (a
+    config dataclass: what --init holds), with the two values; None where every key says what `base` is."""
+    keys = explicit(raw, section)
+    given = from_dict(type(base), {**to_dict(base), **keys}, section)
+    for key in keys:
+        if getattr(given, key) != getattr(base, key):
+            return key, getattr(given, key), getattr(base, key)
+    return None
+
+
 def save_run_config(config: Any, path: Path) -> None:
     """The resolved config of a run, every default spelled out, beside its checkpoints."""
     save_yaml(to_dict(config), path)

@@ -28,7 +28,7 @@ from ..unet import UNet
 from ..vae import DiagonalGaussian
 from . import distributed
 from .batches import bernoulli
-from .config import DiffusionTrainConfig, LDMRunConfig, PriorConfig, explicit
+from .config import DiffusionTrainConfig, LDMRunConfig, PriorConfig, differing_key, explicit
 from .ema import EMA
 from .loop import MicroBatch, Setup, Stage, Task, evaluating
 from .plots import image_grid
@@ -231,10 +231,11 @@ def build_pipeline(config: LDMRunConfig, raw: dict[str, Any], vae: Any, init: An
     if "vae" not in parts.configs:
         raise ConfigError("no VAE to train with: pass --vae VAE (a VAE training run or any model folder or file), "
                           "or --init MODEL")
-    unet_keys = explicit(raw, "model.unet")
-    if "unet" in parts.configs and unet_keys:
-        raise ConfigError(f"config key 'model.unet.{next(iter(unet_keys))}' conflicts with --init: the UNet's "
-                          "architecture comes from the --init model")
+    conflict = differing_key(raw, "model.unet", parts.configs["unet"]) if "unet" in parts.configs else None
+    if conflict is not None:
+        key, given, held = conflict
+        raise ConfigError(f"config key 'model.unet.{key}' ({given!r}) conflicts with --init's ({held!r}): the UNet's "
+                          "architecture comes from the --init model; leave the key out")
     if "text_encoder" in parts.configs:
         flags = explicit(raw, "model.text_encoder")
         fixed = [k for k in flags if k not in _TEXT_ENCODER_FLAGS]
@@ -250,7 +251,7 @@ def build_pipeline(config: LDMRunConfig, raw: dict[str, Any], vae: Any, init: An
         unet = parts.unet()
     else:  # from scratch: its latent side follows the training resolution, its channels the VAE's latents
         latent = vae_model.config.latent_channels
-        channels = {key: unet_keys.get(key, latent) for key in ("in_channels", "out_channels")}
+        channels = {key: explicit(raw, "model.unet").get(key, latent) for key in ("in_channels", "out_channels")}
         unet = UNet(replace(config.model.unet, sample_size=config.data.resolution // vae_model.downsample_factor,
                             **channels))
     text = parts.text_encoder() if "text_encoder" in parts.configs else TextEncoder(config.model.text_encoder)

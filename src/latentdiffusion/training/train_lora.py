@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 from .. import lora
-from ..config import from_dict, to_dict
 from ..errors import ConfigError
 from ..formats import load_pipeline
 from ..formats.lora import LORA_FILE, load_lora_weights, lora_base, write_lora_checkpoint
-from .config import LDMRunConfig, explicit
+from .config import LDMRunConfig, differing_key, explicit
 from .train_ldm import LDMTask
 
 ADAPTER = "lora"  # the adapter's name inside the pipeline
@@ -48,17 +47,16 @@ def check_model_sections(raw: dict[str, Any], pipe: Any) -> None:
     config the base was trained with), and any that would change it is a ConfigError naming the key."""
     bases = {"unet": pipe.unet.config, "text_encoder": pipe.text_encoder.config, "vae": pipe.vae.config,
              "scheduler": pipe.scheduler.config}
-    for name, section in (raw.get("model") or {}).items():
+    for name in raw.get("model") or {}:
         if name not in bases:
             raise ConfigError(f"config section 'model.{name}' does not apply to LoRA training: the --init base fixes "
                               "the model")
-        base = bases[name]
-        given = from_dict(type(base), {**to_dict(base), **(section or {})}, f"model.{name}")
-        for key in section or {}:
-            if getattr(given, key) != getattr(base, key):
-                raise ConfigError(f"config key 'model.{name}.{key}' ({getattr(given, key)!r}) differs from the --init "
-                                  f"base's ({getattr(base, key)!r}): LoRA trains on the base as it is; leave the key "
-                                  "out, or use a config without a model section, such as configs/lora-star.yaml")
+        conflict = differing_key(raw, f"model.{name}", bases[name])
+        if conflict is not None:
+            key, given, held = conflict
+            raise ConfigError(f"config key 'model.{name}.{key}' ({given!r}) differs from the --init base's "
+                              f"({held!r}): LoRA trains on the base as it is; leave the key out, or use a config "
+                              "without a model section, such as configs/lora-star.yaml")
 
 
 class LoraTask(LDMTask):

@@ -18,7 +18,7 @@ from ..formats.native import EMA_DIR, is_native, load_components as load_native
 from ..formats.native import save_components
 from ..vae import AutoencoderKL, DiagonalGaussian
 from . import distributed
-from .config import VAERunConfig, explicit
+from .config import VAERunConfig, differing_key
 from .ema import EMA
 from .loop import MicroBatch, Setup, Stage, Task, evaluating, fit
 from .plots import image_grid
@@ -66,10 +66,12 @@ class VAETask(Task):
         if run.checkpoint:
             vae = load_native(run.checkpoint).vae()
         elif init is not None:
-            if explicit(raw, "model.vae"):
-                raise ConfigError(f"config key 'model.vae.{next(iter(explicit(raw, 'model.vae')))}' conflicts with "
-                                  "--init: the VAE's architecture comes from the --init model")
             vae = load_vae(init)
+            conflict = differing_key(raw, "model.vae", vae.config)
+            if conflict is not None:
+                key, given, held = conflict
+                raise ConfigError(f"config key 'model.vae.{key}' ({given!r}) conflicts with --init's ({held!r}): the "
+                                  "VAE's architecture comes from the --init model; leave the key out")
         else:
             vae = AutoencoderKL(replace(config.model.vae, sample_size=config.data.resolution))
             if cfg.logvar_init is not None:
