@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from latentdiffusion import LatentDiffusion
+from latentdiffusion import LatentDiffusion, loss
 from latentdiffusion.pipeline import LatentDiffusionConfig
 from latentdiffusion.text_encoder import TextEncoderConfig
 from latentdiffusion.errors import ConfigError
@@ -134,8 +134,8 @@ def test_one_by_four_equals_two_accumulation_steps_by_two(split_runs, tmp_path, 
     assert _gap(runs["1x4"], runs["2acc x 2"]) < 1e-4
     # The test can fail: with the old draw (a micro-batch's timesteps all from its first image's generator) the same
     # two splits end far apart.
-    monkeypatch.setattr(LatentDiffusion, "_random_timesteps", lambda self, n, g, device, *_: torch.randint(
-        0, 1000, (n,), generator=g[0]).to(device))
+    monkeypatch.setattr(loss, "random_timesteps", lambda steps, n, g, device, *_: torch.randint(
+        0, steps, (n,), generator=g[0]).to(device))
     old = {}
     for name, train in {"1x4": dict(batch_size=4), "2x2": dict(batch_size=2, gradient_accumulation=2)}.items():
         config, raw = run_config(tmp_path, max_steps=3, checkpoint_every=3, caption_dropout=0.5, noise_offset=0.1,
