@@ -1,5 +1,5 @@
 """The cascade keeps the base model's prompt adherence: the demo's 90 prompts sampled with a base model alone and
-through `cascade(base, upsampler)` from the same noise, judged by the yardstick; and the upsampler against bicubic on
+through `cascade(base, upscaler)` from the same noise, judged by the yardstick; and the upscaler against bicubic on
 held-out builtin:shapes images. What `ldm demo --cascade` reports, for models trained elsewhere.
 
     python benchmarks/cascade.py --base BASE --upscaler UPSAMPLER [--steps 25] [--guidance G] [--noise-level 20]
@@ -21,7 +21,7 @@ from latentdiffusion.demo import demo_sampling, evaluate_cascade
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="the text-to-image model (e.g. the demo's OUTPUT/ldm)")
-    parser.add_argument("--upscaler", required=True, help="the upsampler (a train-upscaler run)")
+    parser.add_argument("--upscaler", required=True, help="the upscaler (a train-upscaler run)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps of both stages")
     parser.add_argument("--guidance", type=float, help="guidance of both stages (default: the demo's, ldm-tiny's "
                         "train.sample_guidance)")

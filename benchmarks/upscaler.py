@@ -1,4 +1,4 @@
-"""A trained upsampler against bicubic upscaling on held-out builtin:shapes images; prints PSNR and edge sharpness,
+"""A trained upscaler against bicubic upscaling on held-out builtin:shapes images; prints PSNR and edge sharpness,
 writes a picture (columns: low-res | bicubic | ours | truth) and a JSON of the figures.
 
     python benchmarks/upscaler.py --model runs/upscaler-tiny [--count 64] [--steps 25] [--noise-level 20]
@@ -14,8 +14,8 @@ align_corners=False). The prompt is each image's caption. The measures are laten
 PSNR, edge sharpness (the Sobel gradient on the truth's strongest 10% edges relative to the truth's: 1.0 is as
 sharp) and edge error (mean |gradient magnitude - truth's|).
 
-For a latent-space upsampler the truth's round trip through its VAE (encode, posterior mode, decode) is measured too:
-the best the upsampler could do (a pixel-space model's round trip is exact).
+For a latent-space upscaler the truth's round trip through its VAE (encode, posterior mode, decode) is measured too:
+the best the upscaler could do (a pixel-space model's round trip is exact).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from latentdiffusion.training.plots import image_grid
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a trained upsampler (run folder or any from_pretrained path)")
+    parser.add_argument("--model", required=True, help="a trained upscaler (run folder or any from_pretrained path)")
     parser.add_argument("--count", type=int, default=64, help="held-out images (default 64)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--noise-level", type=int, default=20)
@@ -51,7 +51,7 @@ def main() -> None:
 
     pipe = LatentDiffusion.from_pretrained(args.model)
     if pipe.upscaler is None:
-        raise SystemExit(f"{args.model} is not an upsampler model")
+        raise SystemExit(f"{args.model} is not an upscaler model")
     factor = pipe.vae_scale_factor
     size = pipe.unet.config.sample_size * factor
     truth, low, bicubic, captions = held_out_shapes(args.count, size, factor, args.downsample)

@@ -46,7 +46,7 @@ def error_line(capsys, *args: str) -> str:
     (["--out", "{d}/o.txt"], "--out {d}/o.txt: unknown image file extension '.txt'"),
     (["--out", "{d}"], "--out {d} is a directory"),
     (["--strength", "0.5"], "--strength needs --image"),
-    (["--noise-level", "30"], "--noise-level applies to upsampler models"),
+    (["--noise-level", "30"], "--noise-level applies to upscaler models"),
     (["--image", "{d}"], "--image {d} is a directory"),
     (["--lora", "{d}/lora.safetensors:abc"], "the scale 'abc' is not a number"),
     (["--lora", "{d}/lora.safetensors:nan"], "the scale must be a finite number"),
@@ -57,10 +57,10 @@ def test_sample_bad_options(capsys, files, extra, message):
     assert message.format(d=files) in line
 
 
-def test_upscale_refuses_a_model_that_is_not_an_upsampler(capsys, files):
+def test_upscale_refuses_a_model_that_is_not_an_upscaler(capsys, files):
     line = error_line(capsys, "upscale", "--model", str(files / "model"), "--image", str(files / "img.png"),
                       "--prompt", "x", "--out", str(files / "u.png"))
-    assert "is not an upsampler" in line
+    assert "is not an upscaler" in line
 
 
 def test_controlnet_of_another_vae_factor_is_named(pipe):
@@ -124,7 +124,7 @@ def test_bad_device_is_one_line(capsys, files, device, message):
     assert message in line
 
 
-def test_a_diffusers_x4_folder_loads_as_an_upsampler(capsys, pipe, tmp_path):
+def test_a_diffusers_x4_folder_loads_as_an_upscaler(capsys, pipe, tmp_path):
     """The merge of formats/__init__.py had dropped the upscaler config: the x4 layout loaded as a plain model."""
     from latentdiffusion.upscaler import UpscalerConfig
 
@@ -137,7 +137,7 @@ def test_a_diffusers_x4_folder_loads_as_an_upsampler(capsys, pipe, tmp_path):
     assert LatentDiffusion.from_pretrained(tmp_path / "x4").upscaler.max_noise_level == 20
     line = error_line(capsys, "sample", "--model", str(tmp_path / "x4"), "--prompt", "x", "--steps", "1",
                       "--out", str(tmp_path / "o.png"))
-    assert "is an upsampler: give the low-resolution image as --image FILE" in line
+    assert "is an upscaler: give the low-resolution image as --image FILE" in line
 
 
 def test_upscale_steps_zero_is_refused_not_replaced(capsys, files):
@@ -147,11 +147,11 @@ def test_upscale_steps_zero_is_refused_not_replaced(capsys, files):
     from latentdiffusion.upscaler import cascade
 
     with pytest.raises(ArgumentError, match="num_inference_steps must be an integer >= 1, got 0"):
-        cascade(lambda *a, **k: torch.rand(1, 3, 8, 8), _Upsampler(), "x", upscale_steps=0, num_inference_steps=1)
+        cascade(lambda *a, **k: torch.rand(1, 3, 8, 8), _Upscaler(), "x", upscale_steps=0, num_inference_steps=1)
 
 
-class _Upsampler:
-    """Stands in for an upsampler pipeline: checks the step count cascade passes on."""
+class _Upscaler:
+    """Stands in for an upscaler pipeline: checks the step count cascade passes on."""
     upscaler = object()
 
     def __call__(self, *args, num_inference_steps, **kwargs):

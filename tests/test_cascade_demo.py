@@ -1,5 +1,5 @@
-"""`ldm demo --cascade`: the upsampler stage on top of a base model runs on tiny step counts and reports the base
-model's and the cascade's prompt adherence and the upsampler's fidelity against bicubic (no figures asserted: the
+"""`ldm demo --cascade`: the upscaler stage on top of a base model runs on tiny step counts and reports the base
+model's and the cascade's prompt adherence and the upscaler's fidelity against bicubic (no figures asserted: the
 measured ones are in docs/results.md, Cascades)."""
 
 import pytest

@@ -32,7 +32,7 @@ def test_pipeline_is_small_and_the_sampling_path_reads_in_short_functions():
         long = {f.name: f.end_lineno - f.lineno + 1 for f in ast.walk(tree)
                 if isinstance(f, ast.FunctionDef) and f.end_lineno - f.lineno + 1 > 40}
         assert not long, (module, long)
-    assert set(sampling.STARTS) == {"text", "img2img", "inpainting", "repaint", "upsampler"}
+    assert set(sampling.STARTS) == {"text", "img2img", "inpainting", "repaint", "upscaler"}
 
 
 def test_call_and_request_take_the_same_arguments():

@@ -120,7 +120,7 @@ def demo_architecture() -> LatentDiffusionConfig:
 @pytest.fixture(scope="session")
 def base_folder(tmp_path_factory) -> Path:
     """A random-weight model of the demo's architecture where `make demo` saves its model, and the inputs the blocks
-    name: in.png, mask.png (white = repaint), edges.png (a control image), low.png (an upsampler's input)."""
+    name: in.png, mask.png (white = repaint), edges.png (a control image), low.png (an upscaler's input)."""
     folder = tmp_path_factory.mktemp("docs-base")
     torch.manual_seed(0)
     LatentDiffusion.from_config(demo_architecture()).save_pretrained(folder / "outputs" / "demo" / "ldm")

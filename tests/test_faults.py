@@ -40,7 +40,7 @@ def pipe():
     ("a cat", dict(guidance_scale="7"), "guidance_scale must be a finite number"),
     ("a cat", dict(eta=-0.5), r"eta must be >= 0.0, got -0.5"),
     ("a cat", dict(guidance_rescale=1.5), r"guidance_rescale must be in \[0, 1\]"),
-    ("a cat", dict(noise_level=20), "noise_level applies to upsampler models only"),  # not silently ignored
+    ("a cat", dict(noise_level=20), "noise_level applies to upscaler models only"),  # not silently ignored
 ])
 def test_bad_arguments_are_argument_errors_naming_them(pipe, prompt, kwargs, message):
     with pytest.raises(ArgumentError, match=message) as info:

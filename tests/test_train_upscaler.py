@@ -1,4 +1,4 @@
-"""Upsampler training (`ldm train-upscaler`): a short run whose checkpoint loads with from_pretrained and upsamples,
+"""Upscaler training (`ldm train-upscaler`): a short run whose checkpoint loads with from_pretrained and upsamples,
 the low-res input (filter, noise levels from their own stream), exact resume after SIGKILL, the loss falls, bad input.
 Tiny models at 16x16 on the factor-2 VAE of test_training, and in pixel space (model.pixels, pixels.py)."""
 
@@ -87,7 +87,7 @@ def test_a_pixel_space_run_needs_no_vae_and_round_trips(tmp_path):
         train_upscaler(bad, tmp_path / "odd", progress=False)
 
 
-def test_a_residual_upsampler_adds_its_sample_to_the_bicubic_upsampling(tmp_path):
+def test_a_residual_upscaler_adds_its_sample_to_the_bicubic_upsampling(tmp_path):
     config, _ = load_run_config(UpscalerRunConfig, write(tmp_path / "up.yaml", pixels={"factor": 2}, max_steps=2),
                                 ["model.upscaler.residual_scale=4"])
     pipe = LatentDiffusion.from_pretrained(train_upscaler(config, tmp_path / "run", progress=False))
@@ -161,4 +161,4 @@ def test_training_lowers_the_loss(tmp_path, vae_dir):
         tmp_path / "up.yaml", max_steps=60, batch_size=8, learning_rate=2e-3, log_every=10, checkpoint_every=60,
         caption_dropout=0.1))
     losses = [r["loss"] for r in metrics(train_upscaler(config, tmp_path / "run", vae=vae_dir, progress=False))]
-    assert losses[-1] < 0.7 * losses[0], f"the upsampler's loss did not fall: {losses}"
+    assert losses[-1] < 0.7 * losses[0], f"the upscaler's loss did not fall: {losses}"

@@ -1,4 +1,4 @@
-"""The upsampler stage: SD x4 upscaler's layout and a whole guided run against diffusers'
+"""The upscaler stage: SD x4 upscaler's layout and a whole guided run against diffusers'
 StableDiffusionUpscalePipeline on identical tiny random weights, round trips, conditioning augmentation and bad input."""
 
 import os
@@ -149,7 +149,7 @@ def test_round_trip_and_export(pipe, reference, tmp_path):
     assert (a - torch.as_tensor(b)).abs().max() < 5e-4
     with pytest.raises(WeightsError, match="upscaler"):
         pipe.save_pretrained(tmp_path / "x4.safetensors", format="single-file")
-    again.upscaler = replace(again.upscaler, residual_scale=4.0)  # a residual upsampler: native files only
+    again.upscaler = replace(again.upscaler, residual_scale=4.0)  # a residual upscaler: native files only
     with pytest.raises(ArgumentError, match="residual"):
         again.save_pretrained(tmp_path / "residual-diffusers", format="diffusers")
     again.save_pretrained(tmp_path / "residual")
@@ -172,7 +172,7 @@ def test_bad_upscale_input_names_the_argument(pipe, kwargs, culprit):
 
 
 def test_noise_level_left_out_is_the_default(pipe):
-    """Only a given noise_level is refused by other models: an upsampler left without one uses NOISE_LEVEL (20)."""
+    """Only a given noise_level is refused by other models: an upscaler left without one uses NOISE_LEVEL (20)."""
     from latentdiffusion.pipeline import NOISE_LEVEL
 
     def run(**kwargs):
@@ -189,7 +189,7 @@ def test_bad_upscaler_config_names_the_key():
 
 
 # ------------------------------------------------------------------------------------------------- cascade and CLI
-def test_cascade_is_base_then_upsampler(pipe, reference_dir):
+def test_cascade_is_base_then_upscaler(pipe, reference_dir):
     from latentdiffusion.upscaler import cascade
 
     def fake_base(prompts, **kwargs):
@@ -238,4 +238,4 @@ def test_cli_cascade(reference_dir, tmp_path, capsys):
     assert Image.open(out).size == (64, 64)
     assert main(["sample", "--model", str(tmp_path / "base"), "--prompt", PROMPT, "--steps", "1", "--upscaler",
                  str(tmp_path / "base"), "--out", str(out)]) == 2
-    assert "not an upsampler" in capsys.readouterr().err
+    assert "not an upscaler" in capsys.readouterr().err

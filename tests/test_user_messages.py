@@ -185,8 +185,8 @@ def test_local_data_loads_without_datasets_progress_bars(tmp_path, capfd):
 
 # ------------------------------------------------------------------------------------------------- 13, 15: the CLI
 @pytest.fixture(scope="module")
-def tiny_upsampler(tmp_path_factory) -> Path:
-    """The smallest upsampler: smallest_model's with the low-res image's 3 channels and a class per noise level."""
+def tiny_upscaler(tmp_path_factory) -> Path:
+    """The smallest upscaler: smallest_model's with the low-res image's 3 channels and a class per noise level."""
     from dataclasses import replace
 
     from latentdiffusion.upscaler import UpscalerConfig
@@ -194,7 +194,7 @@ def tiny_upsampler(tmp_path_factory) -> Path:
     config = smallest_model()
     config.upscaler = UpscalerConfig()
     config.unet = replace(config.unet, in_channels=config.vae.latent_channels + 3, num_class_embeds=351)
-    folder = tmp_path_factory.mktemp("upsampler") / "model"
+    folder = tmp_path_factory.mktemp("upscaler") / "model"
     torch.manual_seed(0)
     LatentDiffusion.from_config(config).save_pretrained(folder)
     return folder
@@ -217,11 +217,11 @@ def tiny_upsampler(tmp_path_factory) -> Path:
      "leave --height and --width out"),
     ("upscale", ["--steps", "2000"], "--steps 2000 exceeds the 1000 training timesteps"),
 ])
-def test_sampling_errors_name_the_command_line_option(capsys, tiny_model, tiny_upsampler, tmp_path, command, args,
+def test_sampling_errors_name_the_command_line_option(capsys, tiny_model, tiny_upscaler, tmp_path, command, args,
                                                       message):
     image = tmp_path / "low.png"
     Image.new("RGB", (8, 8), (200, 30, 30)).save(image)
-    model, extra = (tiny_model, []) if command == "sample" else (tiny_upsampler, ["--image", str(image)])
+    model, extra = (tiny_model, []) if command == "sample" else (tiny_upscaler, ["--image", str(image)])
     args = [str(image) if arg == "IMAGE" else arg for arg in args]
     code, _, err = run_cli(capsys, command, "--model", str(model), "--prompt", "a red circle", *extra, *args,
                            "--no-progress", "--out", str(tmp_path / "out.png"))
@@ -264,10 +264,10 @@ def test_convert_names_the_to_option_and_its_values(capsys, tmp_path):
                                                  "place in that layout; save it as --to latentdiffusion")
 
 
-def test_upscale_takes_the_sampling_options_of_sample(capsys, tiny_upsampler, tmp_path):
+def test_upscale_takes_the_sampling_options_of_sample(capsys, tiny_upscaler, tmp_path):
     image = tmp_path / "low.png"
     Image.new("RGB", (8, 8), (200, 30, 30)).save(image)
-    code, out, err = run_cli(capsys, "upscale", "--model", str(tiny_upsampler), "--image", str(image), "--prompt", "x",
+    code, out, err = run_cli(capsys, "upscale", "--model", str(tiny_upscaler), "--image", str(image), "--prompt", "x",
                              "--steps", "2", "--scheduler", "euler", "--karras", "--num-images", "2", "--no-progress",
                              "--out", str(tmp_path / "up.png"))
     assert code == 0, err

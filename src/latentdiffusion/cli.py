@@ -142,8 +142,8 @@ def run_train_controlnet(args: argparse.Namespace) -> int:
 
 
 def add_train_upscaler(subparsers: SubParsers) -> None:
-    p = subparsers.add_parser("train-upscaler", help="train an upsampler (the low-res image as conditioning)",
-                              description="Train an upsampler in pixel space (model.pixels, as "
+    p = subparsers.add_parser("train-upscaler", help="train an upscaler (the low-res image as conditioning)",
+                              description="Train an upscaler in pixel space (model.pixels, as "
                               "configs/upscaler-tiny.yaml) or on a frozen --vae: each image's low-res input is made on the fly (downsampled by "
                               "the upsampling factor, train.downsample: bicubic or area) and noised at a random level "
                               "(conditioning augmentation). `ldm upscale --model DIR` samples it.")
@@ -198,7 +198,7 @@ def add_sample(subparsers: SubParsers) -> None:
                    "the --controlnet in the same position (resized to the output size)")
     p.add_argument("--controlnet-scale", action="append", type=float, default=[], metavar="S",
                    help="conditioning scale of each --controlnet (default 1.0 each)")
-    p.add_argument("--upscaler", metavar="MODEL", help="a cascade: upsample the images with this upsampler model "
+    p.add_argument("--upscaler", metavar="MODEL", help="a cascade: upsample the images with this upscaler model "
                    "(same prompt, seed, steps and guidance unless --upscale-steps / --upscale-guidance)")
     _upscale_options(p)
     p.set_defaults(run=run_sample)
@@ -256,10 +256,10 @@ def _upscale_options(p: argparse.ArgumentParser, first: bool = False) -> None:
     p.add_argument("--noise-level", type=int, metavar="N", help="noise added to the low-res image "
                    f"(conditioning augmentation), 0 .. the model's max_noise_level (default {NOISE_LEVEL})")
     if not first:
-        p.add_argument("--upscale-steps", type=int, metavar="N", help="upsampler's denoising steps (default: --steps "
-                       "where given, else the upsampler's own)")
-        p.add_argument("--upscale-guidance", type=float, metavar="G", help="upsampler's guidance (default: --guidance "
-                       "where given, else the upsampler's own)")
+        p.add_argument("--upscale-steps", type=int, metavar="N", help="upscaler's denoising steps (default: --steps "
+                       "where given, else the upscaler's own)")
+        p.add_argument("--upscale-guidance", type=float, metavar="G", help="upscaler's guidance (default: --guidance "
+                       "where given, else the upscaler's own)")
 
 
 def _device(name: str) -> str:
@@ -312,10 +312,10 @@ def run_sample(args: argparse.Namespace) -> int:
     pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None, vae=args.vae,
                                            text_encoder=args.text_encoder, prediction_type=args.prediction_type)
     if pipe.upscaler is not None and args.image is None:
-        raise ArgumentError(f"--model {args.model} is an upsampler: give the low-resolution image as --image FILE "
+        raise ArgumentError(f"--model {args.model} is an upscaler: give the low-resolution image as --image FILE "
                             "(or use `ldm upscale`, or --upscaler in a cascade)")
     if args.noise_level is not None and pipe.upscaler is None and not args.upscaler:
-        raise ArgumentError(f"--noise-level applies to upsampler models: --model {args.model} is not one (give "
+        raise ArgumentError(f"--noise-level applies to upscaler models: --model {args.model} is not one (give "
                             "--upscaler MODEL for a cascade)")
     for spec in args.lora:
         path, scale = _lora_spec(spec)
@@ -341,16 +341,16 @@ def run_sample(args: argparse.Namespace) -> int:
         images = cascade(pipe, upscaler, args.prompt, noise_level=args.noise_level, upscale_steps=args.upscale_steps,
                          upscale_guidance=args.upscale_guidance, **kwargs)
     else:
-        images = pipe(args.prompt, noise_level=args.noise_level, **kwargs)  # None: the default (upsamplers only)
+        images = pipe(args.prompt, noise_level=args.noise_level, **kwargs)  # None: the default (upscalers only)
     _save_images(images, Path(args.out))
     return 0
 
 
 def add_upscale(subparsers: SubParsers) -> None:
-    p = subparsers.add_parser("upscale", help="upsample an image with an upsampler model (e.g. SD x4 upscaler)",
-                              description="Upsample FILE with an upsampler model: the image, noised at --noise-level, "
+    p = subparsers.add_parser("upscale", help="upsample an image with an upscaler model (e.g. SD x4 upscaler)",
+                              description="Upsample FILE with an upscaler model: the image, noised at --noise-level, "
                               "conditions the model (its size must be a multiple of the UNet's downsampling factor).")
-    p.add_argument("--model", metavar="MODEL", required=True, help="an upsampler: anything from_pretrained accepts")
+    p.add_argument("--model", metavar="MODEL", required=True, help="an upscaler: anything from_pretrained accepts")
     p.add_argument("--image", metavar="FILE", required=True, help="the low-resolution image")
     p.add_argument("--prompt", metavar="TEXT", required=True)
     p.add_argument("--negative-prompt", metavar="TEXT", default=None)
@@ -373,7 +373,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     image = _open_image(args.image, "--image")
     pipe = LatentDiffusion.from_pretrained(args.model, use_ema=False if args.no_ema else None)
     if pipe.upscaler is None:
-        raise ArgumentError(f"--model {args.model} is not an upsampler (its config has no upscaler section): "
+        raise ArgumentError(f"--model {args.model} is not an upscaler (its config has no upscaler section): "
                             "use `ldm sample --image` for img2img")
     pipe = pipe.to(_device(args.device), getattr(torch, args.dtype))
     images = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, noise_level=args.noise_level,
@@ -500,9 +500,9 @@ def add_demo(subparsers: SubParsers) -> None:
                    "on top of OUTPUT/ldm with builtin:shapes silhouettes and report the mean IoU of generated objects "
                    "with their control, with and without it (the first stages are skipped where OUTPUT/ldm exists)")
     p.add_argument("--controlnet-steps", type=int, metavar="N", help="override controlnet-tiny's train.max_steps")
-    p.add_argument("--cascade", action="store_true", help="then train the x2 upsampler of configs/upscaler-tiny.yaml "
+    p.add_argument("--cascade", action="store_true", help="then train the x2 upscaler of configs/upscaler-tiny.yaml "
                    "(32 -> 64 px) and report the prompt adherence of the base model alone and of the cascade, and the "
-                   "upsampler's PSNR and edge sharpness against bicubic on held-out images (the first stages are "
+                   "upscaler's PSNR and edge sharpness against bicubic on held-out images (the first stages are "
                    "skipped where OUTPUT/ldm exists, or with --base)")
     p.add_argument("--cascade-steps", type=int, metavar="N", help="override upscaler-tiny's train.max_steps")
     p.add_argument("--base", metavar="MODEL", help="the base model of --controlnet / --cascade (default OUTPUT/ldm)")

@@ -33,8 +33,8 @@ class Conditioning:
 
     context:      (B, T, D) text encoder states for cross-attention.
     concat:       (B, Cc, h, w) channels concatenated to the latents (inpainting: mask + masked-image latents;
-                  upsampler: the low-resolution image), or None.
-    class_labels: (B,) integer labels for the UNet's class embedding (upsampler: noise level), or None.
+                  upscaler: the low-resolution image), or None.
+    class_labels: (B,) integer labels for the UNet's class embedding (upscaler: noise level), or None.
     controls:     ControlNet inputs (Control: controlnet, image (B,3,H,W) in [0,1], scale).
     """
 

@@ -2,7 +2,7 @@
 latents stay), then the text encoder and UNet on builtin:shapes-noisy (one caption in ten wrong, so that guidance has
 something to do); sample one image per attribute combination and judge each against its prompt with the yardstick,
 with and without guidance. Second stages on top of its model: a ControlNet (`ldm demo --controlnet`) and an x2
-upsampler, a cascade (`ldm demo --cascade`)."""
+upscaler, a cascade (`ldm demo --cascade`)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from .yardstick import judge, object_mask
 
 COLUMNS = 15  # one row per (size, colour) pair: circle, square, triangle on white, black, gray
 CONTROL_SEED = 1000  # the control layouts' builtin:shapes seed (+ the demo's), away from the training data's
-HELD_OUT_SEED = 2026  # the upsampler's held-out builtin:shapes images: a seed no training run uses (they use 0 + ...)
+HELD_OUT_SEED = 2026  # the upscaler's held-out builtin:shapes images: a seed no training run uses (they use 0 + ...)
 
 
 @dataclass
@@ -189,12 +189,12 @@ def run_controlnet_demo(output: str | Path, base: str | Path | None = None, step
 # ------------------------------------------------------------------------------------------------- cascade stage
 @dataclass
 class CascadeResult:
-    """The cascade keeps the base model's prompt adherence; the upsampler against bicubic on held-out images."""
+    """The cascade keeps the base model's prompt adherence; the upscaler against bicubic on held-out images."""
 
     base: Score  # the base model alone, at its resolution
-    cascade: Score  # the same samples upsampled, judged at the upsampler's resolution
+    cascade: Score  # the same samples upsampled, judged at the upscaler's resolution
     bicubic: dict[str, float]  # fidelity.measures of bicubic upscaling against the truth
-    ours: dict[str, float]  # the same of the upsampler
+    ours: dict[str, float]  # the same of the upscaler
     seconds: dict[str, float]  # upscaler (training), sampling
     files: dict[str, Path]
 
@@ -227,9 +227,9 @@ def upscale_batches(pipe: LatentDiffusion, captions: list[str], low: torch.Tenso
 def run_cascade_demo(output: str | Path, base: str | Path | None = None, steps: int | None = None,
                      guidance_scale: float | None = None, sample_steps: int = 25, noise_level: int = 20,
                      count: int = 64, seed: int = 0, progress: bool = True) -> CascadeResult:
-    """Train the x2 upsampler of configs/upscaler-tiny.yaml (pixel space, 32 -> 64 px) on builtin:shapes into
+    """Train the x2 upscaler of configs/upscaler-tiny.yaml (pixel space, 32 -> 64 px) on builtin:shapes into
     OUTPUT/upscaler, then `evaluate_cascade` it on the demo's model (`base`, default OUTPUT/ldm, which `run_demo`
-    writes). `steps` overrides the upsampler's train.max_steps; guidance: by default the demo's."""
+    writes). `steps` overrides the upscaler's train.max_steps; guidance: by default the demo's."""
     output = Path(output)
     base = Path(base) if base is not None else output / "ldm"
     if not base.exists():

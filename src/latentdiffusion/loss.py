@@ -1,5 +1,5 @@
 """The denoising training loss, beside the noise schedule that noises the latents and the UNet that learns to undo it:
-the one function every trainer (LDM, LoRA, DreamBooth, ControlNet, upsampler) minimises."""
+the one function every trainer (LDM, LoRA, DreamBooth, ControlNet, upscaler) minimises."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ class LatentDiffusionConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    upscaler: UpscalerConfig | None = None  # set for upsampler models (the low-res image concatenated to the latents)
+    upscaler: UpscalerConfig | None = None  # set for upscaler models (the low-res image concatenated to the latents)
     pixels: PixelSpaceConfig | None = None  # set: diffusion in pixel space (pixels.py) in the VAE's place; vae unused
     sampling: SamplingConfig | None = None  # the preferred sampling settings, where recorded
 
@@ -174,7 +174,7 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def upsampled_latents(self, low_res: torch.Tensor) -> torch.Tensor:
         """Low-res images (B, 3, h, w) in [-1, 1] upsampled bicubically and encoded (posterior mode, scaled): the
-        latents (B, C, h, w) a residual upsampler (upscaler.residual_scale) adds its sampled residual to."""
+        latents (B, C, h, w) a residual upscaler (upscaler.residual_scale) adds its sampled residual to."""
         pixels = upsample_bicubic(low_res.to(self.device, torch.float32), self.vae_scale_factor)
         return (self.vae.encode(pixels.to(self.vae_dtype)).mode() * self.vae.config.scaling_factor).to(self.dtype)
 
@@ -201,7 +201,7 @@ class LatentDiffusion(nn.Module):
     ) -> list[Image.Image] | torch.Tensor:
         """Generate images for `prompt` (sampling.generate: check the request, start for its mode, encode the prompts,
         sample, decode). `latents`: unit-variance noise (B, C, h, w). img2img: `image` noised `strength` of the way up
-        the schedule; inpainting: `mask_image` too (white = repaint). Upsampler models: `image` is the low-res image,
+        the schedule; inpainting: `mask_image` too (white = repaint). Upscaler models: `image` is the low-res image,
         noised at `noise_level` (default NOISE_LEVEL; other models refuse it). `controlnet` (one or a list) with one
         `control_image` each, its residuals times `controlnet_conditioning_scale` (Zhang et al. 2023).
         `callback(step, timestep, latents)` runs after every step. `num_inference_steps`, `guidance_scale` and

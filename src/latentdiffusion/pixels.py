@@ -3,7 +3,7 @@
 An image (B, C, H, W) in [-1, 1] becomes (B, C * f^2, H / f, W / f) by `pixel_unshuffle` (each f x f patch's pixels
 as channels) and back by `pixel_shuffle`: exact, without weights, and the UNet runs at 1/f of the image's side, as
 simple diffusion's first layer does (Hoogeboom et al., 2023, sec. 3: downsampling pixels into channels before the
-UNet). With f the upsampling factor an upsampler's "latents" have its low-resolution input's size, so the low-res
+UNet). With f the upsampling factor an upscaler's "latents" have its low-resolution input's size, so the low-res
 image is concatenated to them as it is in a VAE's latent space, through the same pipeline, sampler loop and files.
 """
 

@@ -1,7 +1,7 @@
 """Step 1 of a sampling call (sampling.py): `pipe(...)`'s arguments checked once, into one `Request`.
 
 Every bad argument is an ArgumentError naming it; every default is applied here, once: steps, guidance and sampler
-from the model's recorded `SamplingConfig` (else its defaults), `STRENGTH`, the upsampler's `NOISE_LEVEL`.
+from the model's recorded `SamplingConfig` (else its defaults), `STRENGTH`, the upscaler's `NOISE_LEVEL`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Request:
     """One sampling call, checked, its defaults applied. Images given once for every prompt or once per prompt keep
     that count (1 or prompts); `to_batch` repeats them to the batch where they are used."""
 
-    mode: str  # "text", "img2img", "inpainting" (an inpainting UNet), "repaint" (an ordinary UNet), "upsampler"
+    mode: str  # "text", "img2img", "inpainting" (an inpainting UNet), "repaint" (an ordinary UNet), "upscaler"
     prompts: list[str]
     negatives: list[str]
     shape: tuple[int, int, int, int]  # the latents (B, C, h, w), B = prompts x num_images_per_prompt
@@ -65,8 +65,8 @@ class Request:
     image: Tensor | None  # img2img / inpainting: (1 or prompts, 3, H, W) in [0, 1] on the device
     mask: Tensor | None  # inpainting: (1 or prompts, 1, H, W) of 0/1 (1 = repaint) on the device
     strength: float
-    low_res: Tensor | None  # upsampler: (1 or prompts, 3, h, w) in [-1, 1]
-    noise_level: Tensor | None  # upsampler: 0-dim or (B,) long
+    low_res: Tensor | None  # upscaler: (1 or prompts, 3, h, w) in [-1, 1]
+    noise_level: Tensor | None  # upscaler: 0-dim or (B,) long
     controls: list[Control]
     callback: Callback | None
     progress: bool
@@ -82,7 +82,7 @@ def check_request(pipe: LatentDiffusion, *, prompt: str | list[str], negative_pr
                   controlnet_conditioning_scale: float | list[float], callback: Callback | None, progress: bool,
                   noise_level: int | Tensor | None) -> Request:
     """`pipe(...)`'s arguments checked in one pass, each default applied here: steps, guidance and sampler from the
-    model's recorded SamplingConfig, the upsampler's NOISE_LEVEL."""
+    model's recorded SamplingConfig, the upscaler's NOISE_LEVEL."""
     preferred = pipe.sampling or SamplingConfig()
     steps = preferred.num_inference_steps if num_inference_steps is None else num_inference_steps
     guidance_scale = preferred.guidance_scale if guidance_scale is None else guidance_scale
@@ -99,7 +99,7 @@ def check_request(pipe: LatentDiffusion, *, prompt: str | list[str], negative_pr
     controls = _controls(pipe, controlnet, control_image, controlnet_conditioning_scale, len(prompts), shape)
     if low_res is not None:
         noise_level = pipe.upscaler.check_noise_level(NOISE_LEVEL if noise_level is None else noise_level)
-    mode = "upsampler" if low_res is not None else "text" if pixels is None else "img2img" if mask is None \
+    mode = "upscaler" if low_res is not None else "text" if pixels is None else "img2img" if mask is None \
         else "inpainting" if pipe.concat_channels else "repaint"
     return Request(mode=mode, prompts=prompts, negatives=negatives, shape=shape, sampler=sampler, levels=levels,
                    guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta, output_type=output_type,
@@ -129,7 +129,7 @@ def _negative_prompts(negative_prompt: str | list[str] | None, n: int) -> list[s
 def _images(pipe: LatentDiffusion, image: ImageInput | None, mask_image: ImageInput | None,
             noise_level: int | Tensor | None, latents: Tensor | None, n_prompts: int, n: int, height: int | None,
             width: int | None) -> tuple[Tensor | None, Tensor | None, Tensor | None, tuple[int, int, int, int]]:
-    """The checked input images and the latents' shape (B, C, h, w): an upsampler's low-res images (which set the
+    """The checked input images and the latents' shape (B, C, h, w): an upscaler's low-res images (which set the
     size), or the img2img / inpainting image and mask, each None where not given."""
     low_res = _low_res(pipe, image, mask_image, noise_level, n_prompts, height, width)
     if low_res is not None:
@@ -143,20 +143,20 @@ def _images(pipe: LatentDiffusion, image: ImageInput | None, mask_image: ImageIn
 
 def _low_res(pipe: LatentDiffusion, image: ImageInput | None, mask_image: ImageInput | None,
              noise_level: int | Tensor | None, prompts: int, height: int | None, width: int | None) -> Tensor | None:
-    """An upsampler's low-res images (1 or prompts, 3, h, w) in [-1, 1]; None for other models (which refuse a
+    """An upscaler's low-res images (1 or prompts, 3, h, w) in [-1, 1]; None for other models (which refuse a
     noise_level)."""
     if pipe.upscaler is None:
         if noise_level is not None:
-            raise ArgumentError("noise_level applies to upsampler models only (their config has an upscaler "
+            raise ArgumentError("noise_level applies to upscaler models only (their config has an upscaler "
                                 "section); this model does not take it: leave noise_level out")
         return None
     if mask_image is not None:
-        raise ArgumentError("mask_image: an upsampler model does not inpaint (its image= is the low-res image)")
+        raise ArgumentError("mask_image: an upscaler model does not inpaint (its image= is the low-res image)")
     factor = 2 ** (len(pipe.unet.config.block_channels) - 1)
     low_res = low_res_images(image, prompts, factor, pipe.upscaler.image_channels)
     for name, given, side in (("height", height, low_res.shape[2]), ("width", width, low_res.shape[3])):
         if given is not None and given != side * pipe.vae_scale_factor:
-            raise ArgumentError(f"{name}={given}: an upsampler's output is {pipe.vae_scale_factor} x the low-res "
+            raise ArgumentError(f"{name}={given}: an upscaler's output is {pipe.vae_scale_factor} x the low-res "
                                 f"image, {side * pipe.vae_scale_factor} px here; leave {name} out")
     return low_res
 

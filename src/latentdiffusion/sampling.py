@@ -4,12 +4,12 @@
    into a `Request`: the prompts, the mode and its input images, the latents' shape, the sampler and its noise
    levels, the ControlNets.
 2. `STARTS[request.mode]`: the starting latents and what the UNet takes beside them, one small function per mode
-   (text, img2img, inpainting with an inpainting UNet or an ordinary one, upsampler); ControlNets and LoRA are
+   (text, img2img, inpainting with an inpainting UNet or an ordinary one, upscaler); ControlNets and LoRA are
    orthogonal to the mode (the bundle's controls; the UNet's own layers).
 3. `conditioning`: the prompts encoded into the conditional and unconditional bundles; `ClassifierFreeGuidance`
    around the UNet.
 4. `run_sampler`: the one sampler loop over the noise levels.
-5. `output`: a residual upsampler's base added back, then the latents decoded as asked.
+5. `output`: a residual upscaler's base added back, then the latents decoded as asked.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # the pipeline calls this module with itself
 @dataclass
 class Start:
     """Where the sampler starts: x (B, C, h, w) float32 at the first noise level; the channels concatenated to it and
-    the class labels (upsampler, inpainting UNet); the callback that puts the known region back after each step
+    the class labels (upscaler, inpainting UNet); the callback that puts the known region back after each step
     (an ordinary UNet inpainting)."""
 
     x: Tensor
@@ -103,7 +103,7 @@ def repaint_start(pipe: LatentDiffusion, request: Request) -> Start:
     return Start(x, put_back=_keep_known(x0, noise, to_batch(request.mask, request.shape[0]), request.levels))
 
 
-def upsampler_start(pipe: LatentDiffusion, request: Request) -> Start:
+def upscaler_start(pipe: LatentDiffusion, request: Request) -> Start:
     """Pure noise; the low-res image noised at its noise level (conditioning augmentation, drawn first, as diffusers
     does) as concatenated channels, the noise level as class label."""
     batch = request.shape[0]
@@ -116,7 +116,7 @@ def upsampler_start(pipe: LatentDiffusion, request: Request) -> Start:
 
 STARTS: dict[str, Callable[[LatentDiffusion, Request], Start]] = {
     "text": text_start, "img2img": img2img_start, "inpainting": inpainting_start, "repaint": repaint_start,
-    "upsampler": upsampler_start}
+    "upscaler": upscaler_start}
 
 
 def _noise(pipe: LatentDiffusion, request: Request) -> Tensor:
@@ -206,7 +206,7 @@ def run_sampler(pipe: LatentDiffusion, request: Request, start: Start, guided: C
 
 # ------------------------------------------------------------------------------------------------- the output
 def output(pipe: LatentDiffusion, request: Request, latents: Tensor) -> list[Image.Image] | Tensor:
-    """A residual upsampler's base added to its sampled residual; then the latents as asked: themselves ("latent"),
+    """A residual upscaler's base added to its sampled residual; then the latents as asked: themselves ("latent"),
     decoded images (B,3,H,W) in [0,1] ("pt") or PIL images."""
     if request.low_res is not None and pipe.upscaler.residual_scale is not None:
         base = to_batch(pipe.upsampled_latents(request.low_res), len(latents))

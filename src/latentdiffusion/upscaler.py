@@ -1,4 +1,4 @@
-"""The upsampler stage of a cascade: a LatentDiffusion model whose UNet also sees a low-resolution image.
+"""The upscaler stage of a cascade: a LatentDiffusion model whose UNet also sees a low-resolution image.
 
 Cascaded Diffusion Models (Ho et al., 2021, sec. 3.2, "conditioning augmentation"): the low-resolution image is
 noised before the UNet sees it, at a level the UNet is told (here as its class label), so that at sampling time it
@@ -25,7 +25,7 @@ from .unet import UNetConfig
 if TYPE_CHECKING:  # the pipeline imports this module; the cascade only calls pipelines it is given
     from .pipeline import LatentDiffusion
 
-NOISE_LEVEL = 20  # an upsampler's noise_level when none is given (diffusers' x4 upscale pipeline's default)
+NOISE_LEVEL = 20  # an upscaler's noise_level when none is given (diffusers' x4 upscale pipeline's default)
 
 
 def x4_low_res_schedule() -> SchedulerConfig:
@@ -35,7 +35,7 @@ def x4_low_res_schedule() -> SchedulerConfig:
 
 @dataclass
 class UpscalerConfig:
-    """What makes a model an upsampler: the schedule that noises the low-res image and the highest allowed level."""
+    """What makes a model an upscaler: the schedule that noises the low-res image and the highest allowed level."""
 
     low_res_scheduler: SchedulerConfig = field(default_factory=x4_low_res_schedule)
     max_noise_level: int = 350  # noise_level is in [0, max_noise_level]; the UNet has a class embedding for each
@@ -83,7 +83,7 @@ class UpscalerConfig:
 
 def upsample_bicubic(low_res: Tensor, factor: int) -> Tensor:
     """(B, C, h, w) -> (B, C, h factor, w factor), bicubic (align_corners=False, no antialiasing, no clamping): the
-    baseline a residual upsampler adds its output to."""
+    baseline a residual upscaler adds its output to."""
     return F.interpolate(low_res, scale_factor=factor, mode="bicubic", align_corners=False)
 
 
@@ -92,11 +92,11 @@ def low_res_images(image: ImageInput | None, prompts: int, multiple: int, channe
     image, a list of them, or a tensor in [0, 1]. ArgumentError naming `image` when it is missing, has another channel
     count or image count, or a side that is not a multiple of `multiple` (the UNet's downsampling)."""
     if image is None:
-        raise ArgumentError("image: an upsampler model needs the low-resolution image to upsample (image=...)")
+        raise ArgumentError("image: an upscaler model needs the low-resolution image to upsample (image=...)")
     image = per_prompt(image_tensor(image, "image"), prompts, "image")  # (B, 3, h, w) in [0, 1]
     _, c, h, w = image.shape
     if c != channels:
-        raise ArgumentError(f"image has {c} channels; this upsampler takes {channels}")
+        raise ArgumentError(f"image has {c} channels; this upscaler takes {channels}")
     if h < 1 or w < 1 or h % multiple or w % multiple:
         raise ArgumentError(f"image size {w}x{h} does not fit the model: each side must be a positive multiple of "
                          f"{multiple} (the UNet's downsampling factor)")
@@ -116,15 +116,15 @@ def cascade(base: LatentDiffusion, upscaler: LatentDiffusion, prompt: str | list
             negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
             generator: Generator = None, noise_level: int = NOISE_LEVEL, upscale_steps: int | None = None,
             upscale_guidance: float | None = None, output_type: str = "pil", **base_kwargs: Any) -> Any:
-    """Base model, then upsampler, in one call (Ho et al., 2021): `base(prompt, ...)` at its resolution, its images
+    """Base model, then upscaler, in one call (Ho et al., 2021): `base(prompt, ...)` at its resolution, its images
     (N, 3, H, W) in [0, 1] upsampled by `upscaler` with the same prompts and `noise_level`.
 
     base_kwargs go to the base model (num_inference_steps, guidance_scale, scheduler, height, width, ...);
-    the upsampler takes the step count and guidance given to the base unless upscale_steps / upscale_guidance say
+    the upscaler takes the step count and guidance given to the base unless upscale_steps / upscale_guidance say
     otherwise (neither given: each model's own preferred settings, `LatentDiffusion.sampling`).
     The generator (or list, one per image) continues from the first stage into the second."""
     if upscaler.upscaler is None:
-        raise ArgumentError("upscaler: the model given is not an upsampler (its config has no upscaler section)")
+        raise ArgumentError("upscaler: the model given is not an upscaler (its config has no upscaler section)")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = None if negative_prompt is None else \
         [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)

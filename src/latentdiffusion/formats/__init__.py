@@ -73,7 +73,7 @@ def save_components(path: str | Path, components: Components, format: str = "lat
                             "as format='latentdiffusion'")
     upscaler = components.configs.get("upscaler")
     if upscaler is not None and upscaler.residual_scale is not None and format != "latentdiffusion":
-        raise ArgumentError(f"format={format!r}: a residual upsampler (upscaler.residual_scale) has no place in that "
+        raise ArgumentError(f"format={format!r}: a residual upscaler (upscaler.residual_scale) has no place in that "
                             "layout; save it as format='latentdiffusion'")
     writable_path(path, "save path", folder=format != "single-file")
     SAVE_FORMATS[format](path, components)

@@ -23,7 +23,7 @@ COMPONENT_CONFIGS: dict[str, type] = {
     "unet": UNetConfig,
     "text_encoder": TextEncoderConfig,
     "scheduler": SchedulerConfig,
-    "upscaler": UpscalerConfig,  # upsampler models only
+    "upscaler": UpscalerConfig,  # upscaler models only
     "pixels": PixelSpaceConfig,  # pixel-space models: in the VAE's place
     "sampling": SamplingConfig,  # the preferred sampler, guidance and steps, where recorded
 }
@@ -102,7 +102,7 @@ class Components:
 def assemble(vae: AutoencoderKL | PixelSpace, unet: UNet, text_encoder: TextEncoder,
              configs: Mapping[str, Any]) -> LatentDiffusion:
     """The one place a pipeline is put together from its modules: the parts without weights from `configs` (by
-    component name, as `Components.configs`): the noise schedule (SD's where none is given), an upsampler's
+    component name, as `Components.configs`): the noise schedule (SD's where none is given), an upscaler's
     settings, the preferred sampling settings."""
     return LatentDiffusion(vae, unet, text_encoder, configs.get("scheduler", SchedulerConfig()),
                            configs.get("upscaler"), configs.get("sampling"))

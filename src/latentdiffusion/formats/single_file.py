@@ -442,7 +442,7 @@ def save_components(path: str | Path, components: Components) -> None:
     """Components (a whole model) as one SD single file."""
     components.require("unet", "vae", "text_encoder")
     if "upscaler" in components.configs:  # the file has no place for the low-res schedule and max_noise_level
-        raise WeightsError(f"cannot save {path} as a single file: an upsampler model needs its upscaler section; save "
+        raise WeightsError(f"cannot save {path} as a single file: an upscaler model needs its upscaler section; save "
                            "it in the native format or the diffusers layout instead")
     if components.configs["unet"].pooled_context:  # its class embedding has no key in the SD layout
         raise WeightsError(f"cannot save {path} as a single file: the UNet's setting model.unet.pooled_context has no "

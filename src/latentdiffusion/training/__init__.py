@@ -1,5 +1,5 @@
 """Training: the VAE (`train_vae`), the latent diffusion model or a LoRA on it (`train_ldm`), a ControlNet
-(`train_controlnet`) and an upsampler (`train_upscaler`) on your data, with exact resume, EMA, mixed precision and
+(`train_controlnet`) and an upscaler (`train_upscaler`) on your data, with exact resume, EMA, mixed precision and
 multi-GPU through torchrun. Each is a task of `loop.fit` (training/train_*.py)."""
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ class LoraTrainConfig:
 
 @dataclass
 class DiffusionTrainConfig(TrainConfig):
-    """What every diffusion trainer (LDM, LoRA, ControlNet, upsampler) reads: the denoising loss with caption dropout,
+    """What every diffusion trainer (LDM, LoRA, ControlNet, upscaler) reads: the denoising loss with caption dropout,
     min-SNR weighting, offset noise, EMA, and its sample grids."""
 
     ema_decay: float = 0.9999
@@ -278,7 +278,7 @@ DOWNSAMPLE_FILTERS = ("bicubic", "area")
 
 @dataclass
 class UpscalerTrainConfig(UNetTrainConfig):
-    """An upsampler's training (`ldm train-upscaler`): the UNet's options plus how the low-res input is made."""
+    """An upscaler's training (`ldm train-upscaler`): the UNet's options plus how the low-res input is made."""
 
     downsample: str = "bicubic"  # bicubic (antialiased, as PIL's) | area (box average)
     validation_images: int = 4  # the sample grid: low-res | ours | truth for the first N training images

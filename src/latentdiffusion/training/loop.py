@@ -1,10 +1,10 @@
-"""The one training loop: every trainer (`ldm train-vae`, `ldm train`, LoRA, ControlNet, upsampler) goes through
+"""The one training loop: every trainer (`ldm train-vae`, `ldm train`, LoRA, ControlNet, upscaler) goes through
 `fit`, which writes set-up, step, accumulation, DDP gradient sync, clipping, the non-finite guard, EMA, logging,
 sample grids, atomic checkpoints and exact resume once.
 
 A trainer is a `Task`: a list of `Stage`s (what is trained: parameter groups with their learning rates, and the
 loss, a function of a micro-batch), the modules it averages (EMA), and what its checkpoint holds (`write_models`,
-`state`, `resume`). To add one (ControlNet, upsampler):
+`state`, `resume`). To add one (ControlNet, upscaler):
 
     class MyTask(Task):
         def __init__(self, setup: Setup, ...):      # build models; load them from setup.run.checkpoint on resume

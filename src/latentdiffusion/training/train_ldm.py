@@ -39,7 +39,7 @@ _TEXT_ENCODER_FLAGS = ("trainable", "layer")  # what a config may change on a pr
 
 def loss_options(cfg: DiffusionTrainConfig) -> dict[str, Any]:
     """The keyword arguments of LatentDiffusion.diffusion_loss that a training config sets: min-SNR weighting,
-    offset noise, the timestep density. Every diffusion trainer (LDM, LoRA, ControlNet, upsampler) passes these."""
+    offset noise, the timestep density. Every diffusion trainer (LDM, LoRA, ControlNet, upscaler) passes these."""
     density = cfg.timestep_logit_normal
     return {"snr_gamma": cfg.snr_gamma, "noise_offset": cfg.noise_offset,
             "logit_normal": tuple(density) if density else None}

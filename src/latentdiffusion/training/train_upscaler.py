@@ -1,4 +1,4 @@
-"""Upsampler training (`ldm train-upscaler`): a trainer of the one loop. Each training image (data.resolution
+"""Upscaler training (`ldm train-upscaler`): a trainer of the one loop. Each training image (data.resolution
 pixels) is the target; its low-resolution input is made on the fly by downsampling it by the VAE's factor with an
 antialiased filter (train.downsample: "bicubic", torch's antialiased bicubic like PIL's, or "area", the box
 average), then noised at a level drawn uniformly in [0, model.upscaler.max_noise_level] per image from a random
@@ -69,11 +69,11 @@ class UpscalerLoss(nn.Module):
 
 def train_upscaler(config: UpscalerRunConfig, output: str | Path, vae: str | Path | None = None,
                    text_encoder: str | Path | None = None, resume: bool = False, progress: bool = True) -> Path:
-    """Train an upsampler into run folder `output`; returns it. `vae` (needed unless resuming or the config sets
+    """Train an upscaler into run folder `output`; returns it. `vae` (needed unless resuming or the config sets
     model.pixels) and `text_encoder` are anything from_pretrained accepts; checkpoints load with
     LatentDiffusion.from_pretrained."""
     if config.model.upscaler is None:
-        raise ConfigError("config section 'model.upscaler' is missing: an upsampler needs its low-res noise schedule "
+        raise ConfigError("config section 'model.upscaler' is missing: an upscaler needs its low-res noise schedule "
                           "and max_noise_level")
     if config.train.cache_latents:
         raise ConfigError("train.cache_latents does not apply to train-upscaler (the low-res input is made on the fly)")
@@ -89,7 +89,7 @@ class UpscalerTask(LDMTask):
                          for i in range(min(len(setup.dataset), config.train.validation_images))]
         super().__init__(config, setup, vae_source, None, text_encoder_source, {})
         self.upscaler = self.pipe.upscaler
-        self.curve = ("loss", f"{self.run.path.name}: upsampler diffusion loss")
+        self.curve = ("loss", f"{self.run.path.name}: upscaler diffusion loss")
 
     def training_items(self, config: UpscalerRunConfig, setup: Setup) -> Any:
         return setup.dataset  # the low-res input is made from the pixels each step: no cached latents, no prior
@@ -104,7 +104,7 @@ class UpscalerTask(LDMTask):
             parts.require("vae")
             vae = parts.vae()
             if config.model.pixels is not None:
-                self.run.say("note: --vae given: the upsampler diffuses in its latent space, not in model.pixels")
+                self.run.say("note: --vae given: the upscaler diffuses in its latent space, not in model.pixels")
         elif config.model.pixels is not None:
             vae = PixelSpace(config.model.pixels)
         else:
@@ -145,7 +145,7 @@ class UpscalerTask(LDMTask):
         return SamplingConfig(self.cfg.sample_scheduler, 1.0, self.cfg.sample_steps)
 
     def describe(self) -> str:
-        return super().describe() + f", x{self.pipe.vae_scale_factor} upsampler ({self.cfg.downsample} low-res input)"
+        return super().describe() + f", x{self.pipe.vae_scale_factor} upscaler ({self.cfg.downsample} low-res input)"
 
     def save_samples(self, step: int) -> None:
         """A grid of the first training images: low-res (nearest-upsampled) | ours | truth, one column each."""
