@@ -254,7 +254,7 @@ def save_components(path: str | Path, components: Components) -> None:
     components.require("vae", "unet", "text_encoder")
     if configs["unet"].pooled_context:  # diffusers would need class_labels, which StableDiffusionPipeline never passes
         raise WeightsError(f"cannot save {path} in the diffusers layout: the UNet's pooled_context has no place in a "
-                           "StableDiffusionPipeline; save it in the native format instead")
+                           "StableDiffusionPipeline; save it as format='latentdiffusion' instead")
     _write_json(path / "unet" / "config.json", unet_config_to_diffusers(configs["unet"]))
     write_safetensors(components.weights["unet"], path / "unet" / "diffusion_pytorch_model.safetensors")
     _write_json(path / "vae" / "config.json", vae_config_to_diffusers(configs["vae"]))

@@ -443,9 +443,10 @@ def save_components(path: str | Path, components: Components) -> None:
     components.require("unet", "vae", "text_encoder")
     if "upscaler" in components.configs:  # the file has no place for the low-res schedule and max_noise_level
         raise WeightsError(f"cannot save {path} as a single file: an upscaler model needs its upscaler section; save "
-                           "it in the native format or the diffusers layout instead")
+                           "it as format='latentdiffusion' or 'diffusers' instead")
     if components.configs["unet"].pooled_context:  # its class embedding has no key in the SD layout
         raise WeightsError(f"cannot save {path} as a single file: the UNet's setting model.unet.pooled_context has no "
-                           "place in the Stable Diffusion single-file layout; save it in the native format instead")
+                           "place in the Stable Diffusion single-file layout; save it as format='latentdiffusion' "
+                           "instead")
     parts = {k: (components.configs[k], components.weights[k]) for k in ("unet", "vae", "text_encoder")}
     save_single_file(path, **parts, scheduler=components.configs.get("scheduler"))
