@@ -137,7 +137,7 @@ def test_resume_past_max_steps_is_an_error_naming_both_numbers(capsys, tmp_path)
     capsys.readouterr()
     line = error_line(capsys, "train-vae", "--data", "builtin:shapes", "--output", run, *TINY_VAE_SETS, "--resume",
                       "--max-steps", "2")
-    assert "at step 3, past train.max_steps 2" in line
+    assert "at step 3, past --max-steps (train.max_steps) 2" in line
     assert main(["train-vae", "--data", "builtin:shapes", "--output", run, *TINY_VAE_SETS, "--resume",
                  "--max-steps", "3"]) == 0
     assert "already at train.max_steps 3: nothing to train" in capsys.readouterr().err
