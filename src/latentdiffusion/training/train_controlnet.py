@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..conditioning import Conditioning
+from ..conditioning import Conditioning, Control
 from ..controlnet import ControlNet
 from ..data import DataConfig
 from ..errors import ConfigError
@@ -63,7 +63,7 @@ class ControlNetLoss(nn.Module):
                 generators: list[torch.Generator]) -> torch.Tensor:
         with torch.no_grad():
             context = self.pipe.text_encoder(captions)  # (B, T, D)
-        cond = Conditioning(context, controls=[(self.controlnet, control, 1.0)])
+        cond = Conditioning(context, controls=[Control(self.controlnet, control, 1.0)])
         return self.pipe.diffusion_loss(latents, cond, generators, **self.options)
 
 
